@@ -316,8 +316,18 @@ class SiteBox:
                 self._make_loopback()
             self._save()
             self._make_keys()
-            self._write_sshd_config()
-            self._start_sshd()
+            for attempt in range(3):
+                self._write_known_hosts(self.info["known_hosts"])
+                self._write_sshd_config()
+                try:
+                    self._start_sshd()
+                    break
+                except SiteBoxError as e:
+                    # loopback: another process may have taken the free port we picked; pick again
+                    if mode != "loopback" or "Address already in use" not in str(e) or attempt == 2:
+                        raise
+                    self._stop_sshd()
+                    self.info["ssh_port"] = self._free_port(self.info["login_addr"])
             self._save()
             log.info("site %s up (%s): hub %s, login %s:%d, compute %s; state %s", name, mode,
                      self.addr("hub"), self.info["login_addr"], self.info["ssh_port"],
@@ -346,9 +356,9 @@ class SiteBox:
                 return "%s not found" % tool
         probe = "%s-probe" % self.info["name"]
         p = _run(["ip", "netns", "add", probe], check=False)
+        _run(["ip", "netns", "del", probe], check=False)  # also after a half-made attempt
         if p.returncode != 0:
             return "`ip netns add` failed: %s" % p.stderr.strip()
-        _run(["ip", "netns", "del", probe], check=False)
         return None
 
     def _pick_subnet(self):
@@ -417,6 +427,8 @@ class SiteBox:
         self._sysctl("login", "net/ipv4/ip_nonlocal_bind", "1")
         # hub even has a route to compute via login, so "hub cannot reach compute" proves login does not forward.
         self._hub_routes()
+        for h in HOSTS:
+            self.info["hosts"][h]["prefix"] = self.prefix(h)
         self.info["login_addr"] = login_h
         self.info["compute_addr"] = compute_a
         self.info["ssh_port"] = 22
@@ -432,7 +444,7 @@ class SiteBox:
 
     def _make_loopback(self):
         for h, a in zip(HOSTS, ("127.0.0.1", "127.0.0.2", "127.0.0.3")):
-            self.info["hosts"][h].update(addr=a, hostname=_socket.gethostname())
+            self.info["hosts"][h].update(addr=a, hostname=_socket.gethostname(), prefix=[])
         # Are 127.0.0.2/3 usable here (they are on Linux: all of 127/8 is local)?
         for a in ("127.0.0.2", "127.0.0.3"):
             s = _socket.socket()
@@ -478,7 +490,6 @@ class SiteBox:
                     % (self.info["compute_addr"], pub))
         self.info["authorized_keys"] = ak
         self.info["known_hosts"] = os.path.join(sd, "known_hosts")
-        self._write_known_hosts(self.info["known_hosts"])
 
     def _write_known_hosts(self, path):
         with open(self.info["host_key_pub"]) as f:
@@ -522,7 +533,10 @@ class SiteBox:
             ]))
 
     def _start_sshd(self):
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+        try:
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+        except OSError as e:
+            raise SiteBoxError("sshd needs its privilege-separation dir /run/sshd: %s (run as root)" % e)
         t = _run([SSHD, "-t", "-f", self.info["sshd_config"]], check=False)
         if t.returncode != 0:
             raise SiteBoxError("sshd rejects its config %s: %s" % (self.info["sshd_config"], t.stderr.strip()))
@@ -664,9 +678,15 @@ class SiteBox:
         """Tear everything down; idempotent and safe after a partial up."""
         if self.info is None or self._closed:
             return
+        try:
+            teardown(self.info, sshd_popen=self._sshd)
+        except SiteBoxError:
+            self._closed = True  # tried everything; the error says what is left
+            _live.discard(self)
+            raise
+        # (interrupted by a signal: stays live, so the atexit hook tries again)
         self._closed = True
         _live.discard(self)
-        teardown(self.info, sshd_popen=self._sshd)
         self._sshd = None
 
     down = close

@@ -446,6 +446,25 @@ class LoopbackSite(SiteChecks, unittest.TestCase):
             self.sb.link_up()
 
 
+class LoopbackStartFailure(unittest.TestCase):
+    def test_sshd_that_cannot_listen_fails_clearly_and_leaves_nothing(self):
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.2", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        sb = SiteBox(loopback=True)
+        sb._free_port = lambda addr: port  # every port it picks is taken
+        with self.assertRaises(sitebox.SiteBoxError) as cm:
+            sb.up()
+        msg = str(cm.exception)
+        self.assertIn("sshd exited during start-up", msg)
+        self.assertIn("sshd.log", msg)
+        self.assertIn("Address already in use", msg)  # the tail of the log says why
+        self.assertFalse(os.path.exists(sb.info["state_dir"]))
+        self.assertFalse(sb.info["sshd_pid"] and sitebox._pid_alive(sb.info["sshd_pid"]))
+
+
 def main():
     mode = "all"
     argv = [sys.argv[0]]
@@ -460,8 +479,8 @@ def main():
     if names:
         suite.addTests(loader.loadTestsFromNames(names, sys.modules[__name__]))
     else:
-        classes = {"netns": [NetnsSite, Faults, Lifecycle], "loopback": [LoopbackSite],
-                   "all": [NetnsSite, Faults, Lifecycle, LoopbackSite]}[mode]
+        classes = {"netns": [NetnsSite, Faults, Lifecycle], "loopback": [LoopbackSite, LoopbackStartFailure],
+                   "all": [NetnsSite, Faults, Lifecycle, LoopbackSite, LoopbackStartFailure]}[mode]
         for c in classes:
             suite.addTests(loader.loadTestsFromTestCase(c))
     if os.geteuid() != 0:
