@@ -148,6 +148,8 @@ class SiteTest(unittest.TestCase):
         return e
 
     def submit(self, desc, headers=ALICE, hold=False):
+        if hold:  # no window in which the job could leave QUEUED before it has its own delay
+            self.control("POST", "/_control/faults", {"queue_delay": 3600})
         r = self.request("POST", "/jobs", headers, desc)
         self.assertEqual(r.status, 201, r.body)
         self.assertEqual(r.body, b"")
@@ -156,6 +158,7 @@ class SiteTest(unittest.TestCase):
         jid = loc.rsplit("/", 1)[1]
         if hold:
             self.control("POST", "/_control/jobs/" + jid, {"queue_delay": 3600})
+            self.control("POST", "/_control/faults", {"queue_delay": 0.2})
         return jid
 
     def job(self, jid, headers=ALICE, fields=None):
@@ -619,6 +622,75 @@ class SiteLifecycleTest(unittest.TestCase):
             finally:
                 stop_site(proc)
         finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def test_job_prefix_runs_batch_jobs_in_a_namespace(self):
+        """--job-prefix nsenter: BATCH jobs run in a namespace this test creates, the node name is learnt
+        from its UTS namespace; ON_LOGIN_NODE jobs stay on the site's host."""
+        if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter") or not shutil.which("unshare"):
+            self.skipTest("needs root, ip, nsenter and unshare")
+        ns = "usite%d" % os.getpid()
+        tmp = tempfile.mkdtemp(prefix="usite_test.")
+        uts = os.path.join(tmp, "uts")
+        open(uts, "w").close()
+        made_ns = made_uts = False
+        try:
+            if subprocess.run(["ip", "netns", "add", ns], capture_output=True).returncode != 0:
+                self.skipTest("cannot create network namespaces here")
+            made_ns = True
+            if subprocess.run(["unshare", "--uts=" + uts, "hostname", "cn-ns-test"],
+                              capture_output=True).returncode != 0:
+                self.skipTest("cannot create a persistent UTS namespace here")
+            made_uts = True
+            # the host's interfaces, for comparison with what the job sees
+            # (/proc/net/dev follows the network namespace; /sys/class/net would not under nsenter)
+            with open("/proc/net/dev") as f:
+                host_ifaces = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
+            proc, base, port = start_site(tmp, ["--job-prefix", "nsenter --net=/run/netns/%s --uts=%s --" % (ns, uts),
+                                                "--node-name", ""])
+            try:
+                path = urllib.parse.urlsplit(base).path
+
+                def call(method, p, body=None):
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    try:
+                        h = {"Accept": "application/json", "Content-Type": "application/json", **ALICE}
+                        conn.request(method, path + p, body=json.dumps(body) if body is not None else None,
+                                     headers=h)
+                        r = conn.getresponse()
+                        return r.status, r.headers, r.read()
+                    finally:
+                        conn.close()
+
+                def run(desc):
+                    st, h, _ = call("POST", "/jobs", desc)
+                    self.assertEqual(st, 201)
+                    jid = h["Location"].rsplit("/", 1)[1]
+                    end = time.time() + 20
+                    while True:
+                        j = json.loads(call("GET", "/jobs/" + jid)[2])
+                        if j["status"] in ("SUCCESSFUL", "FAILED"):
+                            break
+                        self.assertLess(time.time(), end)
+                        time.sleep(0.05)
+                    self.assertEqual(j["status"], "SUCCESSFUL", j["statusMessage"])
+                    with open(os.path.join(tmp, "state", "jobs", jid, "stdout")) as f:
+                        return jid, f.read().split()
+
+                list_ifaces = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"
+                jid, out = run({"Executable": list_ifaces + "; hostname", "Arguments": []})
+                self.assertEqual(out, ["lo", "cn-ns-test"])
+                d = json.loads(call("GET", "/jobs/%s/details" % jid)[2])
+                self.assertEqual((d["NodeList"], d["BatchHost"]), ("cn-ns-test", "cn-ns-test"))
+                _, out = run({"Executable": list_ifaces, "Job type": "ON_LOGIN_NODE"})
+                self.assertEqual(sorted(out), host_ifaces)
+            finally:
+                stop_site(proc)
+        finally:
+            if made_uts:
+                subprocess.run(["umount", uts], capture_output=True)
+            if made_ns:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             shutil.rmtree(tmp, ignore_errors=True)
 
     def test_tls(self):

@@ -334,6 +334,12 @@ class Site:
         with self.lock:
             s = Session(identity, self.args.session_lifetime_ms / 1000.0, token)
             self.sessions[s.id] = s
+            if len(self.sessions) > 10000:  # clients that never reuse sessions must not grow memory forever
+                now = time.monotonic()
+                for k in [k for k, v in self.sessions.items() if v.expires < now]:
+                    del self.sessions[k]
+                while len(self.sessions) > 10000:
+                    self.sessions.pop(next(iter(self.sessions)))
         return identity, s, token
 
     def apply_prefs(self, identity, headers):
@@ -360,7 +366,8 @@ class Site:
         u = identity.user
         if u is None:
             if prefs:
-                raise HttpError(403, "Access denied: anonymous clients cannot select uid/group/role %s" % prefs)
+                raise HttpError(403, "Access denied: anonymous clients cannot select a login, group or role (%s)"
+                                % ", ".join("%s:%s" % kv for kv in sorted(prefs.items())))
         else:
             if "uid" in prefs and prefs["uid"] not in u.uids:
                 raise HttpError(403, "Access denied: the requested login (uid) '%s' is not available to %s"
@@ -1135,9 +1142,13 @@ class Handler(BaseHTTPRequestHandler):
             if len(parts) == 2:
                 self.need(method, "GET")
                 return json_response(200, fields_filter(self.storage_json(job), query))
-            if parts[1] and parts[2] == "files":
+            if parts[2] == "files":
                 rel = "/".join(parts[3:])
-                return self.files(job, rel, method, body)
+                try:
+                    return self.files(job, rel, method, body)
+                except OSError as e:
+                    # e.g. a path component that is a file, or permissions: the real server's 500 + message
+                    raise HttpError(500, "Error accessing '/%s': %s" % (rel, e.strerror or e))
             raise HttpError(404, "No resource at '%s'" % path)
         raise HttpError(404, "No resource at '%s'" % path)
 
@@ -1423,7 +1434,7 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET":
             try:
                 st = os.stat(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 raise HttpError(404, "Error listing '%s': file not found" % rel_norm)
             wants_bytes = "application/octet-stream" in accept and "application/json" not in accept
             if wants_bytes:
@@ -1576,6 +1587,22 @@ class Server(ThreadingHTTPServer):
         log("connection error from %s: %s" % (client_address[0], traceback.format_exc()))
 
 
+def discover_node_name(job_prefix):
+    """The compute node's host name: `hostname` run through --job-prefix (the compute namespace's UTS)."""
+    if job_prefix:
+        try:
+            r = subprocess.run(shlex.split(job_prefix) + ["hostname"], capture_output=True, text=True,
+                               timeout=10)
+            name = r.stdout.strip()
+            if r.returncode == 0 and name:
+                return name
+            log("cannot learn the node name through --job-prefix (exit %d: %s); using this host's name"
+                % (r.returncode, r.stderr.strip()))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log("cannot learn the node name through --job-prefix (%s); using this host's name" % e)
+    return socket.gethostname()
+
+
 def main():
     ap = argparse.ArgumentParser(description="UNICORE-compatible test site (test fixture only)")
     ap.add_argument("--users", required=True, help="users JSON file")
@@ -1586,7 +1613,7 @@ def main():
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
     ap.add_argument("--job-prefix", default="", help="command prepended to BATCH jobs, e.g. nsenter ... --")
-    ap.add_argument("--node-name", default=None, help="compute node name (Slurm hostlist allowed)")
+    ap.add_argument("--node-name", default=None, help="compute node name (Slurm hostlist allowed); default: `hostname` run through --job-prefix")
     ap.add_argument("--queue-delay", type=float, default=1.0, help="seconds a job stays QUEUED")
     ap.add_argument("--server-version", default="10.1.0")
     ap.add_argument("--session-lifetime-ms", type=int, default=3600000)
@@ -1595,8 +1622,8 @@ def main():
 
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")
-    if args.node_name is None:
-        args.node_name = socket.gethostname()
+    if not args.node_name:
+        args.node_name = discover_node_name(args.job_prefix)
     if not args.state_dir:
         import tempfile
         args.state_dir = tempfile.mkdtemp(prefix="unicore_site.")
