@@ -567,6 +567,22 @@ class SiteTest(unittest.TestCase):
         self.assertEqual(self.request("GET", "", ALICE).json()["client"]["xlogin"]["UID"], "alice")
         self.assert_error(self.request("POST", "/_control/faults", body={"garbage_next": {"kind": "bogus"}}), 400)
 
+    def test_connection_drop_and_hang(self):
+        self.control("POST", "/_control/faults", {"garbage_next": {"kind": "drop", "match": "/jobs"}})
+        self.assertEqual(self.request("GET", "", ALICE).status, 200)  # does not match: answered
+        with self.assertRaises((http.client.RemoteDisconnected, ConnectionError)):
+            self.request("GET", "/jobs", ALICE)
+        self.assertEqual(self.request("GET", "/jobs", ALICE).status, 200)
+        self.control("POST", "/_control/faults", {"garbage_next": {"kind": "hang", "seconds": 5}})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=0.5)
+        try:
+            conn.request("GET", self.base_path, headers=ALICE)
+            with self.assertRaises(TimeoutError):
+                conn.getresponse()
+        finally:
+            conn.close()
+        self.assertEqual(self.request("GET", "", ALICE).status, 200)  # other connections are served meanwhile
+
     def test_latency(self):
         self.control("POST", "/_control/faults", {"latency_ms": 300})
         t0 = time.monotonic()

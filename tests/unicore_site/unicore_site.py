@@ -908,6 +908,18 @@ class Handler(BaseHTTPRequestHandler):
             if status == 503:
                 resp.headers.append(("Retry-After", "1"))
             user_desc = "fault"
+        elif garbage is not None and garbage.get("kind") in ("drop", "hang"):
+            # A connection failure / a server that never answers: no response at all, then the
+            # connection is closed (after `seconds` for hang), so clients exercise their timeouts.
+            if garbage["kind"] == "hang":
+                time.sleep(float(garbage.get("seconds", 30)))
+            log("%s %s -> no response (%s injected)" % (self.command, path, garbage["kind"]))
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
         elif garbage is not None and garbage.get("kind") in ("html", "not_json_200", "huge"):
             resp = self.garbage(garbage, None)
             user_desc = "garbage"
@@ -1006,9 +1018,9 @@ class Handler(BaseHTTPRequestHandler):
                 if "garbage_next" in req:
                     g = req["garbage_next"]
                     if g and g.get("kind") not in ("html", "truncated_json", "not_json_200", "huge",
-                                                   "missing_fields"):
+                                                   "missing_fields", "drop", "hang"):
                         raise HttpError(400, "garbage_next.kind must be one of html, truncated_json, "
-                                        "not_json_200, huge, missing_fields")
+                                        "not_json_200, huge, missing_fields, drop, hang")
                     site.garbage_next = dict(g) if g else None
                     if site.garbage_next is not None:
                         site.garbage_next.setdefault("count", 1)
