@@ -787,6 +787,7 @@ def fields_filter(obj, query):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    timeout = 600  # idle keep-alive connections are closed after this many seconds
     site = None  # set by main
 
     def version_string(self):
@@ -1578,6 +1579,7 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # a bridge with many kernels opens many connections at once
     ssl_context = None
 
     def finish_request(self, request, client_address):
