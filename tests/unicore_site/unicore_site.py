@@ -257,9 +257,6 @@ class Site:
         self.users = [User(u) for u in users]
         self.by_uid = {u.uid: u for u in self.users}
         self.by_token = {}
-        for u in self.users:
-            for t in u.tokens:
-                self.by_token[t] = u
         self.queues = list(users_doc.get("queues") or [])
         self.jobs = collections.OrderedDict()
         self.sessions = {}
@@ -279,6 +276,7 @@ class Site:
             self.submission_enabled = True
             self.queue_delay = self.args.queue_delay
             self.expired_tokens.clear()
+            self.by_token = {t: u for u in self.users for t in u.tokens}  # forgets add_token
             self.cv.notify_all()
 
     # ---- authentication -----------------------------------------------------------------------------
