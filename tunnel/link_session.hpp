@@ -70,6 +70,10 @@ class LinkSession : public std::enable_shared_from_this<LinkSession> {
     // refuse_stream (possibly later, e.g. once the kernel listens). Data for it is held meanwhile
     // (bounded by the stream window). Without this handler every stream is refused.
     std::function<void(std::uint32_t id, ChannelKind kind)> on_stream_request;
+    // A candidate transport was refused or lost before it became live (wrong secret, timeout,
+    // version mismatch, cut during the handshake). The live transport, if any, is unaffected; a
+    // bridge owner typically schedules another attempt (with backoff).
+    std::function<void(const std::string& reason)> on_candidate_failed;
   };
 
   struct Stats {
