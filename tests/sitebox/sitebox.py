@@ -118,6 +118,19 @@ def _descendants(pid):
     return out
 
 
+def _ancestors(pid):
+    """pid and all its ancestors (processes teardown must never kill)."""
+    out = set()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out
+
+
 def _kill(pids, sig=signal.SIGKILL):
     for p in pids:
         try:
@@ -715,6 +728,7 @@ def teardown(info, sshd_popen=None):
         if left:
             errors.append("processes still alive: %s" % left)
     hosts = info.get("hosts", {})
+    spare = _ancestors(os.getpid())
     # Anything still running in the namespaces (agents, kernels, listeners a test forgot).
     for h in HOSTS:
         ns = hosts.get(h, {}).get("ns")
@@ -722,7 +736,8 @@ def teardown(info, sshd_popen=None):
             continue
         for attempt in range(3):
             p = _run(["ip", "netns", "pids", ns], check=False)
-            pids = [int(x) for x in p.stdout.split() if x.isdigit()]
+            # Never ourselves: a test process may have setns()ed into hub to act as a client there.
+            pids = [int(x) for x in p.stdout.split() if x.isdigit() and int(x) not in spare]
             if not pids:
                 break
             _kill(pids)

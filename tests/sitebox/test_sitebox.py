@@ -378,6 +378,27 @@ class Lifecycle(unittest.TestCase):
         with open("/proc/self/mountinfo") as f:
             self.assertNotIn(info["state_dir"], f.read())
 
+    def test_teardown_spares_a_process_that_entered_a_host(self):
+        # Integration tests setns() their own process into hub; teardown must not kill it.
+        script = (
+            "import sys, ctypes, os, subprocess\n"
+            "sys.path.insert(0, %r)\n"
+            "from sitebox import SiteBox\n"
+            "sb = SiteBox(); sb.up()\n"
+            "if not sb.netns: sb.close(); sys.exit(77)\n"
+            "fd = os.open(sb.ns_path('hub'), os.O_RDONLY)\n"
+            "assert ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0\n"
+            "stray = sb.popen('hub', ['sleep', '1000'])\n"
+            "ns = sb.info['hosts']['hub']['ns']\n"
+            "sb.close()\n"
+            "stray.wait(timeout=10)\n"
+            "assert ns not in subprocess.run(['ip', 'netns', 'list'], capture_output=True, text=True).stdout\n"
+            "print('survived')\n" % os.path.dirname(SITEBOX))
+        p = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=120)
+        if p.returncode == 77:
+            self.skipTest("network namespaces unavailable")
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, "survived"), p.stderr)
+
     def test_cli_up_exec_down(self):
         with tempfile.TemporaryDirectory() as d:
             up = subprocess.run([PY, SITEBOX, "up", "--state-dir", d], capture_output=True, text=True, timeout=120)
