@@ -309,7 +309,10 @@ class SiteBox:
             if os.path.exists(os.path.join(state_dir, "site.json")):
                 raise SiteBoxError("%s already holds a site (site.json exists); run `sitebox.py down "
                                    "--state-dir %s` first" % (state_dir, state_dir))
-        name = self._name_arg or "kb%d%s" % (os.getpid() % 10000, "".join(random.choice("0123456789abcdef") for _ in range(3)))
+        name = self._name_arg
+        while not name or (self._name_arg is None and any(
+                os.path.exists("/run/netns/%s-%s" % (name, h)) for h in HOSTS)):
+            name = "kb%d%s" % (os.getpid() % 10000, "".join(random.choice("0123456789abcdef") for _ in range(3)))
         if not all(c.isalnum() or c == "-" for c in name) or len(name) > 24:
             raise SiteBoxError("bad --name %r: use letters, digits and '-', at most 24 characters" % name)
         self.info = {
@@ -346,7 +349,10 @@ class SiteBox:
                      self.addr("hub"), self.info["login_addr"], self.info["ssh_port"],
                      self.info["compute_addr"], state_dir)
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except Exception as e:  # the start-up error is the one to report
+                log.error("sitebox %s: cleanup after failed start-up: %s", name, e)
             raise
         return self.info
 
