@@ -15,9 +15,11 @@ import argparse
 import base64
 import collections
 import datetime
+import grp
 import itertools
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -27,6 +29,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -1423,8 +1426,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def file_props(self, job, path, st):
         isdir = stat.S_ISDIR(st.st_mode)
-        import pwd
-        import grp
         try:
             owner = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
@@ -1637,7 +1638,6 @@ def main():
     if not args.node_name:
         args.node_name = discover_node_name(args.job_prefix)
     if not args.state_dir:
-        import tempfile
         args.state_dir = tempfile.mkdtemp(prefix="unicore_site.")
     try:
         with open(args.users, "rb") as f:
