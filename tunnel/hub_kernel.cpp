@@ -1,0 +1,433 @@
+#include "tunnel/hub_kernel.hpp"
+
+#include "tunnel/tcp_transport.hpp"
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/address.hpp>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+
+namespace kb::tunnel {
+
+namespace asio = boost::asio;
+using boost::system::error_code;
+
+namespace {
+
+constexpr std::array<ChannelKind, kChannelKinds> kAllKinds{
+    ChannelKind::shell, ChannelKind::iopub, ChannelKind::stdin_, ChannelKind::control,
+    ChannelKind::hb};
+
+const char* channel_name(ChannelKind kind) {
+  switch (kind) {
+    case ChannelKind::shell: return "shell";
+    case ChannelKind::iopub: return "iopub";
+    case ChannelKind::stdin_: return "stdin";
+    case ChannelKind::control: return "control";
+    case ChannelKind::hb: return "hb";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+TransportProvider make_direct_provider(asio::io_context& io, std::string host, std::uint16_t port,
+                                       std::chrono::milliseconds timeout) {
+  return [&io, host = std::move(host), port, timeout](std::function<void(TransportResult)> done) {
+    struct Attempt {
+      asio::ip::tcp::resolver resolver;
+      asio::ip::tcp::socket socket;
+      asio::steady_timer timer;
+      std::function<void(TransportResult)> done;
+      bool finished = false;
+      explicit Attempt(asio::io_context& io) : resolver(io), socket(io), timer(io) {}
+      void finish(TransportResult r) {
+        if (finished) return;
+        finished = true;
+        timer.cancel();
+        auto handler = std::move(done);
+        handler(std::move(r));
+      }
+    };
+    auto attempt = std::make_shared<Attempt>(io);
+    attempt->done = std::move(done);
+    std::string where = host + ":" + std::to_string(port);
+    attempt->timer.expires_after(timeout);
+    attempt->timer.async_wait([attempt, where, timeout](const error_code& ec) {
+      if (ec || attempt->finished) return;
+      attempt->resolver.cancel();
+      error_code ignored;
+      attempt->socket.close(ignored);
+      attempt->finish({asio::error::timed_out,
+                       "cannot connect to the agent at " + where + ": no answer within " +
+                           std::to_string(timeout.count() / 1000) + " s",
+                       nullptr});
+    });
+    attempt->resolver.async_resolve(
+        host, std::to_string(port),
+        [attempt, where](const error_code& ec, asio::ip::tcp::resolver::results_type results) {
+          if (attempt->finished) return;
+          if (ec) {
+            attempt->finish({ec, "cannot resolve the agent's host in " + where + ": " +
+                                     ec.message(), nullptr});
+            return;
+          }
+          asio::async_connect(attempt->socket, results,
+                              [attempt, where](const error_code& ec, const asio::ip::tcp::endpoint&) {
+                                if (attempt->finished) return;
+                                if (ec) {
+                                  attempt->finish({ec, "cannot connect to the agent at " + where +
+                                                           ": " + ec.message(), nullptr});
+                                  return;
+                                }
+                                attempt->finish(
+                                    {{}, {}, make_tcp_transport(std::move(attempt->socket))});
+                              });
+        });
+  };
+}
+
+std::shared_ptr<HubKernel> HubKernel::create(asio::io_context& io, Options options,
+                                             TransportProvider provider, EventSink events) {
+  return std::shared_ptr<HubKernel>(
+      new HubKernel(io, std::move(options), std::move(provider), std::move(events)));
+}
+
+HubKernel::HubKernel(asio::io_context& io, Options options, TransportProvider provider,
+                     EventSink events)
+    : io_(io),
+      options_(std::move(options)),
+      provider_(std::move(provider)),
+      events_(std::move(events)),
+      log_id_("k" + std::to_string(options_.index)),
+      retry_timer_(io),
+      shutdown_timer_(io),
+      rng_(std::random_device{}()) {}
+
+HubKernel::~HubKernel() {
+  if (session_) session_->close("bridge stopped");
+}
+
+void HubKernel::emit(nlohmann::json event) {
+  event["kernel"] = options_.index;
+  if (events_) events_(std::move(event));
+}
+
+void HubKernel::start() {
+  info_ = read_connection_file(options_.connection_file, ParseOptions{.allow_zero_ports = true});
+  error_code ec;
+  auto address = asio::ip::make_address(options_.bind_address, ec);
+  if (ec) {
+    throw HubKernelError("--bind " + options_.bind_address + " is not an IP address");
+  }
+  if (!address.is_unspecified() && info_.ip != options_.bind_address &&
+      !(info_.ip == "localhost" && address.is_loopback())) {
+    spdlog::warn("[{}] connection file {} says ip {} but the listeners bind {}: clients using the "
+                 "file may not reach them",
+                 log_id_, options_.connection_file, info_.ip, options_.bind_address);
+  }
+  bool chose = false;
+  for (ChannelKind kind : kAllKinds) {
+    auto i = static_cast<std::size_t>(kind);
+    auto& acceptor = acceptors_[i].emplace(io_);
+    asio::ip::tcp::endpoint endpoint(address, info_.port(kind));
+    acceptor.open(endpoint.protocol(), ec);
+    // Jupyter restarts a kernel on the same ports; a connection in TIME_WAIT must not block that.
+    if (!ec) acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor.bind(endpoint, ec);
+    if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      throw HubKernelError("kernel " + std::to_string(options_.index) + ": cannot listen on " +
+                           options_.bind_address + ":" + std::to_string(info_.port(kind)) +
+                           " for its " + channel_name(kind) + " channel (" +
+                           options_.connection_file + "): " + ec.message());
+    }
+    if (info_.port(kind) == 0) {
+      info_.port(kind) = acceptor.local_endpoint().port();
+      chose = true;
+    }
+  }
+  if (chose) write_connection_file(options_.connection_file, info_);
+
+  LinkSession::Handlers handlers;
+  std::weak_ptr<HubKernel> weak = weak_from_this();
+  handlers.on_control = [weak](const nlohmann::json& m) {
+    if (auto self = weak.lock()) self->on_control(m);
+  };
+  handlers.on_state = [weak](LinkState s, const std::string& reason) {
+    if (auto self = weak.lock()) self->on_link_state(s, reason);
+  };
+  handlers.on_candidate_failed = [weak](const std::string& reason) {
+    auto self = weak.lock();
+    if (!self || self->closed_) return;
+    std::string message = "link to the agent at " + self->options_.agent +
+                          " refused (authentication or handshake failed): " + reason;
+    spdlog::warn("[{}] {}", self->log_id_, message);
+    self->emit({{"event", "error"}, {"message", message}});
+    self->schedule_retry(reason);
+  };
+  auto link_options = options_.link;
+  if (link_options.log_id.empty()) link_options.log_id = log_id_;
+  session_ = LinkSession::create(io_, LinkSession::Role::bridge, options_.secret, link_options,
+                                 std::move(handlers));
+
+  nlohmann::json ports = nlohmann::json::object();
+  for (ChannelKind kind : kAllKinds) ports[channel_name(kind)] = info_.port(kind);
+  spdlog::info("[{}] listening on {} (shell {} iopub {} stdin {} control {} hb {}); agent {}",
+               log_id_, options_.bind_address, info_.port(ChannelKind::shell),
+               info_.port(ChannelKind::iopub), info_.port(ChannelKind::stdin_),
+               info_.port(ChannelKind::control), info_.port(ChannelKind::hb), options_.agent);
+  emit({{"event", "listening"}, {"ports", ports}});
+  for (std::size_t i = 0; i < kChannelKinds; ++i) accept_next(i);
+  request_transport();
+}
+
+void HubKernel::accept_next(std::size_t i) {
+  if (closed_ || !acceptors_[i]) return;
+  std::weak_ptr<HubKernel> weak = weak_from_this();
+  acceptors_[i]->async_accept([weak, i](const error_code& ec, asio::ip::tcp::socket socket) {
+    auto self = weak.lock();
+    if (!self || self->closed_ || ec == asio::error::operation_aborted) return;
+    auto kind = kAllKinds[i];
+    if (ec) {
+      bool exhausted = ec == asio::error::no_descriptors || ec.value() == ENFILE;
+      auto delay = std::chrono::milliseconds(exhausted ? 500 : 50);
+      spdlog::warn("[{}] accept on the {} port failed: {}; retrying in {} ms", self->log_id_,
+                   channel_name(kind), ec.message(), delay.count());
+      auto& timer = self->accept_retry_[i];
+      if (!timer) timer = std::make_unique<asio::steady_timer>(self->io_);
+      timer->expires_after(delay);
+      timer->async_wait([weak, i](const error_code& e) {
+        if (auto s = weak.lock(); s && !e) s->accept_next(i);
+      });
+      return;
+    }
+    std::uint32_t id = self->session_->add_local_stream(kind, std::move(socket));
+    if (id == 0) {
+      spdlog::warn("[{}] {} connection refused by the link (closed or too many streams)",
+                   self->log_id_, channel_name(kind));
+    } else {
+      spdlog::debug("[{}] {} connection accepted as stream {}", self->log_id_, channel_name(kind),
+                    id);
+    }
+    self->accept_next(i);
+  });
+}
+
+void HubKernel::request_transport() {
+  if (closed_ || failed_permanently_ || attempt_in_flight_) return;
+  attempt_in_flight_ = true;
+  ++attempts_;
+  std::weak_ptr<HubKernel> weak = weak_from_this();
+  provider_([weak](TransportResult result) {
+    auto self = weak.lock();
+    if (!self) return;
+    self->attempt_in_flight_ = false;
+    if (self->closed_) return;
+    if (result.ec || !result.transport) {
+      if (result.permanent) {
+        self->failed_permanently_ = true;
+        spdlog::error("[{}] giving up on the agent at {}: {}", self->log_id_, self->options_.agent,
+                      result.message);
+        self->emit({{"event", "error"}, {"message", result.message}});
+        return;
+      }
+      spdlog::warn("[{}] {}", self->log_id_, result.message);
+      self->schedule_retry(result.message);
+      return;
+    }
+    spdlog::debug("[{}] candidate transport {}: authenticating", self->log_id_,
+                  result.transport->describe());
+    self->session_->attach_transport(std::move(result.transport));
+  });
+}
+
+void HubKernel::schedule_retry(const std::string& why) {
+  if (closed_ || failed_permanently_ || retry_scheduled_) return;
+  backoff_ = backoff_.count() == 0 ? options_.backoff_min
+                                   : std::min(backoff_ * 2, options_.backoff_max);
+  // Half fixed, half random: retries of many kernels spread out and never come back-to-back.
+  auto half = backoff_.count() / 2;
+  std::uniform_int_distribution<long long> jitter(0, std::max<long long>(half, 0));
+  auto delay = std::chrono::milliseconds(half + jitter(rng_));
+  retry_scheduled_ = true;
+  spdlog::info("[{}] next attempt to reach the agent in {} ms ({})", log_id_, delay.count(), why);
+  std::weak_ptr<HubKernel> weak = weak_from_this();
+  retry_timer_.expires_after(delay);
+  retry_timer_.async_wait([weak](const error_code& ec) {
+    auto self = weak.lock();
+    if (!self) return;
+    self->retry_scheduled_ = false;
+    if (!ec) self->request_transport();
+  });
+}
+
+void HubKernel::on_link_state(LinkState state, const std::string& reason) {
+  switch (state) {
+    case LinkState::connecting:
+      return;
+    case LinkState::up:
+      spdlog::info("[{}] link up (agent {})", log_id_, options_.agent);
+      emit({{"event", "link_up"}});
+      if (!start_sent_) {
+        start_sent_ = true;
+        session_->send_control({{"type", "start_kernel"},
+                                {"key", info_.key},
+                                {"signature_scheme", info_.signature_scheme},
+                                {"kernel_name", info_.kernel_name}});
+      }
+      // Keep the backoff until the link has proven stable, so a flapping link is not hammered.
+      {
+        std::weak_ptr<HubKernel> weak = weak_from_this();
+        retry_timer_.cancel();
+        auto stable = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(5));
+        stable->async_wait([weak, stable](const error_code& ec) {
+          auto self = weak.lock();
+          if (!ec && self && self->session_->state() == LinkState::up) {
+            self->backoff_ = std::chrono::milliseconds(0);
+          }
+        });
+      }
+      return;
+    case LinkState::down:
+      spdlog::warn("[{}] link down: {}", log_id_, reason);
+      emit({{"event", "link_down"}, {"reason", reason}});
+      if (agent_terminating_) {
+        close("the agent terminated (" + reason + ")");
+        return;
+      }
+      if (backoff_.count() == 0) {
+        request_transport();  // a first drop after a stable period: try again at once
+      } else {
+        schedule_retry(reason);
+      }
+      return;
+    case LinkState::closed:
+      if (closed_) return;
+      close(reason);
+      return;
+  }
+}
+
+void HubKernel::on_control(const nlohmann::json& m) {
+  std::string type = m.is_object() ? m.value("type", std::string()) : std::string();
+  if (type == "kernel_started") {
+    emit({{"event", "kernel_started"},
+          {"pid", m.value("pid", 0)},
+          {"restart", m.value("restart", false)}});
+  } else if (type == "kernel_exited") {
+    emit({{"event", "kernel_exited"},
+          {"code", m.contains("code") ? m["code"] : nlohmann::json()},
+          {"signal", m.contains("signal") ? m["signal"] : nlohmann::json()}});
+  } else if (type == "agent_terminating") {
+    agent_terminating_ = true;
+    emit({{"event", "agent_terminating"}, {"reason", m.value("reason", std::string())}});
+  } else if (type == "error") {
+    emit({{"event", "error"}, {"message", "agent: " + m.value("message", std::string())}});
+  } else {
+    spdlog::warn("[{}] unknown control message from the agent ignored: {}", log_id_,
+                 type.empty() ? std::string("(no type)") : type);
+  }
+}
+
+void HubKernel::interrupt() {
+  if (closed_) {
+    emit({{"event", "error"}, {"message", "interrupt: this kernel's link is closed"}});
+    return;
+  }
+  session_->send_control({{"type", "interrupt"}});
+}
+
+void HubKernel::restart() {
+  if (closed_) {
+    emit({{"event", "error"}, {"message", "restart: this kernel's link is closed"}});
+    return;
+  }
+  session_->send_control({{"type", "restart_kernel"}});
+}
+
+void HubKernel::shutdown(std::function<void()> done) {
+  if (closed_) {
+    if (done) done();
+    return;
+  }
+  if (shutting_down_) {
+    // Chain a second caller onto the first.
+    auto first = std::move(shutdown_done_);
+    shutdown_done_ = [first, done] {
+      if (first) first();
+      if (done) done();
+    };
+    return;
+  }
+  shutting_down_ = true;
+  shutdown_done_ = std::move(done);
+  if (!start_sent_ || failed_permanently_) {
+    close("shut down before the agent was reached");
+    return;
+  }
+  spdlog::info("[{}] asking the agent to shut down", log_id_);
+  session_->send_control({{"type", "shutdown"}});
+  std::weak_ptr<HubKernel> weak = weak_from_this();
+  shutdown_timer_.expires_after(options_.shutdown_timeout);
+  shutdown_timer_.async_wait([weak](const error_code& ec) {
+    auto self = weak.lock();
+    if (!self || ec || self->closed_) return;
+    self->close("the agent did not confirm the shutdown within " +
+                std::to_string(self->options_.shutdown_timeout.count() / 1000) + " s");
+  });
+}
+
+void HubKernel::close(const std::string& reason) {
+  if (closed_) return;
+  closed_ = true;
+  retry_timer_.cancel();
+  shutdown_timer_.cancel();
+  error_code ec;
+  for (auto& acceptor : acceptors_) {
+    if (acceptor) acceptor->close(ec);
+  }
+  for (auto& timer : accept_retry_) {
+    if (timer) timer->cancel();
+  }
+  spdlog::info("[{}] closed: {}", log_id_, reason);
+  emit({{"event", "closed"}, {"reason", reason}});
+  if (session_ && session_->state() != LinkState::closed) session_->close(reason);
+  finish_shutdown();
+}
+
+void HubKernel::finish_shutdown() {
+  auto done = std::move(shutdown_done_);
+  shutdown_done_ = nullptr;
+  if (done) done();
+}
+
+nlohmann::json HubKernel::stats() const {
+  nlohmann::json j = {{"kernel", options_.index}, {"agent", options_.agent}};
+  if (!session_) return j;
+  auto s = session_->stats();
+  j["state"] = closed_ ? "closed" : to_string(session_->state());
+  j["bytes_in"] = s.bytes_in;
+  j["bytes_out"] = s.bytes_out;
+  j["frames_in"] = s.frames_in;
+  j["frames_out"] = s.frames_out;
+  j["resumes"] = s.resumes;
+  j["retransmitted_bytes"] = s.retransmitted_bytes;
+  j["auth_failures"] = s.auth_failures;
+  j["streams"] = s.streams;
+  j["streams_opened"] = s.streams_opened;
+  j["replay_bytes"] = s.replay_bytes;
+  j["attempts"] = attempts_;
+  nlohmann::json out = nlohmann::json::object(), in = nlohmann::json::object();
+  for (ChannelKind kind : kAllKinds) {
+    out[channel_name(kind)] = s.stream_bytes_out[static_cast<std::size_t>(kind)];
+    in[channel_name(kind)] = s.stream_bytes_in[static_cast<std::size_t>(kind)];
+  }
+  j["stream_bytes_out"] = out;
+  j["stream_bytes_in"] = in;
+  return j;
+}
+
+}  // namespace kb::tunnel

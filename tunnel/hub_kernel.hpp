@@ -1,0 +1,127 @@
+#pragma once
+// HubKernel: the hub-side end of one kernel. Five listeners (shell, iopub, stdin, control, hb) on
+// the bind address that accept at once — each accepted client connection becomes a stream of the
+// kernel's LinkSession, its bytes held until the link is up — and a link to the kernel's agent
+// obtained from a transport provider (an SSH direct-tcpip channel, or plain TCP with --direct),
+// asked for again with backoff + jitter whenever the link goes down. After the first link_up it
+// sends start_kernel with the key from the connection file; agent events are forwarded.
+// Thread model: create, call and destroy it only on the thread that runs its io_context; every
+// callback runs there.
+#include "tunnel/connection_file.hpp"
+#include "tunnel/link_session.hpp"
+#include "tunnel/transport.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+namespace kb::tunnel {
+
+// Thrown by HubKernel::start at start-up (listeners cannot bind, file cannot be rewritten).
+struct HubKernelError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Obtains a candidate transport to the agent. `permanent` in the result means retrying cannot help
+// (host key refused, authentication denied): the kernel then stops trying and reports the error.
+struct TransportResult {
+  boost::system::error_code ec;
+  std::string message;
+  ByteTransportPtr transport;
+  bool permanent = false;
+};
+using TransportProvider = std::function<void(std::function<void(TransportResult)>)>;
+
+// A transport provider that connects over plain TCP to host:port (used with --direct).
+TransportProvider make_direct_provider(boost::asio::io_context& io, std::string host,
+                                       std::uint16_t port,
+                                       std::chrono::milliseconds timeout = std::chrono::seconds(10));
+
+class HubKernel : public std::enable_shared_from_this<HubKernel> {
+ public:
+  struct Options {
+    int index = 0;                   // "kernel" in events, "k<index>" in logs
+    std::string connection_file;     // Jupyter's connection file (ports 0: chosen and rewritten)
+    std::string bind_address = "127.0.0.1";
+    std::string agent;               // "host:port", for logs and events
+    kb::auth::LinkSecret secret;
+    LinkSession::Options link;
+    std::chrono::milliseconds backoff_min{250}, backoff_max{10000};
+    // How long a shutdown waits for the agent to confirm (kernel killed, link closed).
+    std::chrono::milliseconds shutdown_timeout{15000};
+  };
+  // Every event as a JSON object ({"event": ..., "kernel": index, ...}), for the tunnel's stdout.
+  using EventSink = std::function<void(nlohmann::json)>;
+
+  static std::shared_ptr<HubKernel> create(boost::asio::io_context& io, Options options,
+                                           TransportProvider provider, EventSink events);
+  ~HubKernel();
+  HubKernel(const HubKernel&) = delete;
+  HubKernel& operator=(const HubKernel&) = delete;
+
+  // Reads the connection file, binds the five listeners (throws HubKernelError or
+  // ConnectionFileError), rewrites the file if ports were chosen, emits "listening", starts
+  // accepting and asks the provider for the first transport.
+  void start();
+
+  // Commands to the agent (reliable: queued while the link is down).
+  void interrupt();
+  void restart();
+  // Asks the agent to shut down (it kills the kernel and exits); `done` runs once the link is
+  // closed (or after shutdown_timeout, or at once if the link never came up). Idempotent.
+  void shutdown(std::function<void()> done);
+  // Closes everything now, without asking the agent.
+  void close(const std::string& reason);
+
+  bool closed() const { return closed_; }
+  // A permanent failure (e.g. host key refused) happened; the kernel is not being retried.
+  bool failed_permanently() const { return failed_permanently_; }
+  const ConnectionInfo& connection() const { return info_; }
+  nlohmann::json stats() const;
+
+ private:
+  HubKernel(boost::asio::io_context& io, Options options, TransportProvider provider,
+            EventSink events);
+  void emit(nlohmann::json event);
+  void accept_next(std::size_t kind);
+  void request_transport();
+  void schedule_retry(const std::string& why);
+  void on_link_state(LinkState state, const std::string& reason);
+  void on_control(const nlohmann::json& message);
+  void finish_shutdown();
+
+  boost::asio::io_context& io_;
+  Options options_;
+  TransportProvider provider_;
+  EventSink events_;
+  std::string log_id_;
+  ConnectionInfo info_;
+  std::array<std::optional<boost::asio::ip::tcp::acceptor>, kChannelKinds> acceptors_;
+  std::array<std::unique_ptr<boost::asio::steady_timer>, kChannelKinds> accept_retry_;
+  std::shared_ptr<LinkSession> session_;
+  boost::asio::steady_timer retry_timer_;
+  boost::asio::steady_timer shutdown_timer_;
+  std::chrono::milliseconds backoff_{0};
+  bool attempt_in_flight_ = false;
+  bool retry_scheduled_ = false;
+  bool start_sent_ = false;
+  bool closed_ = false;
+  bool failed_permanently_ = false;
+  bool agent_terminating_ = false;
+  bool shutting_down_ = false;
+  std::function<void()> shutdown_done_;
+  std::uint64_t attempts_ = 0;
+  std::minstd_rand rng_;
+};
+
+}  // namespace kb::tunnel
