@@ -111,6 +111,7 @@ struct TransportSlot {
   std::string name;
   frame::FrameDecoder decoder;
   std::unique_ptr<LinkHandshake> handshake;
+  LinkHandshake::Result peer;  // valid from authentication on
   Phase phase = Phase::handshaking;
   bool sent_resume = false;
   std::vector<std::uint8_t> out;      // link-level frames waiting to be written
@@ -197,8 +198,11 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     s.socket.emplace(std::move(socket));
     s.answered = true;
     spdlog::debug("{} stream {} ({}) attached", log_, id, to_string(s.kind));
-    start_write(it->second);
-    make_ready(s);
+    StreamPtr sp = it->second;
+    start_write(sp);
+    maybe_finish(sp);  // a FIN may have arrived before the kernel connection did
+    if (sp->closed) return;
+    make_ready(*sp);
     pump();
   }
 
@@ -619,7 +623,12 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       enter_closed(reason, false);
       return;
     }
-    if (!is_zero(r.peer_knows_me) && r.peer_knows_me != self_id_) {
+    // A fresh agent asked to resume a session it never had: refuse the transport, keep this
+    // session (the stale bridge closes itself by the check above). A fresh bridge facing an agent
+    // that knew a previous bridge goes on: the agent, once it has authenticated this bridge,
+    // closes its stale session with a clear reason (an unauthenticated refusal could not).
+    if (role_ == LinkSession::Role::agent && !is_zero(r.peer_knows_me) &&
+        r.peer_knows_me != self_id_) {
       candidate_failed(slot,
                        std::string("the ") + peer + " resumes session " +
                            hex_id(r.peer_knows_me) + ", which this " + me +
@@ -632,14 +641,10 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     std::erase(candidates_, slot);
     if (current_) retire(current_);
     current_ = slot;
-    if (peer_window_ == 0) {
-      peer_window_ = r.peer_window;
-      peer_id_ = r.peer_session;
-      for (auto& [id, s] : streams_) {
-        s->credit = peer_window_;
-        make_ready(*s);
-      }
-    } else if (r.peer_window != peer_window_) {
+    // The peer's identity and window are committed when the resume completes (a peer that refuses
+    // at the last step must not become "the" peer of this session).
+    slot->peer = r;
+    if (peer_window_ != 0 && r.peer_window != peer_window_) {
       // Credit already granted was computed with the first window; a change mid-session would
       // break the accounting.
       const std::string reason = std::string("the ") + peer + " changed its stream window from " +
@@ -660,6 +665,12 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
 
   void on_resume_frame(const SlotPtr& slot, const frame::DecodedFrame& f) {
     if (f.header.type == FrameType::goodbye) {
+      if (!ever_up_) {
+        // Refused before this session ever carried anything (e.g. the agent closed a stale
+        // session of a previous bridge): this session stays usable for the next attempt.
+        candidate_failed(slot, "the peer refused the link: " + payload_text(f.payload), false);
+        return;
+      }
       peer_goodbye(slot, f);
       return;
     }
@@ -678,6 +689,14 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       current_.reset();
       enter_closed(reason, false);
       return;
+    }
+    if (peer_window_ == 0) {
+      peer_window_ = slot->peer.peer_window;
+      peer_id_ = slot->peer.peer_session;
+      for (auto& [id, s] : streams_) {
+        s->credit = peer_window_;
+        make_ready(*s);
+      }
     }
     const std::size_t before = replay_.bytes();
     replay_.rewind(point);

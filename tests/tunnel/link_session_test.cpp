@@ -615,6 +615,27 @@ TEST(LinkSession, KernelCloseReachesTheClientAndClientCloseReachesTheKernel) {
   ASSERT_TRUE(run_until(p.io, [&] { return p.bridge->stats().streams == 0 && p.agent->stats().streams == 0; }));
 }
 
+TEST(LinkSession, DataAndFinHeldUntilTheKernelConnectionIsAttached) {
+  LinkPair p;
+  add_echo_kernels(p);
+  p.hold_requests = true;  // the kernel does not listen yet
+  p.connect_pipe();
+  auto data = pattern(30'000, 4);
+  auto c = p.open_client(ChannelKind::shell, data, data, 1);  // writes everything, then FIN
+  auto empty = p.open_client(ChannelKind::control, {}, {}, 2);  // only a FIN
+  ASSERT_TRUE(run_until(p.io, [&] { return p.agent->stats().stream_bytes_in[0] == data.size(); }));
+  p.io.restart();
+  while (p.io.poll() > 0) p.io.restart();  // let the FINs arrive too
+  p.hold_requests = false;
+  p.on_stream_request(1, ChannelKind::shell);  // now the kernel answers
+  p.on_stream_request(2, ChannelKind::control);
+  ASSERT_TRUE(run_until(p.io, [&] { return (c->done || c->failed) && (empty->done || empty->failed); }));
+  EXPECT_TRUE(c->done) << c->failure;
+  EXPECT_TRUE(empty->done) << empty->failure;
+  EXPECT_EQ(p.kernels[ChannelKind::shell]->eof_seen, 1u);
+  EXPECT_EQ(p.kernels[ChannelKind::control]->eof_seen, 1u);
+}
+
 TEST(LinkSession, KernelResetAndRefusalReachTheClient) {
   LinkPair p;
   p.kernels[ChannelKind::control] = std::make_unique<KernelServer>(p.io, KernelServer::Mode::reset);
@@ -697,6 +718,38 @@ TEST(LinkSession, AgentRestartClosesTheBridgeSessionWithAClearReason) {
   // The new agent is not harmed: it still waits for a bridge that knows it.
   EXPECT_NE(p.agent2->state(), LinkState::closed);
   ASSERT_TRUE(run_until(p.io, [&] { return c2->done || c2->error_seen || c2->failed; }));
+}
+
+TEST(LinkSession, BridgeRestartClosesTheStaleAgentSessionAndANewOneWorks) {
+  LinkPair p;
+  add_echo_kernels(p);
+  auto pipe = p.connect_pipe();
+  auto data = pattern(10'000, 1);
+  auto c = p.open_client(ChannelKind::shell, data, data, 1);
+  ASSERT_TRUE(run_until(p.io, [&] { return c->done || c->failed; }));
+  // The bridge process restarts: a new bridge session with the same secret knocks.
+  p.bridge.reset();
+  std::vector<std::string> b2_failures;
+  std::vector<LinkState> b2_states;
+  LinkSession::Handlers bh;
+  bh.on_candidate_failed = [&](const std::string& why) { b2_failures.push_back(why); };
+  bh.on_state = [&](LinkState s, const std::string&) { b2_states.push_back(s); };
+  auto b2 = LinkSession::create(p.io, LinkSession::Role::bridge, p.bridge_secret, {}, bh);
+  auto [b_end, a_end] = make_pipe(p.io);
+  b2->attach_transport(std::move(b_end));
+  p.agent->attach_transport(std::move(a_end));
+  ASSERT_TRUE(run_until(p.io, [&] { return p.agent->state() == LinkState::closed && !b2_failures.empty(); }));
+  EXPECT_NE(p.agent_states.back().second.find("bridge restarted"), std::string::npos)
+      << p.agent_states.back().second;
+  EXPECT_NE(b2_failures.back().find("bridge restarted"), std::string::npos) << b2_failures.back();
+  EXPECT_EQ(b2->state(), LinkState::connecting);  // the new bridge is not harmed
+  // The agent's owner starts a fresh agent session: the new bridge links up with it.
+  p.agent2 = p.make_agent(p.agent_secret, {});
+  auto [b_end2, a_end2] = make_pipe(p.io);
+  b2->attach_transport(std::move(b_end2));
+  p.agent2->attach_transport(std::move(a_end2));
+  ASSERT_TRUE(run_until(p.io, [&] { return b2->state() == LinkState::up; }));
+  ASSERT_EQ(b2_states.size(), 1u);
 }
 
 TEST(LinkSession, HandshakeTimesOut) {
