@@ -306,7 +306,9 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     if (shut) return;
     ++gen;
     const uint64_t g = gen;
-    if (!ever_connected && attempt == 0) {
+    const bool first = !ever_connected && attempt == 0;
+    ++attempt;
+    if (first) {
       set_state(State::connecting, "");
     } else if (st != State::reconnecting) {
       set_state(State::reconnecting, last_err);
@@ -325,7 +327,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
       identity.reset(key);
     }
     phase = Phase::resolving;
-    spdlog::info("ssh {}: connecting (attempt {})", label, attempt + 1);
+    spdlog::info("ssh {}: connecting (attempt {})", label, attempt);
     connect_timer.expires_after(opt.connect_timeout);
     connect_timer.async_wait([self = shared_from_this(), g](error_code ec) {
       if (ec || g != self->gen) return;
@@ -558,7 +560,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     phase = Phase::ready;
     if (ever_connected) ++totals.reconnects;
     ++totals.connects;
-    const int attempts = attempt + 1;
+    const int attempts = attempt;
     attempt = 0;
     ever_connected = true;
     eager = false;
@@ -585,7 +587,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
                    had_channels ? "open" : "no");
       eager = eager || had_channels;
     } else {
-      spdlog::warn("ssh {}: attempt {} failed: {}", label, attempt + 1, reason);
+      spdlog::warn("ssh {}: attempt {} failed: {}", label, attempt, reason);
     }
     if (shut) return;
     if (permanent) {
@@ -594,7 +596,6 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
       fail_waiting(make_error_code(kind), reason);
       return;
     }
-    ++attempt;
     if (waiting.empty() && !eager) {
       attempt = 0;
       set_state(State::idle, reason);
@@ -602,7 +603,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     }
     const double cap = std::min<double>(
         static_cast<double>(opt.backoff_max.count()),
-        static_cast<double>(opt.backoff_min.count()) * std::pow(2.0, std::min(attempt - 1, 30)));
+        static_cast<double>(opt.backoff_min.count()) * std::pow(2.0, std::clamp(attempt - 1, 0, 30)));
     std::uniform_real_distribution<double> dist(0.0, std::max(cap, 0.0));
     const auto delay = std::chrono::milliseconds(static_cast<int64_t>(dist(rng)));
     spdlog::info("ssh {}: reconnect attempt {} in {} ms (backoff cap {} ms): {}", label, attempt + 1,
@@ -745,9 +746,11 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
   // Reads and writes the socket through libssh, then moves channel work forward.
   void service() {
     const uint64_t g = gen;
-    bool more = false;
+    bool again = false;  // stopped by the pass limit with work possibly left
+    Pump pumped = Pump::idle;
     for (int pass = 0; pass < 4; ++pass) {
-      more = pump();
+      pumped = pump();
+      const bool more = pumped == Pump::more;
       if (g != gen) return;
       if (dead()) {
         fail(SshError::connection_lost, "the SSH server closed the connection: " + session_error(),
@@ -768,23 +771,30 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
              false);
         return;
       }
-      if (!progress && !more) break;
+      again = progress || more;
+      if (!again) break;
     }
-    if (more) request_service();  // budget used up: let other handlers run, then go on
+    // Asio's reactor is edge-triggered: if libssh left bytes in the socket (it reads 4 KiB per
+    // round, also inside channel calls) or output it could write now, no edge will announce them.
+    // Go round again through the queue instead of waiting for an event that will not come.
+    if (again || (pumped != Pump::stuck && socket_ready_now())) request_service();
     arm_waits(g);
   }
 
-  // Lets libssh read/write while the socket is ready. Returns true if the budget ran out first.
-  bool pump() {
+  // Lets libssh read/write while the socket is ready.
+  enum class Pump { idle, more, stuck };
+  Pump pump() {
     const int fd = socket.native_handle();
     for (int i = 0; i < kPumpBudget; ++i) {
       short want = POLLIN;
       if (ssh_get_poll_flags(session.get()) & SSH_WRITE_PENDING) want |= POLLOUT;
-      if ((poll_now(fd, want) & (want | POLLERR | POLLHUP)) == 0) return false;
+      if ((poll_now(fd, want) & (want | POLLERR | POLLHUP)) == 0) return Pump::idle;
       int rc = ssh_event_dopoll(event.get(), 0);
-      if (rc == SSH_ERROR || dead()) return false;
+      if (rc == SSH_ERROR || dead()) return Pump::idle;
+      // libssh's own poll found nothing it waits for: never spin on readiness it ignores.
+      if (rc == SSH_AGAIN) return Pump::stuck;
     }
-    return true;
+    return Pump::more;  // budget used up with the socket still ready
   }
 
   // Sends waiting open requests and collects sshd's answers to those in flight.
@@ -1157,13 +1167,14 @@ SshCounters SshConnection::counters() const {
 }
 
 void SshConnection::shutdown() { core_->shutdown(); }
+bool SshConnection::is_shut_down() const { return core_->shut; }
 
 // ----------------------------------------------------------------------- SshConnectionPool
 std::shared_ptr<SshConnection> SshConnectionPool::get(const SshOptions& options) {
   const std::string key = options.user + "@" + options.host + ":" + std::to_string(options.port);
   auto it = connections_.find(key);
   if (it != connections_.end()) {
-    if (it->second->state() != SshConnection::State::failed) {
+    if (it->second->state() != SshConnection::State::failed && !it->second->is_shut_down()) {
       const SshOptions& have = it->second->options();
       if (have.identity_file != options.identity_file ||
           have.known_hosts_file != options.known_hosts_file || have.ciphers != options.ciphers) {
@@ -1173,7 +1184,8 @@ std::shared_ptr<SshConnection> SshConnectionPool::get(const SshOptions& options)
       }
       return it->second;
     }
-    spdlog::info("ssh {}: replacing the failed connection ({})", key, it->second->last_error());
+    spdlog::info("ssh {}: replacing the {} connection ({})", key,
+                 it->second->is_shut_down() ? "shut down" : "failed", it->second->last_error());
     it->second->shutdown();
     connections_.erase(it);
   }

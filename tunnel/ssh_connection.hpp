@@ -21,7 +21,6 @@
 #include <map>
 #include <memory>
 #include <string>
-#include <system_error>
 
 namespace kb::tunnel {
 
@@ -99,9 +98,10 @@ class SshConnection : public std::enable_shared_from_this<SshConnection> {
   SshCounters counters() const;
   std::string describe() const;  // "user@host:port", for logs
 
-  // Fails every pending open and channel operation with operation_aborted, closes the connection,
-  // stops reconnecting. Idempotent. The state stays what it was unless it was connected (→ idle).
+  // Fails every pending open and channel operation with operation_aborted, closes the connection
+  // (SSH_MSG_DISCONNECT), stops reconnecting. Idempotent. The state becomes idle unless failed.
   void shutdown();
+  bool is_shut_down() const;
 
   struct Core;  // implementation (libssh handles, channels); defined in ssh_connection.cpp
 
@@ -113,7 +113,8 @@ class SshConnection : public std::enable_shared_from_this<SshConnection> {
 const char* to_string(SshConnection::State s);
 
 // SshConnectionPool: hands out the one shared SshConnection per host:port:user, creating it on
-// first use and replacing it once it has permanently failed. Same thread as the io_context.
+// first use and replacing it once it has permanently failed or was shut down. Same thread as the
+// io_context.
 class SshConnectionPool {
  public:
   explicit SshConnectionPool(boost::asio::io_context& ioc) : ioc_(ioc) {}

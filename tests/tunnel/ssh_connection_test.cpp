@@ -5,6 +5,7 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -14,6 +15,7 @@
 
 #include <array>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -70,10 +72,17 @@ std::string read_file(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
+// Generate payloads BEFORE connecting: the event loop does not run meanwhile, and a loop that
+// stalls longer than the test's keepalive limit (2 s) rightly declares the connection dead.
 std::string random_bytes(std::size_t n, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::string s(n, '\0');
-  for (auto& c : s) c = static_cast<char>(rng());
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(&s[i], &v, 8);
+  }
+  for (; i < n; ++i) s[i] = static_cast<char>(rng());
   return s;
 }
 
@@ -304,6 +313,7 @@ class SshConnectionTest : public ::testing::Test {
 };
 
 TEST_F(SshConnectionTest, EchoesSmallAndLargePayloadsByteExact) {
+  const std::string large = random_bytes(8 * 1024 * 1024 + 17, 1);  // several MiB, odd size
   auto conn = SshConnection::create(ioc_, options());
   std::vector<SshConnection::State> states;
   conn->on_state_change([&](SshConnection::State s, const std::string&) { states.push_back(s); });
@@ -314,7 +324,7 @@ TEST_F(SshConnectionTest, EchoesSmallAndLargePayloadsByteExact) {
   EXPECT_NE(r->transport->describe().find(g_site->compute()), std::string::npos);
 
   expect_echo(*r->transport, "hello through sshd");
-  expect_echo(*r->transport, random_bytes(8 * 1024 * 1024 + 17, 1));  // several MiB, odd size
+  expect_echo(*r->transport, large);
 
   auto c = conn->counters();
   EXPECT_GT(c.bytes_out, 8u * 1024 * 1024);
@@ -368,8 +378,10 @@ TEST_F(SshConnectionTest, PeerCloseGivesEofAndRefusedPortIsReadable) {
 }
 
 TEST_F(SshConnectionTest, TwoHundredChannelsOnOneConnection) {
-  auto conn = SshConnection::create(ioc_, options());
   constexpr int kChannels = 200;
+  std::vector<std::string> payloads;
+  for (int i = 0; i < kChannels; ++i) payloads.push_back(random_bytes(32 * 1024 + i, 100 + i));
+  auto conn = SshConnection::create(ioc_, options());
   std::vector<std::shared_ptr<OpenResult>> opens;
   for (int i = 0; i < kChannels; ++i) opens.push_back(open_async(*conn, g_site->compute(), echo_->port()));
   ASSERT_TRUE(run_until([&] {
@@ -381,11 +393,9 @@ TEST_F(SshConnectionTest, TwoHundredChannelsOnOneConnection) {
 
   std::vector<Writer> writers;
   std::vector<std::shared_ptr<Collector>> readers;
-  std::vector<std::string> payloads;
   for (int i = 0; i < kChannels; ++i) {
-    payloads.push_back(random_bytes(32 * 1024 + i, 100 + i));
-    writers.push_back(Writer::start(*opens[i]->transport, payloads.back()));
-    readers.push_back(Collector::start(*opens[i]->transport, payloads.back().size()));
+    writers.push_back(Writer::start(*opens[i]->transport, payloads[i]));
+    readers.push_back(Collector::start(*opens[i]->transport, payloads[i].size()));
   }
   ASSERT_TRUE(run_until([&] {
     for (int i = 0; i < kChannels; ++i)
@@ -403,6 +413,8 @@ TEST_F(SshConnectionTest, TwoHundredChannelsOnOneConnection) {
 }
 
 TEST_F(SshConnectionTest, SlowReaderDoesNotStallAnotherChannel) {
+  const std::string big = random_bytes(64 * 1024 * 1024, 7);
+  const std::string small = random_bytes(1024 * 1024, 8);
   auto conn = SshConnection::create(ioc_, options());
   auto a = open_echo(*conn);
   auto b = open_echo(*conn);
@@ -411,13 +423,12 @@ TEST_F(SshConnectionTest, SlowReaderDoesNotStallAnotherChannel) {
 
   // A: write far more than every buffer on the path can hold (libssh window, sshd, sockets),
   // and read nothing, so A's echo backs up to its window.
-  const std::string big = random_bytes(64 * 1024 * 1024, 7);
   auto wa = Writer::start(*a->transport, big);
   // Let A fill everything it can.
   for (int i = 0; i < 2000 && ioc_.run_one_for(5ms) > 0; ++i) {
   }
   // B still round-trips while A is stuck.
-  expect_echo(*b->transport, random_bytes(1024 * 1024, 8));
+  expect_echo(*b->transport, small);
   EXPECT_FALSE(*wa.done) << "A's 64 MiB write finished although nobody read A: no backpressure?";
 
   // Now drain A: everything arrives, in order, and A's write completes.
@@ -550,6 +561,28 @@ TEST_F(SshConnectionTest, KilledSshdSessionFailsChannelsAndReconnects) {
   auto r2 = open_echo(*conn);
   ASSERT_FALSE(r2->ec) << r2->message;
   expect_echo(*r2->transport, random_bytes(256 * 1024, 3));
+}
+
+TEST_F(SshConnectionTest, IdleConnectionStaysUpOnKeepalives) {
+  // libssh's keepalive request only goes out on every other ssh_send_keepalive() call (the
+  // previous reply has to be consumed first); if we got that wrong, a healthy idle connection
+  // would be declared dead after two intervals.
+  auto conn = SshConnection::create(ioc_, options());  // keepalive every 1 s, dead after 2 s
+  auto r = open_echo(*conn);
+  ASSERT_FALSE(r->ec) << r->message;
+  auto pending = Collector::start(*r->transport, 1);  // a read waits the whole time
+  asio::steady_timer idle(ioc_, 6s);
+  bool idle_over = false;
+  idle.async_wait([&](error_code) { idle_over = true; });
+  ASSERT_TRUE(run_until([&] { return idle_over || pending->done; }));
+  EXPECT_FALSE(pending->done) << pending->ec.message();
+  EXPECT_EQ(conn->state(), SshConnection::State::connected);
+  EXPECT_EQ(conn->counters().connects, 1u);
+  EXPECT_EQ(conn->counters().reconnects, 0u);
+  EXPECT_EQ(conn->last_error(), "");
+  // Keepalive traffic flowed both ways while the channel was idle.
+  EXPECT_GT(conn->counters().bytes_in, 0u);
+  r->transport->close();
 }
 
 TEST_F(SshConnectionTest, KeepaliveNoticesAFrozenPeer) {
