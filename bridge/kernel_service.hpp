@@ -85,9 +85,10 @@ inline std::string_view to_string(EndCause cause) {
 
 // Who calls. Filled by the control API from SO_PEERCRED (Unix socket) or the bearer token (TCP).
 struct Caller {
-  std::string user;      // the kernels' owner this request acts for
-  bool admin = false;    // an admin token acting for `user` (X-Kernel-Bridge-User); see control-api.md
-  std::string origin;    // for logs only, e.g. "unix uid 1000" or "tcp token of hub"
+  std::string user;        // the kernels' owner this request acts for
+  bool admin = false;      // the credential has the admin right (may act for any user)
+  bool sees_all = false;   // an admin not acting for a user: the operator's view of every kernel
+  std::string origin;      // for logs only, e.g. "unix uid 1000" or "tcp token of hub"
 };
 
 // Resources of a kernel's job. In a KernelRequest the API has already applied the site's defaults
