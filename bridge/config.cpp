@@ -215,7 +215,9 @@ class ConfigReader {
     }
   }
 
-  HostPort host_port(const toml::node& node, const std::string& what, std::uint16_t default_port) const {
+  // default_port 0: the port is required. allow_port_zero: "any free port" (listeners in tests).
+  HostPort host_port(const toml::node& node, const std::string& what, std::uint16_t default_port,
+                     bool allow_port_zero = false) const {
     const std::string text = node.as_string()->get();
     HostPort hp;
     std::string port_text;
@@ -256,7 +258,9 @@ class ConfigReader {
         }
         port = port * 10 + (c - '0');
       }
-      if (port < 1 || port > 65535) fail(node, what + " \"" + text + "\": port must be a number from 1 to 65535");
+      if ((port < 1 && !allow_port_zero) || port > 65535) {
+        fail(node, what + " \"" + text + "\": port must be a number from 1 to 65535");
+      }
       hp.port = static_cast<std::uint16_t>(port);
     }
     return hp;
@@ -313,7 +317,7 @@ class ConfigReader {
     if (auto s = string_value(api, "unix_socket", "api")) out.unix_socket = resolve_path(*s);
     if (const toml::node* tcp = api.get("tcp")) {
       if (!tcp->is_string()) fail(*tcp, std::string("api.tcp must be a string \"address:port\", not ") + type_name(tcp->type()));
-      out.tcp = host_port(*tcp, "api.tcp", 0);
+      out.tcp = host_port(*tcp, "api.tcp", 0, true);
     }
     if (auto s = string_value(api, "tokens_file", "api")) {
       out.tokens_file = resolve_path(*s);
