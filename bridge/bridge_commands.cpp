@@ -4,6 +4,8 @@ namespace kb::bridge {
 
 // The bridge service's subcommands (serve, kernel, kernelspec, …) arrive with the bridge-service
 // work; until then the tunnel and unicore subcommands are the whole CLI.
-void add_commands(CLI::App& /*app*/) {}
+void add_config_commands(CLI::App& app);  // config_commands.cpp: config check
+
+void add_commands(CLI::App& app) { add_config_commands(app); }
 
 }  // namespace kb::bridge
