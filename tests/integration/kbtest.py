@@ -222,6 +222,11 @@ class Tunnel:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
         self._log.close()
 
 
@@ -230,7 +235,18 @@ def blocking_client(connection_file):
     kc = BlockingKernelClient(connection_file=connection_file)
     kc.load_connection_file()
     kc.start_channels()
+    kc.hb_channel.unpause()  # HBChannel starts paused; KernelManager-less clients must unpause
     return kc
+
+
+def wait_beating(kc, timeout=15):
+    """True once jupyter_client's own HBChannel sees the kernel beating."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if kc.hb_channel.is_beating():
+            return True
+        time.sleep(0.2)
+    return kc.hb_channel.is_beating()
 
 
 def wait_kernel_info(kc, timeout=60):

@@ -71,7 +71,9 @@ class TunnelDropTest(kbtest.SiteTestCase):
                 break
             if not faulted and len(numbers) >= 20:
                 log(f"{name}: injecting fault after {len(numbers)} numbers")
+                self.healed_at = None
                 fault()
+                self.fault_at = time.time()
                 faulted = True
         self.assertTrue(faulted, f"{name}: the fault was never injected")
         if buffered.strip():
@@ -103,14 +105,15 @@ class TunnelDropTest(kbtest.SiteTestCase):
         # The link really went down and came back (otherwise the test proved nothing).
         self.assertTrue(self.tunnel.find("link_down", 0, after=events_before),
                         f"{name}: the fault did not break the link: {self.tunnel.events[-5:]}")
-        self.assertTrue(self.tunnel.find("link_up", 0, after=events_before))
+        ups = self.tunnel.find("link_up", 0, after=events_before)
+        self.assertTrue(ups)
+        healed = getattr(self, "healed_at", None) or self.fault_at
+        log(f"{name}: link back {ups[-1]['_t'] - healed:.2f} s after the fault ended "
+            f"(link_down events: {len(self.tunnel.find('link_down', 0, after=events_before))})")
         # Jupyter's session rejects replays loudly; the kernel must never have seen one.
         self.assertNotIn("Duplicate Signature", self.agent.log())
         # Heartbeat answers again.
-        deadline = time.time() + 15
-        while not kc.hb_channel.is_beating() and time.time() < deadline:
-            time.sleep(0.2)
-        self.assertTrue(kc.hb_channel.is_beating(), f"{name}: heartbeat did not come back")
+        self.assertTrue(kbtest.wait_beating(kc), f"{name}: heartbeat did not come back")
 
     def test_a_kill_sshd_session(self):
         self.run_through_fault("kill sshd session", self.site.kill_sshd_sessions, 200, 0.05)
@@ -121,9 +124,13 @@ class TunnelDropTest(kbtest.SiteTestCase):
     def test_c_link_down_20s(self):
         timer = []
 
+        def heal():
+            self.site.link_up()
+            self.healed_at = time.time()
+
         def fault():
             self.site.link_down()
-            t = threading.Timer(20.0, self.site.link_up)
+            t = threading.Timer(20.0, heal)
             t.start()
             timer.append(t)
 

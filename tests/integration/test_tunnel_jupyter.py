@@ -98,7 +98,8 @@ class TunnelJupyterTest(kbtest.SiteTestCase):
 
     def test_heartbeat(self):
         import zmq
-        info = json.load(open(self.cf))
+        with open(self.cf) as f:
+            info = json.load(f)
         ctx = zmq.Context.instance()
         req = ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)
@@ -111,7 +112,7 @@ class TunnelJupyterTest(kbtest.SiteTestCase):
                 self.assertEqual(req.recv(), payload)
         finally:
             req.close()
-        self.assertTrue(self.kc.hb_channel.is_beating())
+        self.assertTrue(kbtest.wait_beating(self.kc), "jupyter_client's HBChannel is not beating")
 
 
 if __name__ == "__main__":

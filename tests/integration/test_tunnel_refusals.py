@@ -22,7 +22,8 @@ class TunnelRefusalTest(kbtest.SiteTestCase):
     def client_bytes_go_nowhere(self, cf):
         """A client connects to the hub-side shell port and sends a ZMTP greeting: nothing answers."""
         import json
-        info = json.load(open(cf))
+        with open(cf) as f:
+            info = json.load(f)
         s = socket.create_connection(("127.0.0.1", info["shell_port"]), timeout=5)
         s.sendall(b"\xff" + b"\0" * 8 + b"\x7f\x03")
         s.settimeout(3)
