@@ -103,6 +103,7 @@ HubKernel::HubKernel(asio::io_context& io, Options options, TransportProvider pr
       events_(std::move(events)),
       log_id_("k" + std::to_string(options_.index)),
       retry_timer_(io),
+      stable_timer_(io),
       shutdown_timer_(io),
       rng_(std::random_device{}()) {}
 
@@ -279,17 +280,14 @@ void HubKernel::on_link_state(LinkState state, const std::string& reason) {
                                 {"kernel_name", info_.kernel_name}});
       }
       // Keep the backoff until the link has proven stable, so a flapping link is not hammered.
-      {
-        std::weak_ptr<HubKernel> weak = weak_from_this();
-        retry_timer_.cancel();
-        auto stable = std::make_shared<asio::steady_timer>(io_, std::chrono::seconds(5));
-        stable->async_wait([weak, stable](const error_code& ec) {
-          auto self = weak.lock();
-          if (!ec && self && self->session_->state() == LinkState::up) {
-            self->backoff_ = std::chrono::milliseconds(0);
-          }
-        });
-      }
+      retry_timer_.cancel();
+      stable_timer_.expires_after(std::chrono::seconds(5));
+      stable_timer_.async_wait([weak = weak_from_this()](const error_code& ec) {
+        auto self = weak.lock();
+        if (!ec && self && self->session_->state() == LinkState::up) {
+          self->backoff_ = std::chrono::milliseconds(0);
+        }
+      });
       return;
     case LinkState::down:
       spdlog::warn("[{}] link down: {}", log_id_, reason);
@@ -384,6 +382,7 @@ void HubKernel::close(const std::string& reason) {
   if (closed_) return;
   closed_ = true;
   retry_timer_.cancel();
+  stable_timer_.cancel();
   shutdown_timer_.cancel();
   error_code ec;
   for (auto& acceptor : acceptors_) {

@@ -110,6 +110,7 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   std::array<std::unique_ptr<boost::asio::steady_timer>, kChannelKinds> accept_retry_;
   std::shared_ptr<LinkSession> session_;
   boost::asio::steady_timer retry_timer_;
+  boost::asio::steady_timer stable_timer_;
   boost::asio::steady_timer shutdown_timer_;
   std::chrono::milliseconds backoff_{0};
   bool attempt_in_flight_ = false;
