@@ -1,0 +1,165 @@
+#pragma once
+// KernelLifecycle: the bridge's KernelService. One state machine per kernel (docs/lifecycle.md):
+//   requested → submitted → queued → starting → connecting → ready ⇄ reconnecting → ended(reason)
+// A kernel runs in an *allocation*: its UNICORE job (whose main process is the agent), the agent's
+// address from the discovery file, and the hub-side link (five listeners + the link to the agent).
+// When a kernel ends by shutdown or by exiting, its allocation is parked for restart_grace, so the
+// create that follows a Jupyter restart (same owner, same hub ports and key) reuses it: the agent
+// starts a fresh kernel in the running job. Any other end releases the allocation at once (link
+// closed, job aborted), as does the end of the grace.
+// Thread model: construct, call and destroy on the io_context's thread; every callback and listener
+// runs there. Nothing blocks except writing one small 0600 file while a kernel's listeners bind.
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bridge/config.hpp"
+#include "bridge/credentials_store.hpp"
+#include "bridge/kernel_service.hpp"
+#include "bridge/lifecycle_backend.hpp"
+#include "unicore/job_watcher.hpp"
+
+namespace kb::bridge {
+
+struct BridgeMetrics;
+
+// Names of the files the job and the agent keep in the job's working directory.
+inline constexpr const char* kJobScriptFile = "kernel-bridge-job.sh";
+inline constexpr const char* kSecretFile = "kernel-bridge-link.secret";
+inline constexpr const char* kDiscoveryFile = "kernel-bridge-agent.json";
+inline constexpr const char* kUploadedAgentFile = "kernel-bridge-agent";
+
+struct LifecycleOptions {
+  std::chrono::seconds restart_grace{30};
+  std::chrono::seconds ended_retention{3600};
+  int max_kernels_per_user = 0;  // 0: unlimited
+  // Discovery file polling once the job runs: first interval, growth ×1.5 up to max, and how long
+  // after RUNNING the agent may take to write it.
+  std::chrono::milliseconds discovery_initial{250};
+  std::chrono::milliseconds discovery_max{2000};
+  std::chrono::seconds discovery_timeout{180};
+  // From the agent's address being known to the first kernel start through the link.
+  std::chrono::seconds connect_timeout{180};
+  // Agent's --no-bridge-timeout: an orphaned job ends by itself after this long without the bridge.
+  std::chrono::seconds agent_no_bridge_timeout{600};
+  // Bridge shutdown: how long to wait for agents and UNICORE aborts before giving up.
+  std::chrono::seconds shutdown_timeout{20};
+  std::chrono::milliseconds tick{5000};  // metrics sampling and pruning of ended kernels
+  unicore::WatchPolicy watch;
+  std::size_t max_progress = 64;
+  std::string scratch_dir;  // private (0700) dir for transient connection files; required
+  // Per site (name): the agent executable's bytes, for sites whose agent is uploaded with the job.
+  std::map<std::string, std::shared_ptr<const std::string>> agent_uploads;
+};
+
+// The job a kernel's allocation runs (pure; exposed for tests and `kernel-bridge doctor`).
+struct JobPlan {
+  std::string kernel_id;
+  std::string owner;
+  const SiteConfig* site = nullptr;
+  KernelRequest request;  // resources already defaulted and checked
+  std::string secret_hex;
+  std::chrono::seconds agent_no_bridge_timeout{600};
+};
+// The shell script the job runs: finds the node's address, then the site's job_template with
+// {agent} (the agent's command line, which runs the kernel) and {kernel_argv} expanded.
+std::string build_job_script(const JobPlan& plan);
+unicore::JobDescription build_job_description(const JobPlan& plan);
+// POSIX shell single-quoting.
+std::string shell_quote(const std::string& word);
+
+class KernelLifecycle final : public KernelService {
+ public:
+  // `config`, `credentials`, `metrics` (may be null) and the backends must outlive this object.
+  // `backends`: one per configured site, by name.
+  KernelLifecycle(boost::asio::io_context& io, const BridgeConfig& config,
+                  CredentialsStore& credentials, BridgeMetrics* metrics,
+                  std::map<std::string, JobBackend*> backends, KernelLinkFactory links,
+                  LifecycleOptions options);
+  ~KernelLifecycle() override;
+  KernelLifecycle(const KernelLifecycle&) = delete;
+  KernelLifecycle& operator=(const KernelLifecycle&) = delete;
+
+  void create(const Caller& caller, KernelRequest request, CreateCallback done) override;
+  std::vector<KernelView> list() const override;
+  std::optional<KernelView> get(std::string_view id) const override;
+  void interrupt(const Caller& caller, std::string_view id, ActionCallback done) override;
+  void restart(const Caller& caller, std::string_view id, ActionCallback done) override;
+  void remove(const Caller& caller, std::string_view id, ActionCallback done) override;
+  std::vector<HealthCheck> health() const override;
+
+  // Bridge shutdown: refuses new kernels, ends every kernel (reason: the bridge stopped), asks every
+  // agent to stop its kernel and aborts every job; `done` once all have answered or after
+  // options.shutdown_timeout.
+  void shutdown(std::function<void()> done);
+
+  std::size_t live_allocations() const { return allocations_.size(); }
+
+ private:
+  struct Allocation;
+  struct Kernel;
+  using AllocPtr = std::shared_ptr<Allocation>;
+
+  // Kernels
+  Kernel* find(std::string_view id);
+  const Kernel* find(std::string_view id) const;
+  Kernel* attached(const AllocPtr& alloc);
+  void set_state(Kernel& k, KernelState state);
+  void progress(Kernel& k, std::string message);
+  void progress(const AllocPtr& alloc, std::string message);
+  void changed(Kernel& k);
+  void end_kernel(Kernel& k, EndCause cause, std::string reason, std::optional<int> code = {},
+                  std::optional<int> signal = {}, bool allow_grace = true);
+  void end_attached(const AllocPtr& alloc, EndCause cause, std::string reason);
+  void update_state_gauges();
+
+  // Allocations
+  unicore::Credentials credentials_for(const Allocation& alloc);
+  void submit(const AllocPtr& alloc);
+  void upload_agent(const AllocPtr& alloc);
+  void start_job(const AllocPtr& alloc);
+  void watch(const AllocPtr& alloc);
+  void on_job_change(const AllocPtr& alloc, const unicore::JobInfo& info);
+  void on_job_end(const AllocPtr& alloc, const unicore::JobInfo& info);
+  void on_job_error(const AllocPtr& alloc, const unicore::UnicoreError& error, bool fatal);
+  void on_running(const AllocPtr& alloc, const unicore::JobInfo& info);
+  void poll_discovery(const AllocPtr& alloc);
+  void retry_discovery(const AllocPtr& alloc);
+  void on_discovery(const AllocPtr& alloc, const std::string& bytes);
+  void on_link_event(const AllocPtr& alloc, const nlohmann::json& event);
+  void fail_unicore(const AllocPtr& alloc, const unicore::UnicoreError& error,
+                    const std::string& doing);
+  void park(const AllocPtr& alloc);
+  void teardown(const AllocPtr& alloc, const std::string& why);
+  void forget(const AllocPtr& alloc);
+  void note_site(const std::string& site, const std::string& component, bool ok,
+                 const std::string& detail);
+  void tick();
+  void sample_traffic(Allocation& alloc);
+
+  boost::asio::io_context& io_;
+  const BridgeConfig& config_;
+  CredentialsStore& credentials_;
+  BridgeMetrics* metrics_;
+  std::map<std::string, JobBackend*> backends_;
+  KernelLinkFactory links_;
+  LifecycleOptions options_;
+  std::map<std::string, Kernel, std::less<>> kernels_;
+  std::vector<AllocPtr> allocations_;  // attached, parked, or being torn down
+  std::map<std::string, std::map<std::string, HealthCheck>> site_health_;
+  boost::asio::steady_timer tick_timer_;
+  bool shutting_down_ = false;
+  std::function<void()> shutdown_done_;
+  std::unique_ptr<boost::asio::steady_timer> shutdown_timer_;
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+}  // namespace kb::bridge

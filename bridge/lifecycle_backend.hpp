@@ -1,0 +1,133 @@
+#pragma once
+// The two seams of the kernel lifecycle (bridge/lifecycle.hpp): how it talks to a site's UNICORE
+// server (JobBackend) and how it carries a kernel's channels to its agent (KernelLink). Production
+// implementations wrap unicore::UnicoreClient and tunnel::HubKernel + tunnel::SshConnectionPool;
+// the lifecycle's unit tests use fakes (tests/bridge/lifecycle_test.cpp).
+// Thread model: create, call and destroy everything here on the io_context's thread; every callback
+// runs on that thread (possibly later, never from inside a destructor).
+#include <boost/asio/io_context.hpp>
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "auth/secret.hpp"
+#include "bridge/config.hpp"
+#include "bridge/kernel_service.hpp"
+#include "unicore/credentials.hpp"
+#include "unicore/job_description.hpp"
+#include "unicore/replies.hpp"
+#include "unicore/result.hpp"
+
+namespace kb::tunnel {
+class SshConnectionPool;
+}
+namespace kb::unicore {
+class UnicoreClient;
+}
+
+namespace kb::bridge {
+
+struct BridgeMetrics;
+
+// One site's UNICORE server, reduced to what a kernel's job needs. Job arguments are job URLs.
+class JobBackend {
+ public:
+  template <class T>
+  using Callback = std::function<void(unicore::Result<T>)>;
+  using Credentials = unicore::Credentials;
+
+  virtual ~JobBackend() = default;
+  virtual void submit(const Credentials& creds, const unicore::JobDescription& job,
+                      Callback<std::string> done) = 0;
+  virtual void start(const Credentials& creds, const std::string& job,
+                     Callback<unicore::Done> done) = 0;
+  virtual void get_job(const Credentials& creds, const std::string& job,
+                       Callback<unicore::JobInfo> done) = 0;
+  virtual void get_details(const Credentials& creds, const std::string& job,
+                           Callback<unicore::JobDetails> done) = 0;
+  // A small file of the job's working directory (the agent's discovery file).
+  virtual void download(const Credentials& creds, const std::string& storage,
+                        const std::string& path, Callback<std::string> done) = 0;
+  virtual void upload(const Credentials& creds, const std::string& storage,
+                      const std::string& path, std::string bytes,
+                      Callback<unicore::Done> done) = 0;
+  virtual void abort(const Credentials& creds, const std::string& job,
+                     Callback<unicore::Done> done) = 0;
+  // The storage URL of a job's working directory.
+  virtual std::string working_directory(const std::string& job_url,
+                                        const unicore::JobInfo* info) const = 0;
+};
+
+// The production JobBackend: a UnicoreClient for the site, with request latency and errors counted
+// in kb_unicore_request_duration_seconds / kb_unicore_request_errors_total{site}. The client is
+// owned. `metrics` may be null (tests).
+std::unique_ptr<JobBackend> make_unicore_backend(boost::asio::io_context& io,
+                                                 const SiteConfig& site, BridgeMetrics* metrics);
+
+// Where the agent listens, from its discovery file, and how the bridge reaches it.
+struct AgentAddress {
+  std::string host;      // address as seen from the login host (the direct-tcpip target)
+  std::uint16_t port = 0;
+  std::string hostname;  // the compute node's name (for people)
+};
+
+// What a KernelLink reports; `event` is one of listening, link_up, link_down, kernel_started,
+// kernel_exited, agent_terminating, error, closed (as tunnel::HubKernel emits them), plus
+// ssh_refused {"cause": "host_key_mismatch"|"ssh_refused", "message"} when the login host's key or
+// our identity was refused — retrying cannot help then.
+using LinkEventSink = std::function<void(const nlohmann::json& event)>;
+
+struct LinkSpec {
+  std::string kernel_id;       // for logs
+  const SiteConfig* site = nullptr;
+  HubConnection connection;    // hub-side endpoints and the Jupyter key
+  kb::auth::LinkSecret secret;
+  std::string scratch_dir;     // private (0700) directory for the moment a connection file exists
+};
+
+struct LinkTraffic {
+  std::array<std::uint64_t, 5> to_kernel{};    // by channel: shell, iopub, stdin, control, hb
+  std::array<std::uint64_t, 5> from_kernel{};
+  std::uint64_t resumes = 0;
+};
+
+// Thrown by KernelLink::listen when the hub-side endpoints cannot be bound.
+struct LinkListenError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// The hub-side end of one kernel: five listeners that accept at once, and a link to the agent
+// that is established once the agent's address is known and re-established after every drop.
+class KernelLink {
+ public:
+  virtual ~KernelLink() = default;
+  // Binds the five hub-side listeners (throws LinkListenError naming the port). Returns the bound
+  // ports (shell, iopub, stdin, control, hb): those asked for, or chosen ones where 0 was asked.
+  virtual std::array<std::uint16_t, 5> listen() = 0;
+  // The agent is known: connect (through the site's login host) and keep connected.
+  virtual void connect(const AgentAddress& agent) = 0;
+  virtual void interrupt() = 0;
+  virtual void restart() = 0;
+  // Asks the agent to stop the kernel and exit; `done` once the link is closed (bounded wait).
+  virtual void shutdown(std::function<void()> done) = 0;
+  // Closes the listeners and the link now.
+  virtual void close(const std::string& reason) = 0;
+  virtual LinkTraffic traffic() const = 0;
+  virtual std::string login_host() const = 0;  // "host:port" the link goes through, for people
+};
+
+using KernelLinkFactory =
+    std::function<std::unique_ptr<KernelLink>(const LinkSpec& spec, LinkEventSink events)>;
+
+// The production factory: tunnel::HubKernel whose transports are direct-tcpip channels of the
+// shared SSH connection to the site's login host (from `pool`, which must outlive the links).
+KernelLinkFactory make_ssh_link_factory(boost::asio::io_context& io,
+                                        tunnel::SshConnectionPool& pool);
+
+}  // namespace kb::bridge

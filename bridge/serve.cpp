@@ -1,0 +1,180 @@
+#include "bridge/serve.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <sstream>
+
+#include "bridge/commands.hpp"
+#include "bridge/config.hpp"
+#include "bridge/control_api.hpp"
+#include "bridge/credentials_store.hpp"
+#include "bridge/lifecycle.hpp"
+#include "bridge/lifecycle_backend.hpp"
+#include "bridge/metrics.hpp"
+#include "tunnel/ssh_connection.hpp"
+
+namespace kb::bridge {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// The private directory for transient connection files: <state_dir>/run, mode 0700.
+std::string make_scratch_dir(const std::string& state_dir) {
+  fs::path dir = fs::path(state_dir) / "run";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    throw std::runtime_error("cannot create " + dir.string() + ": " + ec.message() +
+                             " (check bridge.state_dir and its permissions)");
+  }
+  if (::chmod(dir.c_str(), 0700) != 0) {
+    throw std::runtime_error("cannot make " + dir.string() + " private (chmod 0700)");
+  }
+  // Left-overs of a bridge that was killed hold Jupyter keys: remove them.
+  for (const auto& entry : fs::directory_iterator(dir, ec)) fs::remove(entry.path(), ec);
+  return dir.string();
+}
+
+std::shared_ptr<const std::string> read_agent(const SiteConfig& site) {
+  std::string path = site.agent.path.empty() ? std::string("/proc/self/exe") : site.agent.path;
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw std::runtime_error("site " + site.name + ": cannot read the agent to upload (" + path +
+                             "); set agent.path to the kernel-bridge executable");
+  }
+  std::ostringstream bytes;
+  bytes << in.rdbuf();
+  return std::make_shared<const std::string>(bytes.str());
+}
+
+}  // namespace
+
+int run_serve(const ServeOptions& options) {
+  BridgeConfig config;
+  try {
+    config = load_config(options.config_file);
+  } catch (const ConfigError& e) {
+    std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
+    return 2;
+  }
+  // --log-level on the command line wins over the file's; "info" is its default.
+  if (global_options().log_level == "info" && config.log_level != "info") {
+    spdlog::set_level(spdlog::level::from_str(config.log_level));
+  }
+
+  LifecycleOptions lifecycle_options;
+  try {
+    lifecycle_options.scratch_dir = make_scratch_dir(config.state_dir);
+    for (const auto& site : config.sites) {
+      if (site.agent.mode == AgentConfig::Mode::upload) {
+        lifecycle_options.agent_uploads[site.name] = read_agent(site);
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
+    return 1;
+  }
+  lifecycle_options.restart_grace = config.restart_grace;
+  lifecycle_options.ended_retention = config.ended_retention;
+  lifecycle_options.max_kernels_per_user = config.max_kernels_per_user;
+
+  boost::asio::io_context io(1);
+  MetricsRegistry registry;
+  BridgeMetrics metrics(registry);
+  CredentialsStore credentials;
+  tunnel::SshConnectionPool pool(io);
+
+  std::map<std::string, std::unique_ptr<JobBackend>> owned_backends;
+  std::map<std::string, JobBackend*> backends;
+  try {
+    for (const auto& site : config.sites) {
+      auto backend = make_unicore_backend(io, site, &metrics);
+      backends[site.name] = backend.get();
+      owned_backends[site.name] = std::move(backend);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kernel-bridge serve: %s: %s\n", config.file.c_str(), e.what());
+    return 2;
+  }
+
+  auto lifecycle = std::make_unique<KernelLifecycle>(io, config, credentials, &metrics, backends,
+                                                     make_ssh_link_factory(io, pool),
+                                                     lifecycle_options);
+  auto api = std::make_unique<ControlApi>(io, config, *lifecycle, credentials, metrics);
+  try {
+    api->start();
+  } catch (const ConfigError& e) {
+    std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
+    return 1;
+  }
+  spdlog::info("kernel-bridge serve: {} site(s) from {}; control API on {}; restart grace {}",
+               config.sites.size(), config.file,
+               config.api.unix_socket.empty() ? std::string("TCP only") : config.api.unix_socket,
+               format_duration(config.restart_grace));
+
+  // SIGTERM/SIGINT: stop accepting, shut every kernel down and abort its job, then leave. A second
+  // signal leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
+  boost::asio::signal_set signals(io, SIGTERM, SIGINT);
+  bool stopping = false;
+  std::function<void()> wait_signal;
+  wait_signal = [&] {
+    signals.async_wait([&](const boost::system::error_code& ec, int signal) {
+      if (ec) return;
+      if (stopping) {
+        spdlog::warn("second signal ({}): exiting without waiting for the kernels' jobs", signal);
+        io.stop();
+        return;
+      }
+      stopping = true;
+      spdlog::info("signal {}: shutting down (kernels are shut down, their jobs aborted)", signal);
+      api->stop();
+      lifecycle->shutdown([&] {
+        spdlog::info("every kernel released; bye");
+        signals.cancel();
+        pool.shutdown_all();
+        io.stop();
+      });
+      wait_signal();
+    });
+  };
+  wait_signal();
+  ::signal(SIGPIPE, SIG_IGN);
+
+  io.run();
+
+  api.reset();
+  lifecycle.reset();
+  pool.shutdown_all();
+  owned_backends.clear();
+  return 0;
+}
+
+void add_serve_command(CLI::App& app) {
+  auto options = std::make_shared<ServeOptions>();
+  CLI::App* serve = app.add_subcommand(
+      "serve",
+      "Run the bridge daemon: the control API, and for each kernel its UNICORE job, agent link and "
+      "hub-side endpoints (see docs/lifecycle.md).");
+  serve->add_option("--config", options->config_file, "the bridge's TOML configuration file")
+      ->required();
+  serve->callback([options] {
+    int code = run_serve(*options);
+    if (code != 0) throw ExitStatus{code};
+  });
+}
+
+}  // namespace kb::bridge

@@ -1,0 +1,628 @@
+// Tests of bridge/lifecycle.*: the kernel state machine, driven through a fake UNICORE site
+// (FakeJobs: jobs whose status the test sets, files the test writes) and a fake hub-side link
+// (FakeLink: records the lifecycle's commands; the test emits the agent's events). The real
+// io_context runs the JobWatcher's timers (short intervals); nothing here asserts on time.
+#include <gtest/gtest.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bridge/config.hpp"
+#include "bridge/credentials_store.hpp"
+#include "bridge/lifecycle.hpp"
+#include "bridge/lifecycle_backend.hpp"
+#include "bridge/metrics.hpp"
+
+namespace kb::bridge {
+namespace {
+
+namespace asio = boost::asio;
+using unicore::ErrorKind;
+using unicore::JobStatus;
+using unicore::Result;
+
+// ---- fakes ----------------------------------------------------------------------------------
+
+struct FakeJob {
+  unicore::JobDescription description;
+  JobStatus status = JobStatus::ready;
+  std::string status_message;
+  std::map<std::string, std::string> files;  // the job directory
+  bool started = false;
+  int aborts = 0;
+};
+
+class FakeJobs final : public JobBackend {
+ public:
+  explicit FakeJobs(asio::io_context& io) : io_(io) {}
+
+  std::map<std::string, FakeJob> jobs;  // by URL
+  std::vector<std::string> order;       // URLs in submission order
+  std::optional<unicore::UnicoreError> refuse_submit;
+  std::optional<unicore::UnicoreError> refuse_get;
+  std::vector<std::string> tokens_seen;
+  std::vector<std::string> uploads;
+
+  FakeJob& job(std::size_t i = 0) { return jobs.at(order.at(i)); }
+
+  void submit(const Credentials& c, const unicore::JobDescription& d,
+              Callback<std::string> done) override {
+    tokens_seen.push_back(c.token);
+    if (refuse_submit) return later(done, Result<std::string>(*refuse_submit));
+    std::string url = "https://site/rest/core/jobs/job" + std::to_string(order.size() + 1);
+    order.push_back(url);
+    jobs[url].description = d;
+    jobs[url].started = !d.have_client_stage_in;
+    later(done, Result<std::string>(url));
+  }
+  void start(const Credentials&, const std::string& job, Callback<unicore::Done> done) override {
+    jobs.at(job).started = true;
+    later(done, Result<unicore::Done>(unicore::Done{}));
+  }
+  void get_job(const Credentials&, const std::string& url,
+               Callback<unicore::JobInfo> done) override {
+    if (refuse_get) return later(done, Result<unicore::JobInfo>(*refuse_get));
+    const FakeJob& j = jobs.at(url);
+    unicore::JobInfo info;
+    info.url = url;
+    info.status = j.status;
+    info.status_message = j.status_message;
+    info.queue = "batch";
+    info.batch_system_id = j.status == JobStatus::ready ? "N/A" : "4711";
+    later(done, Result<unicore::JobInfo>(info));
+  }
+  void get_details(const Credentials&, const std::string&,
+                   Callback<unicore::JobDetails> done) override {
+    unicore::JobDetails d;
+    d.available = true;
+    d.nodes = {"cn0042"};
+    later(done, Result<unicore::JobDetails>(d));
+  }
+  void download(const Credentials&, const std::string& storage, const std::string& path,
+                Callback<std::string> done) override {
+    const FakeJob& j = jobs.at(storage);
+    auto it = j.files.find(path);
+    if (it == j.files.end()) {
+      return later(done, Result<std::string>(unicore::UnicoreError{
+                             ErrorKind::not_found, 404, "no such file", "", storage + "/" + path}));
+    }
+    later(done, Result<std::string>(it->second));
+  }
+  void upload(const Credentials&, const std::string& storage, const std::string& path,
+              std::string bytes, Callback<unicore::Done> done) override {
+    uploads.push_back(path);
+    jobs.at(storage).files[path] = std::move(bytes);
+    later(done, Result<unicore::Done>(unicore::Done{}));
+  }
+  void abort(const Credentials&, const std::string& url, Callback<unicore::Done> done) override {
+    FakeJob& j = jobs.at(url);
+    ++j.aborts;
+    if (!unicore::is_terminal(j.status)) {
+      j.status = JobStatus::failed;
+      j.status_message = "Job aborted.";
+    }
+    later(done, Result<unicore::Done>(unicore::Done{}));
+  }
+  // The fake's storage URL is the job URL itself.
+  std::string working_directory(const std::string& job_url, const unicore::JobInfo*) const override {
+    return job_url;
+  }
+
+ private:
+  template <class T>
+  void later(Callback<T> done, Result<T> r) {
+    asio::post(io_, [done = std::move(done), r = std::move(r)]() mutable { done(std::move(r)); });
+  }
+  asio::io_context& io_;
+};
+
+// What a fake link was told; outlives the link (the lifecycle destroys links it releases).
+struct LinkRecord {
+  LinkSpec spec;
+  LinkEventSink sink;
+  bool listening = false, closed = false, destroyed = false;
+  std::string close_reason;
+  std::optional<AgentAddress> agent;
+  int interrupts = 0, restarts = 0, shutdowns = 0;
+
+  // An agent event, as the real link reports it (never after the link is gone).
+  void emit(nlohmann::json event) {
+    if (!destroyed) sink(event);
+  }
+};
+
+struct LinkLog {
+  std::vector<std::shared_ptr<LinkRecord>> links;  // every link made, oldest first
+};
+
+struct FakeLink final : KernelLink {
+  FakeLink(LinkLog& log, const LinkSpec& spec, LinkEventSink sink)
+      : r(std::make_shared<LinkRecord>()) {
+    r->spec = spec;
+    r->sink = std::move(sink);
+    log.links.push_back(r);
+  }
+  ~FakeLink() override { r->destroyed = true; }
+
+  std::array<std::uint16_t, 5> listen() override {
+    r->listening = true;
+    const auto& c = r->spec.connection;
+    return {c.shell_port, c.iopub_port, c.stdin_port, c.control_port, c.hb_port};
+  }
+  void connect(const AgentAddress& a) override { r->agent = a; }
+  void interrupt() override { ++r->interrupts; }
+  void restart() override { ++r->restarts; }
+  void shutdown(std::function<void()> done) override {
+    ++r->shutdowns;
+    if (done) done();
+  }
+  void close(const std::string& reason) override {
+    r->closed = true;
+    r->close_reason = reason;
+    r->listening = false;
+  }
+  LinkTraffic traffic() const override { return {}; }
+  std::string login_host() const override { return "login.example:22"; }
+
+  std::shared_ptr<LinkRecord> r;
+};
+
+// ---- fixture --------------------------------------------------------------------------------
+
+const char* kConfig = R"(
+[bridge]
+state_dir = "/tmp"
+restart_grace = "30s"
+
+[api]
+unix_socket = "/tmp/kb-lifecycle-test.sock"
+
+[[site]]
+name = "demo"
+unicore_url = "https://unicore.example/DEMO/rest/core"
+login_hosts = ["login.example:22"]
+known_hosts = "/etc/hostname"
+ssh_user = "svc"
+ssh_identity = "/etc/hostname"
+agent = { mode = "installed", path = "/opt/kb/bin/kernel-bridge" }
+job_tags = ["kernel-bridge", "jupyter"]
+default_kernel = "python3"
+
+[site.kernels]
+python3 = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+)";
+
+class LifecycleTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    LoadOptions lo;
+    lo.check_files = false;
+    config = parse_config(kConfig, "/tmp/test.toml", lo);
+    credentials.set("alice", "tok-alice", std::nullopt);
+    make(std::chrono::seconds(30));
+  }
+
+  void make(std::chrono::seconds grace) {
+    lifecycle.reset();
+    LifecycleOptions o;
+    o.restart_grace = grace;
+    o.discovery_initial = std::chrono::milliseconds(1);
+    o.discovery_max = std::chrono::milliseconds(5);
+    o.watch.starting_initial = o.watch.starting_max = std::chrono::milliseconds(2);
+    o.watch.queued_initial = o.watch.queued_max = std::chrono::milliseconds(2);
+    o.watch.running_initial = o.watch.running_max = std::chrono::milliseconds(2);
+    o.watch.error_initial = o.watch.error_max = std::chrono::milliseconds(2);
+    o.scratch_dir = "/tmp";
+    lifecycle = std::make_unique<KernelLifecycle>(
+        io, config, credentials, &metrics, std::map<std::string, JobBackend*>{{"demo", &jobs}},
+        [this](const LinkSpec& spec, LinkEventSink sink) {
+          return std::make_unique<FakeLink>(links, spec, std::move(sink));
+        },
+        o);
+  }
+
+  KernelRequest request(std::uint16_t base = 50000, std::string key = "k3y") {
+    KernelRequest r;
+    r.site = "demo";
+    r.kernel_argv = {"python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"};
+    r.kernel_name = "python3";
+    r.resources.queue = "batch";
+    r.resources.nodes = 1;
+    r.resources.runtime = std::chrono::seconds(3600);
+    r.connection.shell_port = base;
+    r.connection.iopub_port = base + 1;
+    r.connection.stdin_port = base + 2;
+    r.connection.control_port = base + 3;
+    r.connection.hb_port = base + 4;
+    r.connection.key = key;
+    return r;
+  }
+
+  Caller alice() { return Caller{"alice", false, false, "test alice"}; }
+
+  std::variant<KernelView, ServiceError> create(KernelRequest r, Caller who = {}) {
+    if (who.user.empty()) who = alice();
+    std::optional<std::variant<KernelView, ServiceError>> out;
+    lifecycle->create(who, std::move(r), [&](std::variant<KernelView, ServiceError> v) { out = v; });
+    run_until([&] { return out.has_value(); });
+    return *out;
+  }
+
+  std::string create_ok(KernelRequest r) {
+    auto v = create(std::move(r));
+    EXPECT_TRUE(std::holds_alternative<KernelView>(v))
+        << (std::holds_alternative<ServiceError>(v) ? std::get<ServiceError>(v).message : "");
+    return std::get<KernelView>(v).id;
+  }
+
+  KernelView view(const std::string& id) { return *lifecycle->get(id); }
+
+  // Runs the loop until `done` holds; fails the test (instead of hanging) after a generous bound.
+  void run_until(const std::function<bool()>& done) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        ADD_FAILURE() << "condition not reached";
+        return;
+      }
+      io.restart();
+      io.run_for(std::chrono::milliseconds(2));
+    }
+  }
+  void run_until_state(const std::string& id, KernelState s) {
+    run_until([&] { return view(id).state == s; });
+  }
+
+  LinkRecord& link(std::size_t i = 0) { return *links.links.at(i); }
+
+  // Brings a kernel to ready: queued, running, discovery file, link up, kernel started.
+  std::string ready_kernel(KernelRequest r) {
+    std::string id = create_ok(std::move(r));
+    std::size_t n = jobs.order.size();
+    run_until([&] { return jobs.order.size() == n + 1; });
+    FakeJob& j = jobs.job(n);
+    j.status = JobStatus::queued;
+    run_until_state(id, KernelState::queued);
+    j.status = JobStatus::running;
+    run_until_state(id, KernelState::starting);
+    j.files[kDiscoveryFile] = R"({"host": "10.0.0.6", "port": 40123, "pid": 7, "hostname": "cn0042"})";
+    run_until_state(id, KernelState::connecting);
+    LinkRecord& l = *links.links.back();
+    l.emit({{"event", "link_up"}});
+    l.emit({{"event", "kernel_started"}, {"pid", 99}, {"restart", false}});
+    run_until_state(id, KernelState::ready);
+    return id;
+  }
+
+  static bool has_progress(const KernelView& v, const std::string& text) {
+    for (const auto& p : v.progress) {
+      if (p.message.find(text) != std::string::npos) return true;
+    }
+    return false;
+  }
+
+  asio::io_context io;
+  BridgeConfig config;
+  CredentialsStore credentials;
+  MetricsRegistry registry;
+  BridgeMetrics metrics{registry};
+  FakeJobs jobs{io};
+  LinkLog links;
+  std::unique_ptr<KernelLifecycle> lifecycle;
+};
+
+// ---- the way to ready -------------------------------------------------------------------------
+
+TEST_F(LifecycleTest, WalksEveryStateToReadyWithProgressAPersonCanFollow) {
+  std::string id = ready_kernel(request());
+  KernelView v = view(id);
+  std::vector<KernelState> seen;
+  for (const auto& h : v.history) seen.push_back(h.state);
+  EXPECT_EQ(seen, (std::vector<KernelState>{KernelState::requested, KernelState::submitted,
+                                            KernelState::queued, KernelState::starting,
+                                            KernelState::connecting, KernelState::ready}));
+  EXPECT_EQ(v.job_id, "job1");
+  EXPECT_EQ(v.node, "cn0042");
+  ASSERT_TRUE(v.walltime_end.has_value());
+  EXPECT_TRUE(has_progress(v, "job job1 submitted to site demo"));
+  EXPECT_TRUE(has_progress(v, "queued in batch"));
+  EXPECT_TRUE(has_progress(v, "running on cn0042"));
+  EXPECT_TRUE(has_progress(v, "connecting to agent at 10.0.0.6:40123 via login.example:22"));
+  ASSERT_TRUE(link().agent.has_value());
+  EXPECT_EQ(link().agent->host, "10.0.0.6");
+  EXPECT_EQ(link().agent->port, 40123);
+  EXPECT_EQ(jobs.tokens_seen, std::vector<std::string>{"tok-alice"});
+}
+
+TEST_F(LifecycleTest, JobCarriesSecretPrivatelyTagsAndResourcesAndRunsTheAgent) {
+  create_ok(request());
+  run_until([&] { return jobs.order.size() == 1; });
+  const auto& d = jobs.job().description;
+  const unicore::JobImport* secret = nullptr;
+  const unicore::JobImport* script = nullptr;
+  for (const auto& im : d.imports) {
+    if (im.to == kSecretFile) secret = &im;
+    if (im.to == kJobScriptFile) script = &im;
+  }
+  ASSERT_NE(secret, nullptr);
+  EXPECT_EQ(secret->permissions, "rw-------");
+  ASSERT_TRUE(secret->data.has_value());
+  EXPECT_EQ(secret->data->size(), 65u);  // 64 hex characters and a newline
+  EXPECT_EQ(link().spec.secret.hex() + "\n", *secret->data);  // the agent and the link agree
+  ASSERT_NE(script, nullptr);
+  EXPECT_NE(script->data->find("exec /opt/kb/bin/kernel-bridge agent --listen \"$KB_AGENT_LISTEN\" "
+                               "--secret-file kernel-bridge-link.secret --discovery-file "
+                               "kernel-bridge-agent.json"),
+            std::string::npos)
+      << *script->data;
+  EXPECT_NE(script->data->find("-- python3 -m ipykernel_launcher -f '{connection_file}'"),
+            std::string::npos)
+      << *script->data;
+  EXPECT_EQ(script->data->find("k3y"), std::string::npos);  // the Jupyter key never goes to the site
+  EXPECT_EQ(d.resources.queue, "batch");
+  EXPECT_EQ(d.resources.nodes, 1);
+  EXPECT_EQ(d.resources.runtime, "3600");
+  std::string id = links.links[0]->spec.kernel_id;
+  EXPECT_NE(std::find(d.tags.begin(), d.tags.end(), "kernel-bridge-kernel:" + id), d.tags.end());
+  EXPECT_NE(std::find(d.tags.begin(), d.tags.end(), "kernel-bridge-user:alice"), d.tags.end());
+  EXPECT_NE(std::find(d.tags.begin(), d.tags.end(), "jupyter"), d.tags.end());
+}
+
+TEST_F(LifecycleTest, UploadedAgentIsStagedBeforeTheJobStarts) {
+  config.sites[0].agent.mode = AgentConfig::Mode::upload;
+  LifecycleOptions o;
+  o.scratch_dir = "/tmp";
+  o.agent_uploads["demo"] = std::make_shared<const std::string>("\x7f" "ELF fake agent");
+  o.watch.starting_initial = o.watch.starting_max = std::chrono::milliseconds(2);
+  lifecycle = std::make_unique<KernelLifecycle>(
+      io, config, credentials, &metrics, std::map<std::string, JobBackend*>{{"demo", &jobs}},
+      [this](const LinkSpec& spec, LinkEventSink sink) {
+        return std::make_unique<FakeLink>(links, spec, std::move(sink));
+      },
+      o);
+  std::string id = create_ok(request());
+  run_until([&] { return !jobs.order.empty() && jobs.job().started; });
+  EXPECT_TRUE(jobs.job().description.have_client_stage_in);
+  EXPECT_EQ(jobs.job().files[kUploadedAgentFile], "\x7f" "ELF fake agent");
+  bool chmod = false;
+  for (const auto& im : jobs.job().description.imports) {
+    if (im.to == kJobScriptFile) chmod = im.data->find("chmod 700 ./kernel-bridge-agent") != std::string::npos;
+  }
+  EXPECT_TRUE(chmod);
+  EXPECT_TRUE(has_progress(view(id), "uploading the agent"));
+}
+
+// ---- refusals at the door -----------------------------------------------------------------------
+
+TEST_F(LifecycleTest, NoTokenIsRefusedAtCreateSayingWhatToDo) {
+  auto v = create(request(), Caller{"bob", false, false, "test bob"});
+  ASSERT_TRUE(std::holds_alternative<ServiceError>(v));
+  const auto& e = std::get<ServiceError>(v);
+  EXPECT_EQ(e.kind, ServiceErrorKind::credentials_missing);
+  EXPECT_NE(e.message.find("no UNICORE token for user bob"), std::string::npos);
+  EXPECT_TRUE(jobs.order.empty());
+}
+
+TEST_F(LifecycleTest, PortsOfALiveKernelAreAConflict) {
+  ready_kernel(request(50000));
+  auto v = create(request(50003, "other"));
+  ASSERT_TRUE(std::holds_alternative<ServiceError>(v));
+  EXPECT_EQ(std::get<ServiceError>(v).kind, ServiceErrorKind::conflict);
+}
+
+// ---- ends and their reasons -------------------------------------------------------------------
+
+TEST_F(LifecycleTest, RefusedTokenEndsWithCredentialsRefusedNamingTheSite) {
+  jobs.refuse_submit = unicore::UnicoreError{ErrorKind::refused, 403,
+                                             "https://unicore.example refused the credentials (403)",
+                                             "Authentication failed", ""};
+  std::string id = create_ok(request());
+  run_until_state(id, KernelState::ended);
+  KernelView v = view(id);
+  EXPECT_EQ(v.end_cause, EndCause::credentials_refused);
+  EXPECT_NE(v.reason.find("site demo refused the UNICORE credentials of user alice"),
+            std::string::npos)
+      << v.reason;
+  EXPECT_TRUE(link().closed);  // hub ports released
+}
+
+TEST_F(LifecycleTest, UnicoreDownAtStartEndsWithSubmitFailed) {
+  jobs.refuse_submit = unicore::UnicoreError{ErrorKind::connect, 0,
+                                             "cannot connect to https://unicore.example", "", ""};
+  std::string id = create_ok(request());
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::submit_failed);
+  EXPECT_NE(view(id).reason.find("cannot connect to https://unicore.example"), std::string::npos);
+}
+
+TEST_F(LifecycleTest, FailedJobEndsWithTheSitesStatusMessageVerbatim) {
+  std::string id = create_ok(request());
+  run_until([&] { return jobs.order.size() == 1; });
+  jobs.job().status = JobStatus::failed;
+  jobs.job().status_message = "Partition/Queue nope is not available at this site.";
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::job_failed);
+  EXPECT_EQ(view(id).reason, "Partition/Queue nope is not available at this site.");
+  EXPECT_TRUE(link().closed);
+  EXPECT_EQ(jobs.job().aborts, 0);  // already over: nothing to abort
+}
+
+TEST_F(LifecycleTest, WalltimeIsNamedWhenTheAgentTerminatesAndTheJobHitItsLimit) {
+  std::string id = ready_kernel(request());
+  link().emit({{"event", "agent_terminating"}, {"reason", "SIGTERM received (allocation ending)"}});
+  link().emit({{"event", "kernel_exited"}, {"code", nullptr}, {"signal", "SIGTERM"}});
+  jobs.job().status = JobStatus::failed;
+  jobs.job().status_message =
+      "Batch job 4711 was terminated by the batch system: state TIMEOUT, CANCELLED DUE TO TIME "
+      "LIMIT (walltime of 01:00:00 reached).";
+  run_until_state(id, KernelState::ended);
+  KernelView v = view(id);
+  EXPECT_EQ(v.end_cause, EndCause::walltime);
+  EXPECT_NE(v.reason.find("walltime reached"), std::string::npos);
+  EXPECT_NE(v.reason.find("CANCELLED DUE TO TIME LIMIT"), std::string::npos);
+}
+
+TEST_F(LifecycleTest, AbortFromOutsideIsCancelled) {
+  std::string id = ready_kernel(request());
+  jobs.job().status = JobStatus::failed;
+  jobs.job().status_message = "Job aborted.";
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::cancelled);
+  EXPECT_NE(view(id).reason.find("cancelled outside the bridge: Job aborted."), std::string::npos);
+}
+
+TEST_F(LifecycleTest, HostKeyRefusalEndsWithTheFingerprintMessageAndAbortsTheJob) {
+  std::string id = create_ok(request());
+  run_until([&] { return jobs.order.size() == 1; });
+  jobs.job().status = JobStatus::running;
+  jobs.job().files[kDiscoveryFile] = R"({"host": "10.0.0.6", "port": 40123})";
+  run_until_state(id, KernelState::connecting);
+  link().emit({{"event", "ssh_refused"},
+               {"cause", "host_key_mismatch"},
+               {"message", "host key of login.example:22 changed: SHA256:abc is not in known_hosts"}});
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::host_key_mismatch);
+  EXPECT_NE(view(id).reason.find("SHA256:abc"), std::string::npos);
+  run_until([&] { return jobs.job().aborts == 1; });
+  EXPECT_EQ(lifecycle->live_allocations(), 0u);
+}
+
+TEST_F(LifecycleTest, KernelExitEndsWithCodeAndTheJobIsAbortedAfterTheGrace) {
+  make(std::chrono::seconds(0));  // no grace: released at once
+  std::string id = ready_kernel(request());
+  link().emit({{"event", "kernel_exited"}, {"code", 3}, {"signal", nullptr}});
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::kernel_exited);
+  EXPECT_EQ(view(id).exit_code, 3);
+  EXPECT_NE(view(id).reason.find("exited with code 3"), std::string::npos);
+  run_until([&] { return jobs.job().aborts == 1; });
+  EXPECT_EQ(lifecycle->live_allocations(), 0u);
+}
+
+// ---- link drops and restarts --------------------------------------------------------------------
+
+TEST_F(LifecycleTest, LinkDownIsReconnectingNotDeath) {
+  std::string id = ready_kernel(request());
+  link().emit({{"event", "link_down"}, {"reason", "SSH connection lost"}});
+  run_until_state(id, KernelState::reconnecting);
+  EXPECT_EQ(view(id).end_cause, EndCause::none);
+  link().emit({{"event", "link_up"}});
+  run_until_state(id, KernelState::ready);
+  EXPECT_EQ(view(id).link_reconnects, 1u);
+  EXPECT_EQ(jobs.job().aborts, 0);
+}
+
+TEST_F(LifecycleTest, RestartAsksTheAgentAndKeepsTheJob) {
+  std::string id = ready_kernel(request());
+  std::optional<std::optional<ServiceError>> r;
+  lifecycle->restart(alice(), id, [&](std::optional<ServiceError> e) { r = e; });
+  ASSERT_TRUE(r.has_value());
+  EXPECT_FALSE(r->has_value());
+  EXPECT_EQ(link().restarts, 1);
+  // The old kernel's exit during a restart is not the kernel's end.
+  link().emit({{"event", "kernel_exited"}, {"code", nullptr}, {"signal", "SIGTERM"}});
+  link().emit({{"event", "kernel_started"}, {"pid", 100}, {"restart", true}});
+  run_until([&] { return has_progress(view(id), "kernel restarted (pid 100)"); });
+  EXPECT_EQ(view(id).state, KernelState::ready);
+  EXPECT_EQ(view(id).restarts, 1);
+  EXPECT_EQ(jobs.order.size(), 1u);
+}
+
+TEST_F(LifecycleTest, JupyterRestartReusesTheAllocationWithinTheGrace) {
+  std::string first = ready_kernel(request());
+  std::optional<std::optional<ServiceError>> r;
+  lifecycle->remove(alice(), first, [&](std::optional<ServiceError> e) { r = e; });
+  run_until_state(first, KernelState::ended);
+  EXPECT_EQ(view(first).end_cause, EndCause::shutdown);
+  EXPECT_FALSE(link().closed);  // listeners and link kept for the grace
+  EXPECT_EQ(jobs.job().aborts, 0);
+
+  std::string second = create_ok(request());  // same ports and key
+  EXPECT_NE(second, first);
+  EXPECT_EQ(view(second).job_id, view(first).job_id);
+  EXPECT_EQ(jobs.order.size(), 1u);  // no new job
+  EXPECT_EQ(links.links.size(), 1u);  // the same hub-side listeners
+  EXPECT_EQ(link().restarts, 1);
+  link().emit({{"event", "kernel_exited"}, {"code", nullptr}, {"signal", "SIGTERM"}});
+  link().emit({{"event", "kernel_started"}, {"pid", 101}, {"restart", true}});
+  run_until_state(second, KernelState::ready);
+}
+
+TEST_F(LifecycleTest, AnotherKeyOnTheSamePortsGetsAFreshAllocation) {
+  std::string first = ready_kernel(request());
+  lifecycle->remove(alice(), first, [](std::optional<ServiceError>) {});
+  run_until_state(first, KernelState::ended);
+  std::string second = create_ok(request(50000, "new-key"));
+  EXPECT_TRUE(links.links[0]->closed);
+  run_until([&] { return jobs.order.size() == 2; });
+  run_until([&] { return jobs.job(0).aborts == 1; });
+  EXPECT_NE(view(second).job_id, view(first).job_id);
+}
+
+TEST_F(LifecycleTest, WithoutARestartTheGraceEndsWithTheJobAborted) {
+  make(std::chrono::seconds(1));
+  std::string id = ready_kernel(request());
+  lifecycle->remove(alice(), id, [](std::optional<ServiceError>) {});
+  run_until_state(id, KernelState::ended);
+  run_until([&] { return jobs.job().aborts == 1; });
+  EXPECT_EQ(link().shutdowns, 1);  // the agent was asked to stop its kernel first
+  EXPECT_TRUE(link().closed);
+  EXPECT_EQ(lifecycle->live_allocations(), 0u);
+}
+
+TEST_F(LifecycleTest, BridgeShutdownEndsEveryKernelAndAbortsEveryJob) {
+  std::string a = ready_kernel(request(50000));
+  std::string b = create_ok(request(51000));
+  run_until([&] { return jobs.order.size() == 2; });
+  run_until_state(b, KernelState::submitted);
+  bool done = false;
+  lifecycle->shutdown([&] { done = true; });
+  run_until([&] { return done; });
+  EXPECT_EQ(view(a).state, KernelState::ended);
+  EXPECT_EQ(view(b).state, KernelState::ended);
+  EXPECT_EQ(view(a).end_cause, EndCause::shutdown);
+  EXPECT_EQ(jobs.job(0).aborts, 1);
+  EXPECT_EQ(jobs.job(1).aborts, 1);
+  auto v = create(request(52000));
+  ASSERT_TRUE(std::holds_alternative<ServiceError>(v));
+  EXPECT_EQ(std::get<ServiceError>(v).kind, ServiceErrorKind::unavailable);
+}
+
+TEST_F(LifecycleTest, InterruptGoesToTheAgentOnlyOnceAKernelRuns) {
+  std::string id = create_ok(request());
+  std::optional<std::optional<ServiceError>> r;
+  lifecycle->interrupt(alice(), id, [&](std::optional<ServiceError> e) { r = e; });
+  ASSERT_TRUE(r && r->has_value());
+  EXPECT_EQ((*r)->kind, ServiceErrorKind::conflict);
+  lifecycle.reset();
+  links.links.clear();
+  make(std::chrono::seconds(30));
+  std::string ready = ready_kernel(request(53000));
+  r.reset();
+  lifecycle->interrupt(alice(), ready, [&](std::optional<ServiceError> e) { r = e; });
+  ASSERT_TRUE(r.has_value());
+  EXPECT_FALSE(r->has_value());
+  EXPECT_EQ(links.links.back()->interrupts, 1);
+}
+
+TEST_F(LifecycleTest, MetricsCountKernelsByState) {
+  std::string id = ready_kernel(request());
+  EXPECT_EQ(metrics.kernels.with({"ready"}).value(), 1.0);
+  EXPECT_EQ(metrics.kernels.with({"queued"}).value(), 0.0);
+  link().emit({{"event", "link_down"}, {"reason", "x"}});
+  link().emit({{"event", "link_up"}});
+  run_until([&] { return view(id).link_reconnects == 1; });
+  EXPECT_EQ(metrics.link_reconnects.with({"demo"}).value(), 1.0);
+}
+
+}  // namespace
+}  // namespace kb::bridge
