@@ -1,0 +1,263 @@
+"""The bridge service end to end (docs/lifecycle.md), on the full site in a box (fullsite.py):
+`kernel-bridge serve` in the hub host, the UNICORE test site in the login host running jobs in the
+compute host, a real sshd, real agents and ipykernels, and a real jupyter_client in the hub host.
+
+Shows, through the control API on the Unix socket:
+  - POST /v1/kernels with a hub connection → the job is visibly QUEUED on the site (held there),
+    then RUNNING → the kernel is `ready` → a BlockingKernelClient on exactly those hub ports does
+    kernel_info and execute, which prints the compute host's name;
+  - POST …/restart keeps the job id and the hub ports and gives a fresh kernel (variables gone);
+  - a Jupyter-style restart (DELETE, then the same connection again at once) reuses the job;
+  - DELETE ends the job (after the restart grace) and leaves no process in the compute host;
+  - a failed job ends `job_failed` with the site's statusMessage verbatim; a refused token ends
+    `credentials_refused` naming the site; neither leaves anything running.
+
+Run: /usr/bin/python3 tests/integration/test_service_lifecycle.py   (needs root; exit 77 = skipped
+where network namespaces cannot be made).
+"""
+import os
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kbtest import NeedsNetns, enter_host, log, main, run_cell  # noqa: E402
+from fullsite import FullSite  # noqa: E402
+
+USER = "root"  # CI runs as root; the bridge identifies Unix-socket callers by their user name
+GRACE_S = 4
+
+
+def free_ports(n=5):
+    import socket
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def hub_connection():
+    ports = free_ports()
+    return {"ip": "127.0.0.1", "transport": "tcp", "shell_port": ports[0], "iopub_port": ports[1],
+            "stdin_port": ports[2], "control_port": ports[3], "hb_port": ports[4],
+            "key": os.urandom(16).hex(), "signature_scheme": "hmac-sha256",
+            "kernel_name": "python3"}
+
+
+def client_for(conn):
+    from jupyter_client import BlockingKernelClient
+    kc = BlockingKernelClient()
+    kc.load_connection_info(conn)
+    kc.start_channels()
+    return kc
+
+
+class ServiceCase(unittest.TestCase):
+    site_args = {}
+    fs = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fs = FullSite(restart_grace=f"{GRACE_S}s", **cls.site_args)
+        cls.fs.__enter__()
+        if not cls.fs.box.netns:
+            cls.fs.__exit__(None, None, None)
+            cls.fs = None
+            raise NeedsNetns("network namespaces are not available on this machine")
+        enter_host(cls.fs.box, "hub")  # Jupyter clients connect from the hub host
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.fs is not None:
+            if os.environ.get("KB_SHOW_LOGS"):
+                print(cls.fs.tail("serve.log", 20000), file=sys.stderr)
+            cls.fs.__exit__(None, None, None)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def kernel(self, kid):
+        status, body = self.fs.api("GET", f"/v1/kernels/{kid}")
+        self.assertEqual(status, 200, body)
+        return body
+
+    def wait_kernel(self, kid, pred, what, timeout=90):
+        deadline = time.time() + timeout
+        k = None
+        while time.time() < deadline:
+            k = self.kernel(kid)
+            if pred(k):
+                return k
+            time.sleep(0.1)
+        self.fail(f"kernel {kid} never became {what}; last view: {k}\n"
+                  f"--- serve.log ---\n{self.fs.tail('serve.log')}")
+
+    def wait_state(self, kid, state, timeout=90):
+        return self.wait_kernel(kid, lambda k: k["state"] == state, state, timeout)
+
+    def site_job(self, job_id):
+        return self.fs.control("GET", f"/jobs/{job_id}")
+
+    def create(self, conn, **extra):
+        body = {"site": self.fs.site_name, "kernel": "python3", "connection": conn}
+        body.update(extra)
+        return self.fs.api("POST", "/v1/kernels", body)
+
+    def wait_nothing_left(self, job_id, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.site_job(job_id)
+            if not job["alive"] and not self.fs.compute_pids():
+                return job
+            time.sleep(0.2)
+        self.fail(f"job {job_id} still alive or processes left in compute: "
+                  f"{self.site_job(job_id)} pids {self.fs.compute_pids()}\n{self.fs.tail('serve.log')}")
+
+
+class EndToEnd(ServiceCase):
+    # Every job is held QUEUED until the test releases it: the QUEUED phase is seen for sure.
+    site_args = {"queue_delay": 3600}
+
+    def release(self, job_id):
+        self.fs.control("POST", f"/jobs/{job_id}", {"queue_delay": 0})
+
+    def test_1_queued_running_ready_execute_restart_delete(self):
+        fs = self.fs
+        fs.push_token(USER)
+        conn = hub_connection()
+        status, k = self.create(conn, name="e2e")
+        self.assertEqual(status, 201, k)
+        kid = k["id"]
+        self.assertEqual(k["connection"]["shell_port"], conn["shell_port"])
+
+        k = self.wait_state(kid, "queued")
+        job_id = k["job"]["id"]
+        self.assertTrue(job_id)
+        self.assertEqual(self.site_job(job_id)["status"], "QUEUED")
+        messages = [p["message"] for p in k["progress"]]
+        self.assertTrue(any(f"job {job_id} submitted" in m for m in messages), messages)
+        self.assertTrue(any("queued in batch" in m for m in messages), messages)
+
+        self.release(job_id)
+        k = self.wait_state(kid, "ready", timeout=120)
+        self.assertEqual(self.site_job(job_id)["status"], "RUNNING")
+        states = [h["state"] for h in k["history"]]
+        self.assertEqual(states, ["requested", "submitted", "queued", "starting", "connecting",
+                                  "ready"])
+        compute_name = fs.info["hosts"]["compute"]["hostname"]
+        self.assertEqual(k["node"], compute_name)
+        messages = [p["message"] for p in k["progress"]]
+        self.assertTrue(any(m.startswith("connecting to agent at " + fs.info["compute_addr"] + ":")
+                            and m.endswith(" via " + f"{fs.info['login_addr']}:{fs.info['ssh_port']}")
+                            for m in messages), messages)
+        log("ready; history", states)
+
+        kc = client_for(conn)
+        try:
+            reply = kc.kernel_info(reply=True, timeout=60)
+            self.assertEqual(reply["content"]["status"], "ok")
+            reply, out, _ = run_cell(kc, "import socket; x = 42; print(socket.gethostname())")
+            self.assertEqual(reply["content"]["status"], "ok")
+            self.assertEqual(out.strip(), compute_name)
+
+            # Restart inside the allocation: same job, same hub ports, a fresh kernel.
+            status, body = fs.api("POST", f"/v1/kernels/{kid}/restart")
+            self.assertIn(status, (200, 202, 204), body)
+            k = self.wait_kernel(kid, lambda k: k["restarts"] == 1 and k["state"] == "ready" and
+                                 any("kernel restarted" in p["message"] for p in k["progress"]),
+                                 "restarted")
+            self.assertEqual(k["job"]["id"], job_id)
+            deadline = time.time() + 60
+            while True:  # the fresh kernel answers once it has bound its ports
+                try:
+                    reply, out, _ = run_cell(kc, "print('x' in globals())", timeout=10)
+                    break
+                except Exception:  # noqa: BLE001 — a timeout while the new kernel starts
+                    if time.time() > deadline:
+                        raise
+            self.assertEqual(out.strip(), "False")  # variables cleared
+        finally:
+            kc.stop_channels()
+
+        # Shutdown: the kernel ends at once; the job after the restart grace, with nothing left.
+        status, body = fs.api("DELETE", f"/v1/kernels/{kid}")
+        self.assertIn(status, (200, 202, 204), body)
+        k = self.wait_state(kid, "ended")
+        self.assertEqual(k["end_cause"], "shutdown")
+        job = self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+        self.assertEqual(job["status"] in ("FAILED", "SUCCESSFUL"), True, job)
+
+    def test_2_jupyter_restart_reuses_the_job(self):
+        fs = self.fs
+        fs.push_token(USER)
+        conn = hub_connection()
+        status, k = self.create(conn)
+        self.assertEqual(status, 201, k)
+        first = k["id"]
+        k = self.wait_state(first, "queued")
+        job_id = k["job"]["id"]
+        self.release(job_id)
+        self.wait_state(first, "ready", timeout=120)
+
+        # Jupyter's restart: shutdown, then at once the same connection file again.
+        status, body = fs.api("DELETE", f"/v1/kernels/{first}")
+        self.assertIn(status, (200, 202, 204), body)
+        self.wait_state(first, "ended")
+        status, k = self.create(conn)
+        self.assertEqual(status, 201, k)
+        second = k["id"]
+        k = self.wait_state(second, "ready", timeout=60)
+        self.assertEqual(k["job"]["id"], job_id)  # no new job, no queue wait
+        kc = client_for(conn)
+        try:
+            reply = kc.kernel_info(reply=True, timeout=60)
+            self.assertEqual(reply["content"]["status"], "ok")
+        finally:
+            kc.stop_channels()
+        status, body = fs.api("DELETE", f"/v1/kernels/{second}")
+        self.assertIn(status, (200, 202, 204), body)
+        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+
+
+class Failures(ServiceCase):
+    # A site whose job setup fails on the node, as a missing module would.
+    site_args = {"queue_delay": 0.2,
+                 "extra_site_toml": 'job_template = "echo \'module python/3.99 not found\' >&2; exit 3\\nexec {agent}"'}
+
+    def test_failed_job_gives_the_sites_status_message(self):
+        fs = self.fs
+        fs.push_token(USER)
+        status, k = self.create(hub_connection())
+        self.assertEqual(status, 201, k)
+        k = self.wait_state(k["id"], "ended", timeout=60)
+        self.assertEqual(k["end_cause"], "job_failed")
+        job = self.site_job(k["job"]["id"])
+        self.assertEqual(job["status"], "FAILED")
+        self.assertTrue(job["statusMessage"])
+        self.assertEqual(k["reason"], job["statusMessage"])  # verbatim
+        self.assertIn("non-zero exit code", k["reason"])
+        self.wait_nothing_left(k["job"]["id"], timeout=20)
+
+    def test_refused_token_is_credentials_refused(self):
+        fs = self.fs
+        fs.push_token(USER, "tok-not-valid-here")
+        try:
+            jobs_before = len(fs.unicore_jobs())
+            status, k = self.create(hub_connection())
+            self.assertEqual(status, 201, k)
+            k = self.wait_state(k["id"], "ended", timeout=60)
+            self.assertEqual(k["end_cause"], "credentials_refused")
+            self.assertIn(f"site {fs.site_name} refused the UNICORE credentials of user {USER}",
+                          k["reason"])
+            self.assertIn("Log in to JupyterHub again", k["reason"])
+            self.assertEqual(len(fs.unicore_jobs()), jobs_before)  # nothing submitted
+        finally:
+            fs.push_token(USER)
+
+
+if __name__ == "__main__":
+    main()
