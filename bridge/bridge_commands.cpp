@@ -6,6 +6,11 @@ namespace kb::bridge {
 // work; until then the tunnel and unicore subcommands are the whole CLI.
 void add_config_commands(CLI::App& app);  // config_commands.cpp: config check
 
-void add_commands(CLI::App& app) { add_config_commands(app); }
+void add_serve_command(CLI::App& app);  // serve.cpp: serve
+
+void add_commands(CLI::App& app) {
+  add_serve_command(app);
+  add_config_commands(app);
+}
 
 }  // namespace kb::bridge
