@@ -233,6 +233,7 @@ void UnicoreClient::attempt(std::shared_ptr<CallState> state) {
   rq.total_timeout = c.timeout;
   rq.max_body = c.max_body;
   rq.tls = options_.tls;
+  rq.fresh_connection = !c.idempotent;
   rq.headers.push_back("Accept: " + c.accept);
   if (!c.content_type.empty()) rq.headers.push_back("Content-Type: " + c.content_type);
   if (std::string auth = state->creds.authorization(); !auth.empty()) {

@@ -327,6 +327,7 @@ struct HttpEngine::Impl {
     set(CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(rq.connect_timeout.count()));
     set(CURLOPT_TIMEOUT_MS, static_cast<long>(rq.total_timeout.count()));
     set(CURLOPT_TCP_KEEPALIVE, 1L);
+    if (rq.fresh_connection) set(CURLOPT_FRESH_CONNECT, 1L);
     set(CURLOPT_SSL_VERIFYPEER, rq.tls.verify ? 1L : 0L);
     set(CURLOPT_SSL_VERIFYHOST, rq.tls.verify ? 2L : 0L);
     if (!rq.tls.ca_file.empty()) set(CURLOPT_CAINFO, rq.tls.ca_file.c_str());

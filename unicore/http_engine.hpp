@@ -29,6 +29,9 @@ struct HttpRequest {
   std::chrono::milliseconds connect_timeout{10'000};
   std::chrono::milliseconds total_timeout{60'000};
   std::size_t max_body = std::size_t{16} << 20;  // a longer reply body aborts the transfer
+  // Use a new connection. curl silently repeats a request whose *reused* connection turns out dead
+  // before any answer; for a non-idempotent request that could do it twice, so those ask for this.
+  bool fresh_connection = false;
   TlsOptions tls;
 };
 
