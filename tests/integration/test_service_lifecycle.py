@@ -9,6 +9,8 @@ Shows, through the control API on the Unix socket:
   - POST …/restart keeps the job id and the hub ports and gives a fresh kernel (variables gone);
   - a Jupyter-style restart (DELETE, then the same connection again at once) reuses the job;
   - DELETE ends the job (after the restart grace) and leaves no process in the compute host;
+  - the site enforcing the runtime ends the kernel `walltime` with the site's words, nothing left;
+  - SIGTERM to `kernel-bridge serve` ends every kernel and its job, and serve exits 0;
   - a failed job ends `job_failed` with the site's statusMessage verbatim; a refused token ends
     `credentials_refused` naming the site; neither leaves anything running.
 
@@ -221,6 +223,40 @@ class EndToEnd(ServiceCase):
         status, body = fs.api("DELETE", f"/v1/kernels/{second}")
         self.assertIn(status, (200, 202, 204), body)
         self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+
+    def test_3_walltime_is_named(self):
+        fs = self.fs
+        fs.push_token(USER)
+        status, k = self.create(hub_connection(), resources={"runtime": "12s"})
+        self.assertEqual(status, 201, k)
+        kid = k["id"]
+        k = self.wait_state(kid, "queued")
+        job_id = k["job"]["id"]
+        self.release(job_id)
+        k = self.wait_state(kid, "ready", timeout=120)
+        self.assertTrue(k["walltime_end"])
+        k = self.wait_state(kid, "ended", timeout=90)  # the site enforces the 12 s runtime
+        self.assertEqual(k["end_cause"], "walltime", k)
+        self.assertIn("walltime reached", k["reason"])
+        self.assertIn("TIME LIMIT", k["reason"])  # the site's own words
+        self.wait_nothing_left(job_id, timeout=30)
+
+    def test_4_bridge_shutdown_ends_kernels_and_jobs(self):
+        # Last in this class: it stops the bridge.
+        fs = self.fs
+        fs.push_token(USER)
+        status, k = self.create(hub_connection())
+        self.assertEqual(status, 201, k)
+        kid = k["id"]
+        k = self.wait_state(kid, "queued")
+        job_id = k["job"]["id"]
+        self.release(job_id)
+        self.wait_state(kid, "ready", timeout=120)
+        fs.stop_serve()
+        self.assertEqual(fs.serve.returncode, 0, fs.tail("serve.log"))
+        self.assertIn("every kernel released", fs.tail("serve.log"))
+        job = self.wait_nothing_left(job_id, timeout=30)  # no grace: the bridge is gone
+        self.assertIn(job["status"], ("FAILED", "SUCCESSFUL"))
 
 
 class Failures(ServiceCase):
