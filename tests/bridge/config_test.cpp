@@ -5,6 +5,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
 #include <cstdlib>
 
 #include "tests/bridge/temp_dir.hpp"
@@ -177,6 +181,35 @@ TEST(Config, LoadReportsAMissingFile) {
   } catch (const ConfigError& e) {
     EXPECT_EQ(std::string(e.what()), "/nonexistent/kernel-bridge.toml: cannot read the configuration file: No such file or directory");
   }
+}
+
+// Runs `command`, returns (exit status, stdout+stderr).
+std::pair<int, std::string> run(const std::string& command) {
+  std::string output;
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  if (!pipe) return {-1, ""};
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) output.append(buf, n);
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+TEST(Config, CheckCommandExitsTwoWithTheMessage) {
+  const char* binary = std::getenv("KB_BINARY");
+#ifdef KB_BINARY_PATH
+  if (!binary) binary = KB_BINARY_PATH;
+#endif
+  if (!binary || ::access(binary, X_OK) != 0) GTEST_SKIP() << "kernel-bridge binary not built";
+  test::TempDir dir;
+  const std::string good = dir.write("good.toml", minimal(dir), 0644);
+  auto [ok_status, ok_output] = run(std::string(binary) + " config check " + good);
+  EXPECT_EQ(ok_status, 0) << ok_output;
+  EXPECT_EQ(ok_output, good + ": valid (1 site: demo)\n");
+  const std::string bad = dir.write("bad.toml", minimal(dir, "ssh_identiy = \"x\"\n"), 0644);
+  auto [bad_status, bad_output] = run(std::string(binary) + " config check " + bad);
+  EXPECT_EQ(bad_status, 2);
+  EXPECT_EQ(bad_output, bad + ":13: unknown key 'ssh_identiy' in site \"demo\" (did you mean 'ssh_identity'?)\n");
 }
 
 TEST(Durations, ParseAndFormat) {

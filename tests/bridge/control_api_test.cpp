@@ -473,6 +473,33 @@ TEST_F(ControlApiTest, UnknownRouteIs404AndWrongMethodIs405) {
   EXPECT_EQ(action.headers["Allow"], "POST");
 }
 
+TEST_F(ControlApiTest, GarbageIsAnsweredWith400AndTheServerStaysUp) {
+  const std::string path = config_.api.unix_socket;
+  std::packaged_task<std::string()> task([path] {
+    net::io_context client;
+    net::local::stream_protocol::socket socket(client);
+    socket.connect(net::local::stream_protocol::endpoint(path));
+    const std::string garbage = "\x16\x03\x01 this is not HTTP\r\n\r\n";
+    net::write(socket, net::buffer(garbage));
+    std::string answer;
+    beast::error_code ec;
+    char buf[1024];
+    for (;;) {
+      std::size_t n = socket.read_some(net::buffer(buf), ec);
+      if (ec) break;
+      answer.append(buf, n);
+    }
+    return answer;
+  });
+  auto future = task.get_future();
+  std::thread thread(std::move(task));
+  const std::string answer = run_until(future);
+  thread.join();
+  EXPECT_THAT(answer, HasSubstr("HTTP/1.1 400"));
+  EXPECT_THAT(answer, HasSubstr("malformed HTTP request"));
+  EXPECT_EQ(unix_request(http::verb::get, "/v1/health").status, 200);
+}
+
 TEST_F(ControlApiTest, OversizedBodyIs413) {
   json body = kernel_request();
   body["name"] = std::string(9000, 'x');
