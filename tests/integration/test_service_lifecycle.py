@@ -224,6 +224,44 @@ class EndToEnd(ServiceCase):
         self.assertIn(status, (200, 202, 204), body)
         self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
 
+    def test_2b_link_outage_is_reconnecting_not_death(self):
+        fs = self.fs
+        fs.push_token(USER)
+        conn = hub_connection()
+        status, k = self.create(conn)
+        self.assertEqual(status, 201, k)
+        kid = k["id"]
+        k = self.wait_state(kid, "queued")
+        job_id = k["job"]["id"]
+        self.release(job_id)
+        self.wait_state(kid, "ready", timeout=120)
+        kc = client_for(conn)
+        try:
+            reply, out, _ = run_cell(kc, "y = 'kept'; print('set')")
+            self.assertEqual(out.strip(), "set")
+            fs.box.link_down()  # hub ↔ login cut for 20 s
+            try:
+                k = self.wait_state(kid, "reconnecting", timeout=30)
+                self.assertIsNone(k["end_cause"])
+                time.sleep(20)
+                self.assertEqual(self.kernel(kid)["state"], "reconnecting")  # never ended
+            finally:
+                fs.box.link_up()
+            k = self.wait_state(kid, "ready", timeout=60)
+            self.assertGreaterEqual(k["link_reconnects"], 1)
+            self.assertEqual(k["job"]["id"], job_id)
+            reply, out, _ = run_cell(kc, "print(y)")
+            self.assertEqual(out.strip(), "kept")  # the same kernel: its state survived
+        finally:
+            kc.stop_channels()
+        status, metrics = fs.api("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn('kb_kernels{state="ready"} 1', metrics)
+        self.assertRegex(metrics, r'kb_link_reconnects_total\{site="box"\} [1-9]')
+        status, body = fs.api("DELETE", f"/v1/kernels/{kid}")
+        self.assertIn(status, (200, 202, 204), body)
+        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+
     def test_3_walltime_is_named(self):
         fs = self.fs
         fs.push_token(USER)
