@@ -248,6 +248,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
   Phase phase = Phase::down;
   State st = State::idle;
   std::string last_err;
+  SshError failure = SshError::connection_lost;  // the permanent error once state is failed
   std::vector<StateObserver> observers;
   bool shut = false;
   bool eager = false;  // reconnect without pending opens: channels were open when it dropped
@@ -592,6 +593,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     if (shut) return;
     if (permanent) {
       spdlog::error("ssh {}: giving up (permanent error): {}", label, reason);
+      failure = kind;
       set_state(State::failed, reason);
       fail_waiting(make_error_code(kind), reason);
       return;
@@ -1111,8 +1113,9 @@ void SshConnection::async_open_channel(std::string host, uint16_t port, OpenHand
     return;
   }
   if (c.st == State::failed) {
-    asio::post(c.ioc, [h = std::move(handler), e = c.last_err] {
-      h(make_error_code(SshError::connection_lost), e, nullptr);
+    // Same code as the original failure, so callers can tell it is permanent.
+    asio::post(c.ioc, [h = std::move(handler), e = c.last_err, kind = c.failure] {
+      h(make_error_code(kind), e, nullptr);
     });
     return;
   }

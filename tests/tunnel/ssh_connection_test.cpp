@@ -483,7 +483,7 @@ TEST_F(SshConnectionTest, UnknownHostKeyIsRefusedBeforeAuthentication) {
 
   // Permanent: a second open fails at once with the same reason, no new attempt.
   auto again = open_echo(*conn);
-  EXPECT_TRUE(again->ec);
+  EXPECT_EQ(again->ec, make_error_code(SshError::host_key_unknown));
   EXPECT_EQ(again->message, r->message);
   EXPECT_EQ(echo_->accepted(), 0);
 }
