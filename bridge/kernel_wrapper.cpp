@@ -62,12 +62,8 @@ void report_changes(const json& view, Reported& seen) {
   if (auto h = view.find("history"); h != view.end() && h->is_array()) {
     for (std::size_t i = seen.history; i < h->size(); ++i) {
       const json& e = (*h)[i];
-      std::string line = "kernel " + str(view, "id") + " " + str(e, "state") + " (at " + str(e, "at") + ")";
-      if (str(e, "state") == "ended") {
-        const std::string reason = str(view, "reason");
-        if (!reason.empty()) line += ": " + reason;
-      }
-      say(line);
+      // The end's reason is printed once, with the exit status, when the wrapper exits.
+      say("kernel " + str(view, "id") + " " + str(e, "state") + " (at " + str(e, "at") + ")");
     }
     seen.history = h->size();
   }
