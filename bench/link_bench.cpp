@@ -3,7 +3,8 @@
 // servers), and a blocking client. The link runs over a loopback TCP connection.
 //   round trip: 64-byte request/echo, direct to the kernel vs. through bridge+link+agent;
 //   throughput: one stream's bulk transfer client -> kernel (sink), direct vs. through the link.
-// Usage: link_bench [--rounds N] [--megabytes M]. Prints a table, then one JSON line.
+// Usage: link_bench [--rounds N] [--megabytes M] [--chunk BYTES]. Prints a table, then one JSON
+// line.
 #include "tunnel/link_session.hpp"
 #include "tunnel/tcp_transport.hpp"
 
@@ -122,9 +123,11 @@ double pct(const std::vector<double>& v, double p) {
 int main(int argc, char** argv) {
   int rounds = 20000;
   std::size_t megabytes = 512;
+  LinkSession::Options options;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::string(argv[i]) == "--rounds") rounds = std::stoi(argv[i + 1]);
     if (std::string(argv[i]) == "--megabytes") megabytes = std::stoul(argv[i + 1]);
+    if (std::string(argv[i]) == "--chunk") options.max_chunk = std::stoul(argv[i + 1]);
   }
   spdlog::set_level(spdlog::level::warn);
   const auto secret = kb::auth::LinkSecret::generate();
@@ -143,7 +146,7 @@ int main(int argc, char** argv) {
                           agent->attach_stream(id, std::move(*sock));
                         });
   };
-  agent = LinkSession::create(agent_io, LinkSession::Role::agent, secret, {}, ah);
+  agent = LinkSession::create(agent_io, LinkSession::Role::agent, secret, options, ah);
   link_listener.async_accept([&](error_code ec, tcp::socket s) {
     if (!ec) agent->attach_transport(make_tcp_transport(std::move(s)));
   });
@@ -159,7 +162,7 @@ int main(int argc, char** argv) {
       up.set_value();
     }
   };
-  auto bridge = LinkSession::create(bridge_io, LinkSession::Role::bridge, secret, {}, bh);
+  auto bridge = LinkSession::create(bridge_io, LinkSession::Role::bridge, secret, options, bh);
   tcp::acceptor shell_listener(bridge_io, {kLoopback, 0}), iopub_listener(bridge_io, {kLoopback, 0});
   std::function<void(tcp::acceptor&, ChannelKind)> accept = [&](tcp::acceptor& a, ChannelKind k) {
     a.async_accept([&, k](error_code ec, tcp::socket s) {
@@ -190,8 +193,10 @@ int main(int argc, char** argv) {
   std::printf("%-28s %12.0f %12.0f\n", "throughput (Mbit/s)", thr_direct, thr_link);
   std::printf(
       "{\"rtt_p50_us_direct\": %.1f, \"rtt_p50_us_link\": %.1f, \"rtt_p99_us_link\": %.1f, "
-      "\"thr_mbps_direct\": %.0f, \"thr_mbps_link\": %.0f, \"rounds\": %d, \"megabytes\": %zu}\n",
-      pct(direct, 0.5), pct(linked, 0.5), pct(linked, 0.99), thr_direct, thr_link, rounds, megabytes);
+      "\"thr_mbps_direct\": %.0f, \"thr_mbps_link\": %.0f, \"rounds\": %d, \"megabytes\": %zu, "
+      "\"max_chunk\": %zu}\n",
+      pct(direct, 0.5), pct(linked, 0.5), pct(linked, 0.99), thr_direct, thr_link, rounds, megabytes,
+      options.max_chunk);
 
   asio::post(bridge_io, [&] { bridge->close("benchmark done"); bridge_io.stop(); });
   bridge_thread.join();

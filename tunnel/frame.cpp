@@ -1,5 +1,6 @@
 #include "tunnel/frame.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 namespace kb::tunnel::frame {
@@ -185,11 +186,18 @@ void append_frame(std::vector<std::uint8_t>& out, FrameType type, std::uint32_t 
   if (!payload.empty()) std::memcpy(out.data() + at + kHeaderSize, payload.data(), payload.size());
 }
 
-FrameDecoder::FrameDecoder() : buffer_(kReadSize + kHeaderSize) {}
+FrameDecoder::FrameDecoder() : buffer_(kMinReadSize + kHeaderSize) {}
 
 std::span<std::uint8_t> FrameDecoder::prepare() {
-  if (begin_ == end_) begin_ = end_ = 0;
-  if (buffer_.size() - end_ < kReadSize) {
+  if (begin_ == end_) {
+    begin_ = end_ = 0;
+    if (buffer_.size() > 2 * (read_size_ + kHeaderSize)) {
+      // Idle again after a burst or a large frame: give the memory back.
+      buffer_.resize(read_size_ + kHeaderSize);
+      buffer_.shrink_to_fit();
+    }
+  }
+  if (buffer_.size() - end_ < read_size_) {
     // Move the unparsed tail to the front, then grow only if one frame plus a read still does not
     // fit (bounded by kMaxPayload + kHeaderSize + kReadSize).
     if (begin_ > 0) {
@@ -197,19 +205,27 @@ std::span<std::uint8_t> FrameDecoder::prepare() {
       end_ -= begin_;
       begin_ = 0;
     }
-    if (buffer_.size() - end_ < kReadSize) buffer_.resize(end_ + kReadSize);
-  } else if (buffer_.size() > 2 * (kReadSize + kHeaderSize) && end_ - begin_ < kReadSize) {
-    // A large control frame grew the buffer once; give the memory back when it is idle.
-    std::memmove(buffer_.data(), buffer_.data() + begin_, end_ - begin_);
-    end_ -= begin_;
-    begin_ = 0;
-    buffer_.resize(kReadSize + kHeaderSize);
-    buffer_.shrink_to_fit();
+    if (buffer_.size() - end_ < read_size_) buffer_.resize(end_ + read_size_);
   }
-  return {buffer_.data() + end_, buffer_.size() - end_};
+  prepared_ = buffer_.size() - end_;
+  return {buffer_.data() + end_, prepared_};
 }
 
-void FrameDecoder::commit(std::size_t n) { end_ += n; }
+void FrameDecoder::commit(std::size_t n) {
+  end_ += n;
+  if (n == prepared_) {
+    read_size_ = kReadSize;  // more is waiting: bulk traffic gets large reads at once
+    small_reads_ = 0;
+  } else if (n < read_size_ / 4) {
+    // Hysteresis: a handshake or a few acks in the middle of bulk traffic do not shrink it.
+    if (++small_reads_ >= 4) {
+      read_size_ = kMinReadSize;
+      small_reads_ = 0;
+    }
+  } else {
+    small_reads_ = 0;
+  }
+}
 
 FrameDecoder::Status FrameDecoder::next(DecodedFrame& out, std::string& error_text) {
   if (failed_) {

@@ -88,19 +88,26 @@ struct DecodedFrame {
 class FrameDecoder {
  public:
   enum class Status { frame, need_more, error };
-  static constexpr std::size_t kReadSize = 64 * 1024;
+  static constexpr std::size_t kReadSize = 64 * 1024;  // largest read
+  static constexpr std::size_t kMinReadSize = 4 * 1024;
 
   FrameDecoder();
-  // A writable region of at least kReadSize bytes (the buffer is compacted or grown as needed).
+  // A writable region for the next read. Its size adapts: it starts at kMinReadSize, a read that
+  // fills it raises it to kReadSize, a run of four small reads drops it back, and an empty decoder
+  // gives surplus memory back — an idle link holds a few KiB, a busy one reads 64 KiB at a time.
   std::span<std::uint8_t> prepare();
   void commit(std::size_t n);
   // On `error`, `error_text` says why and the decoder stays in the error state.
   Status next(DecodedFrame& out, std::string& error_text);
   std::size_t buffered() const { return end_ - begin_; }
+  std::size_t memory() const { return buffer_.capacity(); }  // bytes held, for tests and metrics
 
  private:
   std::vector<std::uint8_t> buffer_;
   std::size_t begin_ = 0, end_ = 0;
+  std::size_t read_size_ = kMinReadSize;
+  std::size_t prepared_ = 0;
+  int small_reads_ = 0;
   bool failed_ = false;
   std::string failure_;
 };

@@ -207,5 +207,35 @@ TEST(Frame, DecoderMemoryStaysBoundedUnderAStreamOfMaximalFrames) {
   EXPECT_LE(max_buffered, kHeaderSize + kMaxPayload + FrameDecoder::kReadSize);
 }
 
+TEST(Frame, DecoderGivesMemoryBackWhenTheLinkIsIdleAgain) {
+  FrameDecoder d;
+  std::vector<std::uint8_t> wire;
+  append_frame(wire, FrameType::control, 0, 1, std::vector<std::uint8_t>(kMaxControlPayload, 'x'));
+  std::size_t pos = 0;
+  std::size_t frames = 0;
+  DecodedFrame f;
+  std::string err;
+  while (pos < wire.size()) {  // a busy link: every read is filled
+    auto buf = d.prepare();
+    const std::size_t n = std::min(buf.size(), wire.size() - pos);
+    std::memcpy(buf.data(), wire.data() + pos, n);
+    d.commit(n);
+    pos += n;
+    while (d.next(f, err) == FrameDecoder::Status::frame) ++frames;
+  }
+  ASSERT_EQ(frames, 1u);
+  EXPECT_GE(d.memory(), kMaxControlPayload);
+  for (int i = 0; i < 40; ++i) {  // then only small frames (pings, acks)
+    std::vector<std::uint8_t> ping;
+    append_frame(ping, FrameType::ping, 0, 0, v64(i));
+    auto buf = d.prepare();
+    std::memcpy(buf.data(), ping.data(), ping.size());
+    d.commit(ping.size());
+    ASSERT_EQ(d.next(f, err), FrameDecoder::Status::frame);
+  }
+  d.prepare();
+  EXPECT_LE(d.memory(), 2 * (FrameDecoder::kMinReadSize + kHeaderSize));
+}
+
 }  // namespace
 }  // namespace kb::tunnel::frame

@@ -448,7 +448,7 @@ TEST(LinkSession, ResumesByteExactThroughHundredsOfRandomDrops) {
     p.open_client(kKinds[i % 5], data, data, i);
   }
   reconnect();
-  ASSERT_TRUE(run_until(p.io, [&] { return p.all_clients_done() || p.any_client_failed(); }, 240))
+  ASSERT_TRUE(run_until(p.io, [&] { return p.all_clients_done() || p.any_client_failed(); }, 120))
       << "relay did not finish after " << p.connects << " connections";
   ASSERT_TRUE(p.all_clients_done()) << p.client_failures();
   EXPECT_GE(p.connects, 200) << "the test must exercise hundreds of drops";
