@@ -507,6 +507,15 @@ void Agent::try_connect(std::uint32_t id) {
         auto it = pending_.find(id);
         if (it == pending_.end()) return;
         PendingStream& p = *it->second;
+        error_code lec, rec;
+        if (!ec && p.socket.local_endpoint(lec) == p.socket.remote_endpoint(rec) && !lec && !rec) {
+          // Retrying a loopback port nobody listens on yet can "succeed" as a TCP self-connect
+          // (our ephemeral source port equals the kernel's port): that is not the kernel.
+          error_code ignored;
+          p.socket.close(ignored);
+          retry_later(id);
+          return;
+        }
         if (!ec && generation == kernel_generation_ && kernel_state_ == KernelState::running) {
           auto socket = std::move(p.socket);
           pending_.erase(it);
