@@ -1,6 +1,7 @@
 #include "bridge/config.hpp"
 
 #include <sys/stat.h>
+#include <toml++/toml.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,7 +11,6 @@
 #include <fstream>
 #include <set>
 #include <sstream>
-#include <toml++/toml.h>
 
 namespace kb::bridge {
 namespace {
@@ -24,20 +24,32 @@ std::string format_location(const std::string& file, int line) {
 
 const char* type_name(toml::node_type type) {
   switch (type) {
-    case toml::node_type::string: return "a string";
-    case toml::node_type::integer: return "an integer";
-    case toml::node_type::floating_point: return "a number";
-    case toml::node_type::boolean: return "a boolean";
-    case toml::node_type::array: return "an array";
-    case toml::node_type::table: return "a table";
-    case toml::node_type::date: return "a date";
-    case toml::node_type::time: return "a time";
-    case toml::node_type::date_time: return "a date-time";
-    default: return "nothing";
+    case toml::node_type::string:
+      return "a string";
+    case toml::node_type::integer:
+      return "an integer";
+    case toml::node_type::floating_point:
+      return "a number";
+    case toml::node_type::boolean:
+      return "a boolean";
+    case toml::node_type::array:
+      return "an array";
+    case toml::node_type::table:
+      return "a table";
+    case toml::node_type::date:
+      return "a date";
+    case toml::node_type::time:
+      return "a time";
+    case toml::node_type::date_time:
+      return "a date-time";
+    default:
+      return "nothing";
   }
 }
 
-int line_of(const toml::node& node) { return static_cast<int>(node.source().begin.line); }
+int line_of(const toml::node& node) {
+  return static_cast<int>(node.source().begin.line);
+}
 
 // Reads one file into a BridgeConfig, remembering where things are for messages.
 class ConfigReader {
@@ -170,7 +182,8 @@ class ConfigReader {
 
   std::vector<std::string> string_list(const toml::node& node, const std::string& what,
                                        bool allow_empty_list) const {
-    if (!node.is_array()) fail(node, what + " must be an array of strings, not " + type_name(node.type()));
+    if (!node.is_array())
+      fail(node, what + " must be an array of strings, not " + type_name(node.type()));
     std::vector<std::string> out;
     for (const auto& element : *node.as_array()) {
       if (!element.is_string()) {
@@ -178,7 +191,8 @@ class ConfigReader {
              what + " must contain only strings, found " + type_name(element.type()));
       }
       std::string s = element.as_string()->get();
-      if (s.empty()) fail(element.source().begin.line > 0 ? element : node, what + " contains an empty string");
+      if (s.empty())
+        fail(element.source().begin.line > 0 ? element : node, what + " contains an empty string");
       out.push_back(std::move(s));
     }
     if (out.empty() && !allow_empty_list) fail(node, what + " must not be empty");
@@ -199,8 +213,10 @@ class ConfigReader {
     if (!options_.check_files) return;
     struct stat st {};
     if (::stat(path.c_str(), &st) != 0) {
-      fail(node, what + " " + path + ": " + std::strerror(errno) +
-                     "; check the path (relative paths are read from the configuration file's directory)");
+      fail(
+          node,
+          what + " " + path + ": " + std::strerror(errno) +
+              "; check the path (relative paths are read from the configuration file's directory)");
     }
     if (!S_ISREG(st.st_mode)) fail(node, what + " " + path + " is not a regular file");
     if (::access(path.c_str(), R_OK) != 0) {
@@ -223,7 +239,8 @@ class ConfigReader {
     std::string port_text;
     if (!text.empty() && text.front() == '[') {
       auto close = text.find(']');
-      if (close == std::string::npos) fail(node, what + " \"" + text + "\": missing ']' after the IPv6 address");
+      if (close == std::string::npos)
+        fail(node, what + " \"" + text + "\": missing ']' after the IPv6 address");
       hp.host = text.substr(1, close - 1);
       if (close + 1 < text.size()) {
         if (text[close + 1] != ':') fail(node, what + " \"" + text + "\": expected ':' after ']'");
@@ -244,7 +261,8 @@ class ConfigReader {
     if (hp.host.empty()) fail(node, what + " \"" + text + "\": missing host name");
     for (char c : hp.host) {
       if (std::isspace(static_cast<unsigned char>(c)) || c == '/' || c == '@') {
-        fail(node, what + " \"" + text + "\": not a host name (write host:port; the SSH user goes in ssh_user)");
+        fail(node, what + " \"" + text +
+                       "\": not a host name (write host:port; the SSH user goes in ssh_user)");
       }
     }
     if (port_text.empty()) {
@@ -272,31 +290,38 @@ class ConfigReader {
     check_keys(root, "the top level", {"bridge", "api", "site"});
 
     const toml::table& bridge = require_table(root, "bridge", "bridge");
-    check_keys(bridge, "[bridge]",
-               {"state_dir", "log_level", "restart_grace", "ended_retention", "max_kernels_per_user"});
+    check_keys(
+        bridge, "[bridge]",
+        {"state_dir", "log_level", "restart_grace", "ended_retention", "max_kernels_per_user"});
     config.state_dir = resolve_path(*string_value(bridge, "state_dir", "bridge", true));
     if (options_.check_files) {
       struct stat st {};
       if (::stat(config.state_dir.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) {
-        fail(*bridge.get("state_dir"), "bridge.state_dir " + config.state_dir + " exists but is not a directory");
+        fail(*bridge.get("state_dir"),
+             "bridge.state_dir " + config.state_dir + " exists but is not a directory");
       }
     }
     if (auto level = string_value(bridge, "log_level", "bridge")) {
-      static const std::vector<std::string> levels{"trace", "debug", "info", "warn", "error", "off"};
+      static const std::vector<std::string> levels{"trace", "debug", "info",
+                                                   "warn",  "error", "off"};
       if (std::find(levels.begin(), levels.end(), *level) == levels.end()) {
-        std::string message = "bridge.log_level \"" + *level + "\" is not a log level (use trace, debug, info, warn, error or off)";
+        std::string message = "bridge.log_level \"" + *level +
+                              "\" is not a log level (use trace, debug, info, warn, error or off)";
         fail(*bridge.get("log_level"), message);
       }
       config.log_level = *level;
     }
     if (auto d = duration_value(bridge, "restart_grace", "bridge")) config.restart_grace = *d;
     if (auto d = duration_value(bridge, "ended_retention", "bridge")) config.ended_retention = *d;
-    if (auto n = int_value(bridge, "max_kernels_per_user", "bridge", 0, 100000)) config.max_kernels_per_user = *n;
+    if (auto n = int_value(bridge, "max_kernels_per_user", "bridge", 0, 100000))
+      config.max_kernels_per_user = *n;
 
     read_api(require_table(root, "api", "api"), config.api);
 
     const toml::node* sites = root.get("site");
-    if (!sites) fail(1, "no [[site]] configured: add at least one [[site]] table (see etc/kernel-bridge.toml)");
+    if (!sites)
+      fail(1,
+           "no [[site]] configured: add at least one [[site]] table (see etc/kernel-bridge.toml)");
     if (!sites->is_array_of_tables()) {
       fail(*sites, "site must be an array of tables: write each site as [[site]], not [site]");
     }
@@ -304,7 +329,8 @@ class ConfigReader {
     for (const auto& element : *sites->as_array()) {
       SiteConfig site = read_site(*element.as_table());
       if (!names.insert(site.name).second) {
-        fail(site.line, "site \"" + site.name + "\" is configured twice; site names must be unique");
+        fail(site.line,
+             "site \"" + site.name + "\" is configured twice; site names must be unique");
       }
       config.sites.push_back(std::move(site));
     }
@@ -312,11 +338,14 @@ class ConfigReader {
   }
 
   void read_api(const toml::table& api, ApiConfig& out) {
-    check_keys(api, "[api]", {"unix_socket", "tcp", "tokens_file", "admin_users", "max_body",
-                              "read_timeout", "idle_timeout", "max_wait"});
+    check_keys(api, "[api]",
+               {"unix_socket", "tcp", "tokens_file", "admin_users", "max_body", "read_timeout",
+                "idle_timeout", "max_wait"});
     if (auto s = string_value(api, "unix_socket", "api")) out.unix_socket = resolve_path(*s);
     if (const toml::node* tcp = api.get("tcp")) {
-      if (!tcp->is_string()) fail(*tcp, std::string("api.tcp must be a string \"address:port\", not ") + type_name(tcp->type()));
+      if (!tcp->is_string())
+        fail(*tcp, std::string("api.tcp must be a string \"address:port\", not ") +
+                       type_name(tcp->type()));
       out.tcp = host_port(*tcp, "api.tcp", 0, true);
     }
     if (auto s = string_value(api, "tokens_file", "api")) {
@@ -324,7 +353,8 @@ class ConfigReader {
       check_file(*api.get("tokens_file"), "api.tokens_file", out.tokens_file, true);
     }
     if (out.tcp && out.tokens_file.empty()) {
-      fail(*api.get("tcp"), "api.tcp needs api.tokens_file: TCP callers authenticate with bearer tokens");
+      fail(*api.get("tcp"),
+           "api.tcp needs api.tokens_file: TCP callers authenticate with bearer tokens");
     }
     if (!out.tcp && out.unix_socket.empty()) {
       fail(api, "[api] has no listener: set unix_socket, tcp, or both");
@@ -341,7 +371,8 @@ class ConfigReader {
     if (auto d = duration_value(api, "max_wait", "api")) out.max_wait = *d;
     for (const char* key : {"read_timeout", "idle_timeout"}) {
       const auto value = std::string(key) == "read_timeout" ? out.read_timeout : out.idle_timeout;
-      if (value.count() == 0) fail(*api.get(key), std::string("api.") + key + " must be longer than 0s");
+      if (value.count() == 0)
+        fail(*api.get(key), std::string("api.") + key + " must be longer than 0s");
     }
   }
 
@@ -349,46 +380,57 @@ class ConfigReader {
     SiteConfig site;
     site.line = line_of(table);
     const std::vector<std::string> keys{
-        "name",        "description", "unicore_url", "ca_file",      "verify_tls",
-        "login_hosts", "known_hosts", "ssh_user",    "ssh_identity", "ssh_cipher",
-        "ssh_keepalive", "connect_timeout", "agent", "gpu_mode",     "job_template",
-        "environment", "job_tags",    "kernels",     "default_kernel", "defaults", "limits"};
+        "name",          "description",     "unicore_url", "ca_file",        "verify_tls",
+        "login_hosts",   "known_hosts",     "ssh_user",    "ssh_identity",   "ssh_cipher",
+        "ssh_keepalive", "connect_timeout", "agent",       "gpu_mode",       "job_template",
+        "environment",   "job_tags",        "kernels",     "default_kernel", "defaults",
+        "limits"};
     site.name = *string_value(table, "name", "[[site]]", true);
     for (char c : site.name) {
       if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
         fail(*table.get("name"), "site name \"" + site.name +
-                                     "\" may contain only letters, digits, '-', '_' and '.' (it appears in URLs and job tags)");
+                                     "\" may contain only letters, digits, '-', '_' and '.' (it "
+                                     "appears in URLs and job tags)");
       }
     }
     const std::string where = "site \"" + site.name + "\"";
     const std::string prefix = "site";
     check_keys(table, where, keys);
-    for (const char* key : {"unicore_url", "login_hosts", "known_hosts", "ssh_user", "ssh_identity", "agent"}) {
+    for (const char* key :
+         {"unicore_url", "login_hosts", "known_hosts", "ssh_user", "ssh_identity", "agent"}) {
       require(table, key, where);
     }
 
     if (auto s = string_value(table, "description", prefix, false, true)) site.description = *s;
     site.unicore_url = *string_value(table, "unicore_url", prefix, true);
     if (site.unicore_url.rfind("https://", 0) != 0 && site.unicore_url.rfind("http://", 0) != 0) {
-      fail(*table.get("unicore_url"), where + ": unicore_url must start with https:// (or http:// on test sites), e.g. https://host:8080/SITE/rest/core");
+      fail(*table.get("unicore_url"), where +
+                                          ": unicore_url must start with https:// (or http:// on "
+                                          "test sites), e.g. https://host:8080/SITE/rest/core");
     }
-    while (site.unicore_url.size() > 1 && site.unicore_url.back() == '/') site.unicore_url.pop_back();
+    while (site.unicore_url.size() > 1 && site.unicore_url.back() == '/')
+      site.unicore_url.pop_back();
 
     if (auto v = bool_value(table, "verify_tls", prefix)) site.verify_tls = *v;
     if (auto s = string_value(table, "ca_file", prefix)) {
-      if (!site.verify_tls) fail(*table.get("ca_file"), where + ": ca_file is set but verify_tls = false; remove one of them");
+      if (!site.verify_tls)
+        fail(*table.get("ca_file"),
+             where + ": ca_file is set but verify_tls = false; remove one of them");
       site.ca_file = resolve_path(*s);
       check_file(*table.get("ca_file"), where + ": ca_file", site.ca_file, false);
     }
 
     const toml::node& hosts = require(table, "login_hosts", where);
-    if (!hosts.is_array()) fail(hosts, prefix + ".login_hosts must be an array of \"host:port\" strings, not " + type_name(hosts.type()));
+    if (!hosts.is_array())
+      fail(hosts, prefix + ".login_hosts must be an array of \"host:port\" strings, not " +
+                      type_name(hosts.type()));
     for (const auto& h : *hosts.as_array()) {
       const toml::node& at = h.source().begin.line > 0 ? h : hosts;
       if (!h.is_string()) fail(at, where + ": login_hosts must contain only \"host:port\" strings");
       site.login_hosts.push_back(host_port(h, where + ": login host", 22));
     }
-    if (site.login_hosts.empty()) fail(hosts, where + ": login_hosts must name at least one login node");
+    if (site.login_hosts.empty())
+      fail(hosts, where + ": login_hosts must name at least one login node");
 
     site.known_hosts = resolve_path(*string_value(table, "known_hosts", prefix, true));
     check_file(*table.get("known_hosts"), where + ": known_hosts", site.known_hosts, false);
@@ -398,16 +440,22 @@ class ConfigReader {
     if (auto s = string_value(table, "ssh_cipher", prefix, false, true)) site.ssh_cipher = *s;
     if (auto d = duration_value(table, "ssh_keepalive", prefix)) site.ssh_keepalive = *d;
     if (auto d = duration_value(table, "connect_timeout", prefix)) {
-      if (d->count() == 0) fail(*table.get("connect_timeout"), where + ": connect_timeout must be longer than 0s");
+      if (d->count() == 0)
+        fail(*table.get("connect_timeout"), where + ": connect_timeout must be longer than 0s");
       site.connect_timeout = *d;
     }
 
     read_agent(require(table, "agent", where), where, site.agent);
 
     if (auto mode = string_value(table, "gpu_mode", prefix)) {
-      if (*mode == "gpus_per_node") site.gpu_mode = GpuMode::gpus_per_node;
-      else if (*mode == "batch_lines") site.gpu_mode = GpuMode::batch_lines;
-      else fail(*table.get("gpu_mode"), where + ": gpu_mode \"" + *mode + "\" is not known (use \"gpus_per_node\" or \"batch_lines\")");
+      if (*mode == "gpus_per_node")
+        site.gpu_mode = GpuMode::gpus_per_node;
+      else if (*mode == "batch_lines")
+        site.gpu_mode = GpuMode::batch_lines;
+      else
+        fail(*table.get("gpu_mode"),
+             where + ": gpu_mode \"" + *mode +
+                 "\" is not known (use \"gpus_per_node\" or \"batch_lines\")");
     }
     if (auto t = string_value(table, "job_template", prefix)) {
       site.job_template = *t;
@@ -417,29 +465,40 @@ class ConfigReader {
       for (auto&& [key, value] : *env) {
         const std::string name(key.str());
         bool valid = !name.empty() && !std::isdigit(static_cast<unsigned char>(name[0]));
-        for (char c : name) valid = valid && (std::isalnum(static_cast<unsigned char>(c)) || c == '_');
-        if (!valid) fail(static_cast<int>(key.source().begin.line), where + ": environment variable name '" + name + "' is not valid (letters, digits, '_')");
-        if (!value.is_string()) fail(value, where + ": environment." + name + " must be a string, not " + type_name(value.type()));
+        for (char c : name)
+          valid = valid && (std::isalnum(static_cast<unsigned char>(c)) || c == '_');
+        if (!valid)
+          fail(static_cast<int>(key.source().begin.line),
+               where + ": environment variable name '" + name +
+                   "' is not valid (letters, digits, '_')");
+        if (!value.is_string())
+          fail(value, where + ": environment." + name + " must be a string, not " +
+                          type_name(value.type()));
         site.environment[name] = value.as_string()->get();
       }
     }
-    if (const toml::node* tags = table.get("job_tags")) site.job_tags = string_list(*tags, where + ": job_tags", true);
+    if (const toml::node* tags = table.get("job_tags"))
+      site.job_tags = string_list(*tags, where + ": job_tags", true);
 
     if (const toml::table* kernels = optional_table(table, "kernels", where + ": kernels")) {
       for (auto&& [key, value] : *kernels) {
         const std::string name(key.str());
         auto argv = string_list(value, where + ": kernels." + name, false);
         bool has_placeholder = false;
-        for (const auto& a : argv) has_placeholder = has_placeholder || a.find("{connection_file}") != std::string::npos;
+        for (const auto& a : argv)
+          has_placeholder = has_placeholder || a.find("{connection_file}") != std::string::npos;
         if (!has_placeholder) {
-          fail(value, where + ": kernels." + name + " must contain \"{connection_file}\" (the agent puts the kernel's connection file there)");
+          fail(value, where + ": kernels." + name +
+                          " must contain \"{connection_file}\" (the agent puts the kernel's "
+                          "connection file there)");
         }
         site.kernels[name] = std::move(argv);
       }
     }
     if (auto k = string_value(table, "default_kernel", prefix)) {
       if (!site.kernels.count(*k)) {
-        fail(*table.get("default_kernel"), where + ": default_kernel \"" + *k + "\" is not in [site.kernels]");
+        fail(*table.get("default_kernel"),
+             where + ": default_kernel \"" + *k + "\" is not in [site.kernels]");
       }
       site.default_kernel = *k;
     }
@@ -464,7 +523,9 @@ class ConfigReader {
 
   void read_agent(const toml::node& node, const std::string& where, AgentConfig& agent) {
     if (!node.is_table()) {
-      fail(node, where + ": agent must be a table such as { mode = \"installed\", path = \"/opt/kernel-bridge/bin/kernel-bridge\" }");
+      fail(node, where +
+                     ": agent must be a table such as { mode = \"installed\", path = "
+                     "\"/opt/kernel-bridge/bin/kernel-bridge\" }");
     }
     const toml::table& table = *node.as_table();
     check_keys(table, where + ": agent", {"mode", "path"});
@@ -473,7 +534,9 @@ class ConfigReader {
       agent.mode = AgentConfig::Mode::installed;
       agent.path = *string_value(table, "path", where + ": agent", true);
       if (agent.path.front() != '/') {
-        fail(*table.get("path"), where + ": agent.path must be an absolute path on the site (where kernel-bridge is installed)");
+        fail(*table.get("path"), where +
+                                     ": agent.path must be an absolute path on the site (where "
+                                     "kernel-bridge is installed)");
       }
     } else if (mode == "upload") {
       agent.mode = AgentConfig::Mode::upload;
@@ -485,7 +548,8 @@ class ConfigReader {
         agent.path = fs::read_symlink("/proc/self/exe", ec).string();
       }
     } else {
-      fail(*table.get("mode"), where + ": agent.mode \"" + mode + "\" is not known (use \"installed\" or \"upload\")");
+      fail(*table.get("mode"),
+           where + ": agent.mode \"" + mode + "\" is not known (use \"installed\" or \"upload\")");
     }
   }
 
@@ -494,7 +558,9 @@ class ConfigReader {
     for (std::size_t i = 0; i < text.size(); ++i) {
       if (text[i] != '{' || (i > 0 && text[i - 1] == '$')) continue;
       std::size_t end = i + 1;
-      while (end < text.size() && (std::islower(static_cast<unsigned char>(text[end])) || text[end] == '_')) ++end;
+      while (end < text.size() &&
+             (std::islower(static_cast<unsigned char>(text[end])) || text[end] == '_'))
+        ++end;
       if (end == i + 1 || end >= text.size() || text[end] != '}') continue;
       const std::string name = text.substr(i + 1, end - i - 1);
       if (name == "agent") {
@@ -502,21 +568,27 @@ class ConfigReader {
       } else if (name != "kernel_argv") {
         std::string message = where + ": job_template has an unknown placeholder {" + name + "}";
         const std::string guess = closest_match(name, {"agent", "kernel_argv"});
-        message += guess.empty() ? " (known: {agent}, {kernel_argv})" : " (did you mean {" + guess + "}?)";
+        message +=
+            guess.empty() ? " (known: {agent}, {kernel_argv})" : " (did you mean {" + guess + "}?)";
         fail(node, message);
       }
     }
-    if (!has_agent) fail(node, where + ": job_template must contain {agent}: the job's main process is the agent, which starts the kernel");
+    if (!has_agent)
+      fail(node, where +
+                     ": job_template must contain {agent}: the job's main process is the agent, "
+                     "which starts the kernel");
   }
 
   void read_defaults(const toml::table& table, const std::string& where, ResourceDefaults& d) {
     const std::string w = where + ": defaults";
-    check_keys(table, w, {"queue", "nodes", "gpus", "runtime", "project", "reservation", "qos", "memory"});
+    check_keys(table, w,
+               {"queue", "nodes", "gpus", "runtime", "project", "reservation", "qos", "memory"});
     d.queue = string_value(table, "queue", "defaults");
     d.nodes = int_value(table, "nodes", "defaults", 1, 1000000);
     d.gpus = int_value(table, "gpus", "defaults", 0, 1024);
     d.runtime = duration_value(table, "runtime", "defaults");
-    if (d.runtime && d.runtime->count() == 0) fail(*table.get("runtime"), w + ".runtime must be longer than 0s");
+    if (d.runtime && d.runtime->count() == 0)
+      fail(*table.get("runtime"), w + ".runtime must be longer than 0s");
     d.project = string_value(table, "project", "defaults");
     d.reservation = string_value(table, "reservation", "defaults");
     d.qos = string_value(table, "qos", "defaults");
@@ -526,7 +598,8 @@ class ConfigReader {
   void read_limits(const toml::table& table, const std::string& where, ResourceLimits& l) {
     const std::string w = where + ": limits";
     check_keys(table, w, {"queues", "max_nodes", "max_gpus", "max_runtime", "max_memory"});
-    if (const toml::node* q = table.get("queues")) l.queues = string_list(*q, "limits.queues", true);
+    if (const toml::node* q = table.get("queues"))
+      l.queues = string_list(*q, "limits.queues", true);
     l.max_nodes = int_value(table, "max_nodes", "limits", 1, 1000000);
     l.max_gpus = int_value(table, "max_gpus", "limits", 0, 1024);
     l.max_runtime = duration_value(table, "max_runtime", "limits");
@@ -590,8 +663,9 @@ std::string closest_match(std::string_view word, const std::vector<std::string>&
 
 std::optional<std::chrono::seconds> parse_duration(std::string_view text, std::string* error) {
   auto bad = [&](const std::string& why) -> std::optional<std::chrono::seconds> {
-    if (error) *error = "\"" + std::string(text) + "\" is not a duration: " + why +
-                        " (write e.g. \"30s\", \"15m\", \"2h30m\", \"1d\")";
+    if (error)
+      *error = "\"" + std::string(text) + "\" is not a duration: " + why +
+               " (write e.g. \"30s\", \"15m\", \"2h30m\", \"1d\")";
     return std::nullopt;
   };
   if (text.empty()) return bad("it is empty");
@@ -603,20 +677,23 @@ std::optional<std::chrono::seconds> parse_duration(std::string_view text, std::s
   int last_unit = -1;
   std::size_t i = 0;
   while (i < text.size()) {
-    if (text[i] < '0' || text[i] > '9') return bad(std::string("expected a number at '") + text[i] + "'");
+    if (text[i] < '0' || text[i] > '9')
+      return bad(std::string("expected a number at '") + text[i] + "'");
     long long number = 0;
     while (i < text.size() && text[i] >= '0' && text[i] <= '9') {
       number = number * 10 + (text[i] - '0');
       if (number > 100LL * 365 * 86400) return bad("the number is too large");
       ++i;
     }
-    if (i == text.size()) return bad("a unit is missing after " + std::to_string(number) + " (d, h, m or s)");
+    if (i == text.size())
+      return bad("a unit is missing after " + std::to_string(number) + " (d, h, m or s)");
     int unit = -1;
     for (int u = 0; u < 4; ++u) {
       if (text[i] == kUnits[u].unit) unit = u;
     }
     if (unit < 0) return bad(std::string("unknown unit '") + text[i] + "' (use d, h, m or s)");
-    // "min" is UNICORE's spelling of minutes; accept it so values copied from job descriptions work.
+    // "min" is UNICORE's spelling of minutes; accept it so values copied from job descriptions
+    // work.
     if (text[i] == 'm' && text.substr(i, 3) == "min") i += 2;
     if (unit <= last_unit) return bad("units must go from larger to smaller, each once");
     last_unit = unit;
@@ -643,8 +720,9 @@ std::string format_duration(std::chrono::seconds d) {
 
 std::optional<std::uint64_t> parse_size(std::string_view text, std::string* error) {
   auto bad = [&](const std::string& why) -> std::optional<std::uint64_t> {
-    if (error) *error = "\"" + std::string(text) + "\" is not a size: " + why +
-                        " (write e.g. \"512M\", \"16G\", \"1T\"; units are powers of 1024)";
+    if (error)
+      *error = "\"" + std::string(text) + "\" is not a size: " + why +
+               " (write e.g. \"512M\", \"16G\", \"1T\"; units are powers of 1024)";
     return std::nullopt;
   };
   std::size_t i = 0;
@@ -658,9 +736,8 @@ std::optional<std::uint64_t> parse_size(std::string_view text, std::string* erro
   std::string unit(text.substr(i));
   if (unit.empty()) return bad("a unit is missing (K, M, G or T)");
   static const std::map<std::string, int> kShifts{
-      {"K", 10}, {"KB", 10}, {"KiB", 10}, {"M", 20}, {"MB", 20}, {"MiB", 20},
-      {"G", 30}, {"GB", 30}, {"GiB", 30}, {"T", 40}, {"TB", 40}, {"TiB", 40},
-      {"B", 0}};
+      {"K", 10},  {"KB", 10},  {"KiB", 10}, {"M", 20},  {"MB", 20},  {"MiB", 20}, {"G", 30},
+      {"GB", 30}, {"GiB", 30}, {"T", 40},   {"TB", 40}, {"TiB", 40}, {"B", 0}};
   auto it = kShifts.find(unit);
   if (it == kShifts.end()) {
     std::string upper = unit;
@@ -695,7 +772,8 @@ void apply_defaults(const SiteConfig& site, ResourceRequest& r) {
   if (!r.memory) r.memory = d.memory;
 }
 
-std::optional<LimitViolation> validate_request(const SiteConfig& site, const KernelRequest& request) {
+std::optional<LimitViolation> validate_request(const SiteConfig& site,
+                                               const KernelRequest& request) {
   const ResourceLimits& l = site.limits;
   const ResourceRequest& r = request.resources;
   if (r.queue && !l.queues.empty() &&
@@ -738,7 +816,8 @@ std::optional<LimitViolation> validate_request(const SiteConfig& site, const Ker
   return std::nullopt;
 }
 
-BridgeConfig parse_config(std::string_view text, const std::string& file, const LoadOptions& options) {
+BridgeConfig parse_config(std::string_view text, const std::string& file,
+                          const LoadOptions& options) {
   toml::table root;
   try {
     root = toml::parse(text, file);
@@ -755,7 +834,8 @@ BridgeConfig load_config(const std::string& path, const LoadOptions& options) {
   const std::string file = ec ? path : absolute.lexically_normal().string();
   std::ifstream in(file, std::ios::binary);
   if (!in) {
-    throw ConfigError(file, 0, std::string("cannot read the configuration file: ") + std::strerror(errno));
+    throw ConfigError(file, 0,
+                      std::string("cannot read the configuration file: ") + std::strerror(errno));
   }
   std::ostringstream content;
   content << in.rdbuf();

@@ -16,8 +16,8 @@
 
 namespace kb::bridge {
 
-// An invalid configuration. what() is "file:line: what is wrong" (line 0 omitted when unknown), ready
-// to print; `serve` exits 2 on it.
+// An invalid configuration. what() is "file:line: what is wrong" (line 0 omitted when unknown),
+// ready to print; `serve` exits 2 on it.
 struct ConfigError : std::runtime_error {
   ConfigError(std::string file, int line, std::string message);
   std::string file;
@@ -56,7 +56,7 @@ struct ResourceDefaults {
 struct ResourceLimits {
   std::vector<std::string> queues;  // empty: any queue
   std::optional<int> max_nodes;
-  std::optional<int> max_gpus;      // per node
+  std::optional<int> max_gpus;  // per node
   std::optional<std::chrono::seconds> max_runtime;
   std::optional<std::uint64_t> max_memory;  // bytes per node
 };
@@ -64,33 +64,34 @@ struct ResourceLimits {
 struct SiteConfig {
   std::string name;
   std::string description;
-  std::string unicore_url;           // base URL ending in /rest/core
-  std::string ca_file;               // empty: the system's CA store
+  std::string unicore_url;  // base URL ending in /rest/core
+  std::string ca_file;      // empty: the system's CA store
   bool verify_tls = true;
-  std::vector<HostPort> login_hosts; // tried in order
+  std::vector<HostPort> login_hosts;  // tried in order
   std::string known_hosts;
   std::string ssh_user;
   std::string ssh_identity;
-  std::string ssh_cipher;            // empty: libssh's default list
+  std::string ssh_cipher;  // empty: libssh's default list
   std::chrono::seconds ssh_keepalive{15};
   std::chrono::seconds connect_timeout{10};
   AgentConfig agent;
   GpuMode gpu_mode = GpuMode::gpus_per_node;
   // Shell lines run by the job; {agent} expands to the agent's command line (which itself runs the
-  // kernel), {kernel_argv} to the kernel's argv, shell-quoted. Empty: the job runs {agent} directly.
+  // kernel), {kernel_argv} to the kernel's argv, shell-quoted. Empty: the job runs {agent}
+  // directly.
   std::string job_template;
-  std::map<std::string, std::string> environment;      // exported in the job
-  std::vector<std::string> job_tags{"kernel-bridge"};  // on every job, so operators find them
+  std::map<std::string, std::string> environment;           // exported in the job
+  std::vector<std::string> job_tags{"kernel-bridge"};       // on every job, so operators find them
   std::map<std::string, std::vector<std::string>> kernels;  // name → argv with {connection_file}
-  std::string default_kernel;        // used when a request names neither kernel nor argv
+  std::string default_kernel;  // used when a request names neither kernel nor argv
   ResourceDefaults defaults;
   ResourceLimits limits;
-  int line = 0;                      // where the [[site]] table starts (for later messages)
+  int line = 0;  // where the [[site]] table starts (for later messages)
 };
 
 struct ApiConfig {
-  std::string unix_socket;           // empty: no Unix listener
-  std::optional<HostPort> tcp;       // needs tokens_file
+  std::string unix_socket;      // empty: no Unix listener
+  std::optional<HostPort> tcp;  // needs tokens_file
   std::string tokens_file;
   std::vector<std::string> admin_users;  // Unix-socket users with the admin right
   std::uint64_t max_body = 1024 * 1024;
@@ -100,12 +101,12 @@ struct ApiConfig {
 };
 
 struct BridgeConfig {
-  std::string file;                  // absolute path of the file read
+  std::string file;  // absolute path of the file read
   std::string state_dir;
   std::string log_level = "info";
   std::chrono::seconds restart_grace{30};
   std::chrono::seconds ended_retention{3600};  // ended kernels stay listed this long
-  int max_kernels_per_user = 0;      // 0: unlimited
+  int max_kernels_per_user = 0;                // 0: unlimited
   ApiConfig api;
   std::vector<SiteConfig> sites;
 
@@ -125,7 +126,8 @@ BridgeConfig parse_config(std::string_view text, const std::string& file,
                           const LoadOptions& options = {});
 
 // "30s", "15m", "1h", "2h30m", "1d", "1d12h" → seconds. Errors say what is expected.
-std::optional<std::chrono::seconds> parse_duration(std::string_view text, std::string* error = nullptr);
+std::optional<std::chrono::seconds> parse_duration(std::string_view text,
+                                                   std::string* error = nullptr);
 std::string format_duration(std::chrono::seconds d);  // "48h", "2h30m", "45s", "0s"
 // "512M", "16G", "16GiB", "1T" → bytes; units are powers of 1024 (as Slurm reads them).
 std::optional<std::uint64_t> parse_size(std::string_view text, std::string* error = nullptr);
@@ -141,7 +143,8 @@ struct LimitViolation {
 // Fills resources the request left out from the site's defaults.
 void apply_defaults(const SiteConfig& site, ResourceRequest& resources);
 // The first limit the request's resources violate (check after apply_defaults), or nullopt.
-std::optional<LimitViolation> validate_request(const SiteConfig& site, const KernelRequest& request);
+std::optional<LimitViolation> validate_request(const SiteConfig& site,
+                                               const KernelRequest& request);
 
 // The closest candidate to `word` (edit distance ≤ 2, or a prefix), empty if none: "did you mean".
 std::string closest_match(std::string_view word, const std::vector<std::string>& candidates);

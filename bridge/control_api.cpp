@@ -53,14 +53,26 @@ json error_body(const ApiError& e) {
 ApiError from_service_error(const ServiceError& e) {
   http::status status = http::status::internal_server_error;
   switch (e.kind) {
-    case ServiceErrorKind::invalid_request: status = http::status::bad_request; break;
-    case ServiceErrorKind::not_found: status = http::status::not_found; break;
+    case ServiceErrorKind::invalid_request:
+      status = http::status::bad_request;
+      break;
+    case ServiceErrorKind::not_found:
+      status = http::status::not_found;
+      break;
     case ServiceErrorKind::conflict:
-    case ServiceErrorKind::credentials_missing: status = http::status::conflict; break;
+    case ServiceErrorKind::credentials_missing:
+      status = http::status::conflict;
+      break;
     case ServiceErrorKind::limit_exceeded:
-    case ServiceErrorKind::unprocessable: status = http::status::unprocessable_entity; break;
-    case ServiceErrorKind::unavailable: status = http::status::service_unavailable; break;
-    case ServiceErrorKind::internal: status = http::status::internal_server_error; break;
+    case ServiceErrorKind::unprocessable:
+      status = http::status::unprocessable_entity;
+      break;
+    case ServiceErrorKind::unavailable:
+      status = http::status::service_unavailable;
+      break;
+    case ServiceErrorKind::internal:
+      status = http::status::internal_server_error;
+      break;
   }
   return ApiError{status, e.message, e.field, e.limit};
 }
@@ -88,7 +100,8 @@ std::string percent_decode(std::string_view in, bool* ok) {
 bool valid_user_name(std::string_view name) {
   if (name.empty() || name.size() > 256) return false;
   for (char c : name) {
-    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-' && c != '@' && c != '$') {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-' &&
+        c != '@' && c != '$') {
       return false;
     }
   }
@@ -110,9 +123,11 @@ json resources_json(const ResourceRequest& r) {
 
 json kernel_json(const KernelView& v) {
   json history = json::array();
-  for (const auto& h : v.history) history.push_back({{"state", to_string(h.state)}, {"at", format_time_utc(h.at)}});
+  for (const auto& h : v.history)
+    history.push_back({{"state", to_string(h.state)}, {"at", format_time_utc(h.at)}});
   json progress = json::array();
-  for (const auto& p : v.progress) progress.push_back({{"at", format_time_utc(p.at)}, {"message", p.message}});
+  for (const auto& p : v.progress)
+    progress.push_back({{"at", format_time_utc(p.at)}, {"message", p.message}});
   json out{
       {"id", v.id},
       {"owner", v.owner},
@@ -123,7 +138,8 @@ json kernel_json(const KernelView& v) {
       {"kernel_argv", v.kernel_argv},
       {"resources", resources_json(v.resources)},
       {"state", to_string(v.state)},
-      {"end_cause", v.end_cause == EndCause::none ? json(nullptr) : json(std::string(to_string(v.end_cause)))},
+      {"end_cause",
+       v.end_cause == EndCause::none ? json(nullptr) : json(std::string(to_string(v.end_cause)))},
       {"reason", v.reason},
       {"exit_code", v.exit_code ? json(*v.exit_code) : json(nullptr)},
       {"exit_signal", v.exit_signal ? json(*v.exit_signal) : json(nullptr)},
@@ -149,20 +165,28 @@ json kernel_json(const KernelView& v) {
 
 std::string type_of(const json& j) {
   switch (j.type()) {
-    case json::value_t::null: return "null";
-    case json::value_t::boolean: return "a boolean";
-    case json::value_t::string: return "a string";
-    case json::value_t::array: return "an array";
-    case json::value_t::object: return "an object";
-    case json::value_t::number_float: return "a fractional number";
-    default: return "a number";
+    case json::value_t::null:
+      return "null";
+    case json::value_t::boolean:
+      return "a boolean";
+    case json::value_t::string:
+      return "a string";
+    case json::value_t::array:
+      return "an array";
+    case json::value_t::object:
+      return "an object";
+    case json::value_t::number_float:
+      return "a fractional number";
+    default:
+      return "a number";
   }
 }
 
 // Reads the fields of one JSON object, refusing unknown ones and wrong types (naming the field).
 class ObjectReader {
  public:
-  ObjectReader(const json& object, std::string prefix) : object_(object), prefix_(std::move(prefix)) {}
+  ObjectReader(const json& object, std::string prefix)
+      : object_(object), prefix_(std::move(prefix)) {}
 
   std::optional<ApiError> check_known(const std::vector<std::string>& known) const {
     for (auto it = object_.begin(); it != object_.end(); ++it) {
@@ -176,7 +200,9 @@ class ObjectReader {
     return std::nullopt;
   }
 
-  std::string field(const std::string& key) const { return prefix_.empty() ? key : prefix_ + "." + key; }
+  std::string field(const std::string& key) const {
+    return prefix_.empty() ? key : prefix_ + "." + key;
+  }
   const json* get(const std::string& key) const {
     auto it = object_.find(key);
     if (it == object_.end() || it->is_null()) return nullptr;
@@ -184,7 +210,9 @@ class ObjectReader {
   }
   ApiError wrong_type(const std::string& key, const std::string& expected) const {
     return ApiError{http::status::bad_request,
-                    field(key) + " must be " + expected + ", not " + type_of(object_.at(key)), field(key), {}};
+                    field(key) + " must be " + expected + ", not " + type_of(object_.at(key)),
+                    field(key),
+                    {}};
   }
 
   std::optional<ApiError> string(const std::string& key, std::optional<std::string>& out) const {
@@ -192,25 +220,32 @@ class ObjectReader {
     if (!j) return std::nullopt;
     if (!j->is_string()) return wrong_type(key, "a string");
     std::string value = j->get<std::string>();
-    if (value.empty()) return ApiError{http::status::bad_request, field(key) + " must not be empty", field(key), {}};
+    if (value.empty())
+      return ApiError{http::status::bad_request, field(key) + " must not be empty", field(key), {}};
     for (char c : value) {
       if (static_cast<unsigned char>(c) < 0x20) {
-        return ApiError{http::status::bad_request, field(key) + " contains a control character", field(key), {}};
+        return ApiError{http::status::bad_request,
+                        field(key) + " contains a control character",
+                        field(key),
+                        {}};
       }
     }
     out = std::move(value);
     return std::nullopt;
   }
 
-  std::optional<ApiError> integer(const std::string& key, std::optional<int>& out, long min, long max) const {
+  std::optional<ApiError> integer(const std::string& key, std::optional<int>& out, long min,
+                                  long max) const {
     const json* j = get(key);
     if (!j) return std::nullopt;
     if (!j->is_number_integer()) return wrong_type(key, "an integer");
     const auto value = j->get<long long>();
     if (value < min || value > max) {
-      return ApiError{http::status::bad_request,
-                      field(key) + " must be between " + std::to_string(min) + " and " + std::to_string(max),
-                      field(key), {}};
+      return ApiError{
+          http::status::bad_request,
+          field(key) + " must be between " + std::to_string(min) + " and " + std::to_string(max),
+          field(key),
+          {}};
     }
     out = static_cast<int>(value);
     return std::nullopt;
@@ -223,23 +258,33 @@ class ObjectReader {
 
 std::optional<ApiError> parse_resources(const json& j, ResourceRequest& r) {
   if (!j.is_object()) {
-    return ApiError{http::status::bad_request, "resources must be an object, not " + type_of(j), "resources", {}};
+    return ApiError{http::status::bad_request,
+                    "resources must be an object, not " + type_of(j),
+                    "resources",
+                    {}};
   }
   ObjectReader in(j, "resources");
-  if (auto e = in.check_known({"queue", "nodes", "gpus", "runtime", "project", "reservation", "qos", "memory"})) return e;
+  if (auto e = in.check_known(
+          {"queue", "nodes", "gpus", "runtime", "project", "reservation", "qos", "memory"}))
+    return e;
   if (auto e = in.string("queue", r.queue)) return e;
   if (auto e = in.integer("nodes", r.nodes, 1, 1000000)) return e;
   if (auto e = in.integer("gpus", r.gpus, 0, 1024)) return e;
   if (const json* runtime = in.get("runtime")) {
     if (runtime->is_number_integer()) {
       if (runtime->get<long long>() <= 0 || runtime->get<long long>() > 100LL * 365 * 86400) {
-        return ApiError{http::status::bad_request, "resources.runtime must be a positive number of seconds", "resources.runtime", {}};
+        return ApiError{http::status::bad_request,
+                        "resources.runtime must be a positive number of seconds",
+                        "resources.runtime",
+                        {}};
       }
       r.runtime = std::chrono::seconds(runtime->get<long long>());
     } else if (runtime->is_string()) {
       std::string error;
       r.runtime = parse_duration(runtime->get<std::string>(), &error);
-      if (!r.runtime) return ApiError{http::status::bad_request, "resources.runtime: " + error, "resources.runtime", {}};
+      if (!r.runtime)
+        return ApiError{
+            http::status::bad_request, "resources.runtime: " + error, "resources.runtime", {}};
     } else {
       return in.wrong_type("runtime", "a duration string (\"2h30m\") or a number of seconds");
     }
@@ -248,12 +293,15 @@ std::optional<ApiError> parse_resources(const json& j, ResourceRequest& r) {
   if (auto e = in.string("reservation", r.reservation)) return e;
   if (auto e = in.string("qos", r.qos)) return e;
   if (const json* memory = in.get("memory")) {
-    if (memory->is_number_unsigned() || (memory->is_number_integer() && memory->get<long long>() > 0)) {
+    if (memory->is_number_unsigned() ||
+        (memory->is_number_integer() && memory->get<long long>() > 0)) {
       r.memory = memory->get<std::uint64_t>();
     } else if (memory->is_string()) {
       std::string error;
       r.memory = parse_size(memory->get<std::string>(), &error);
-      if (!r.memory) return ApiError{http::status::bad_request, "resources.memory: " + error, "resources.memory", {}};
+      if (!r.memory)
+        return ApiError{
+            http::status::bad_request, "resources.memory: " + error, "resources.memory", {}};
     } else {
       return in.wrong_type("memory", "a size string (\"16G\") or a number of bytes");
     }
@@ -263,25 +311,37 @@ std::optional<ApiError> parse_resources(const json& j, ResourceRequest& r) {
 
 std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
   if (!j.is_object()) {
-    return ApiError{http::status::bad_request, "connection must be an object (Jupyter's connection file), not " + type_of(j), "connection", {}};
+    return ApiError{http::status::bad_request,
+                    "connection must be an object (Jupyter's connection file), not " + type_of(j),
+                    "connection",
+                    {}};
   }
   ObjectReader in(j, "connection");
   // The keys of Jupyter's connection file; kernel_name is accepted and ignored (the request's
   // kernel decides what runs).
-  if (auto e = in.check_known({"ip", "transport", "shell_port", "iopub_port", "stdin_port", "control_port",
-                               "hb_port", "key", "signature_scheme", "kernel_name"})) return e;
+  if (auto e =
+          in.check_known({"ip", "transport", "shell_port", "iopub_port", "stdin_port",
+                          "control_port", "hb_port", "key", "signature_scheme", "kernel_name"}))
+    return e;
   std::optional<std::string> transport, ip, scheme;
   if (auto e = in.string("transport", transport)) return e;
   if (transport && *transport != "tcp") {
     return ApiError{http::status::unprocessable_entity,
-                    "connection.transport \"" + *transport + "\" is not supported; kernel-bridge serves tcp endpoints only",
-                    "connection.transport", {}};
+                    "connection.transport \"" + *transport +
+                        "\" is not supported; kernel-bridge serves tcp endpoints only",
+                    "connection.transport",
+                    {}};
   }
   if (auto e = in.string("ip", ip)) return e;
-  if (!ip) return ApiError{http::status::bad_request, "connection.ip is required", "connection.ip", {}};
+  if (!ip)
+    return ApiError{http::status::bad_request, "connection.ip is required", "connection.ip", {}};
   boost::system::error_code ec;
   net::ip::make_address(*ip, ec);
-  if (ec) return ApiError{http::status::bad_request, "connection.ip \"" + *ip + "\" is not an IP address", "connection.ip", {}};
+  if (ec)
+    return ApiError{http::status::bad_request,
+                    "connection.ip \"" + *ip + "\" is not an IP address",
+                    "connection.ip",
+                    {}};
   c.ip = *ip;
   std::set<int> seen;
   const std::pair<const char*, std::uint16_t*> ports[] = {{"shell_port", &c.shell_port},
@@ -292,10 +352,14 @@ std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
   for (const auto& [key, slot] : ports) {
     std::optional<int> port;
     if (auto e = in.integer(key, port, 1, 65535)) return e;
-    if (!port) return ApiError{http::status::bad_request, in.field(key) + " is required", in.field(key), {}};
+    if (!port)
+      return ApiError{http::status::bad_request, in.field(key) + " is required", in.field(key), {}};
     if (!seen.insert(*port).second) {
-      return ApiError{http::status::bad_request, in.field(key) + " " + std::to_string(*port) + " is used by another channel too",
-                      in.field(key), {}};
+      return ApiError{
+          http::status::bad_request,
+          in.field(key) + " " + std::to_string(*port) + " is used by another channel too",
+          in.field(key),
+          {}};
     }
     *slot = static_cast<std::uint16_t>(*port);
   }
@@ -306,15 +370,19 @@ std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
   if (auto e = in.string("signature_scheme", scheme)) return e;
   if (scheme) {
     if (scheme->rfind("hmac-", 0) != 0 || scheme->size() == 5) {
-      return ApiError{http::status::bad_request, "connection.signature_scheme must be hmac-<digest>, e.g. hmac-sha256",
-                      "connection.signature_scheme", {}};
+      return ApiError{http::status::bad_request,
+                      "connection.signature_scheme must be hmac-<digest>, e.g. hmac-sha256",
+                      "connection.signature_scheme",
+                      {}};
     }
     c.signature_scheme = *scheme;
   }
   return std::nullopt;
 }
 
-bool is_live(const KernelView& v) { return v.state != KernelState::ended; }
+bool is_live(const KernelView& v) {
+  return v.state != KernelState::ended;
+}
 
 // A parsed request target: path segments (percent-decoded) and query parameters.
 struct Target {
@@ -351,7 +419,8 @@ Target parse_target(std::string_view target) {
     auto eq = pair.find('=');
     bool ok1 = true, ok2 = true;
     std::string key = percent_decode(pair.substr(0, eq), &ok1);
-    std::string value = eq == std::string_view::npos ? "" : percent_decode(pair.substr(eq + 1), &ok2);
+    std::string value =
+        eq == std::string_view::npos ? "" : percent_decode(pair.substr(eq + 1), &ok2);
     t.ok = t.ok && ok1 && ok2;
     t.query[key] = value;
   }
@@ -361,7 +430,8 @@ Target parse_target(std::string_view target) {
 }  // namespace
 
 std::string format_time_utc(Clock::time_point t) {
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
   std::time_t secs = static_cast<std::time_t>(ms / 1000);
   long millis = static_cast<long>(ms % 1000);
   if (millis < 0) {
@@ -371,8 +441,8 @@ std::string format_time_utc(Clock::time_point t) {
   std::tm tm{};
   gmtime_r(&secs, &tm);
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, millis);
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, millis);
   return buf;
 }
 
@@ -381,11 +451,13 @@ std::optional<Clock::time_point> parse_time_utc(const std::string& text) {
   std::tm tm{};
   int year, month, day, hour, minute, second;
   int consumed = 0;
-  if (std::sscanf(text.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%n", &year, &month, &day, &hour, &minute, &second,
-                  &consumed) != 6 || consumed != 19) {
+  if (std::sscanf(text.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%n", &year, &month, &day, &hour, &minute,
+                  &second, &consumed) != 6 ||
+      consumed != 19) {
     return std::nullopt;
   }
-  if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60) return std::nullopt;
+  if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60)
+    return std::nullopt;
   std::size_t i = 19;
   long long millis = 0;
   if (i < text.size() && text[i] == '.') {
@@ -448,7 +520,8 @@ struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   std::map<std::uint64_t, std::shared_ptr<net::steady_timer>> waits;  // long polls
   std::uint64_t next_wait = 0;
   std::unique_ptr<net::thread_pool> lookups;  // getpwuid_r off the event loop
-  std::map<uid_t, std::pair<std::optional<std::string>, std::chrono::steady_clock::time_point>> user_cache;
+  std::map<uid_t, std::pair<std::optional<std::string>, std::chrono::steady_clock::time_point>>
+      user_cache;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   bool stopped = false;
 
@@ -465,8 +538,9 @@ struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   }
   void create_kernel(const Caller& caller, const std::string& body,
                      std::function<void(http::status, json, http::fields)> reply);
-  void wait_for_change(const std::string& id, std::uint64_t after, std::chrono::milliseconds timeout,
-                       Caller caller, std::function<void(http::status, json, http::fields)> reply);
+  void wait_for_change(const std::string& id, std::uint64_t after,
+                       std::chrono::milliseconds timeout, Caller caller,
+                       std::function<void(http::status, json, http::fields)> reply);
   json health_json() const;
 };
 
@@ -494,12 +568,14 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
     parser_->header_limit(kHeaderLimit);
     stream_.expires_after(first_ ? api_->config.api.read_timeout : api_->config.api.idle_timeout);
     http::async_read(stream_, buffer_, *parser_,
-                     [self = this->shared_from_this()](beast::error_code ec, std::size_t) { self->on_read(ec); });
+                     [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
+                       self->on_read(ec);
+                     });
   }
 
   void on_read(beast::error_code ec) {
-    if (ec == http::error::end_of_stream || ec == net::error::eof || ec == net::error::operation_aborted ||
-        ec == net::error::connection_reset) {
+    if (ec == http::error::end_of_stream || ec == net::error::eof ||
+        ec == net::error::operation_aborted || ec == net::error::connection_reset) {
       return close();
     }
     if (ec == beast::error::timeout) {
@@ -507,8 +583,9 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
       return close();
     }
     if (ec == http::error::body_limit) {
-      return fail(http::status::payload_too_large,
-                  "request body larger than api.max_body (" + format_size(api_->config.api.max_body) + ")");
+      return fail(
+          http::status::payload_too_large,
+          "request body larger than api.max_body (" + format_size(api_->config.api.max_body) + ")");
     }
     if (ec == http::error::header_limit) {
       return fail(http::status::request_header_fields_too_large, "request headers larger than 16K");
@@ -521,9 +598,10 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
       return close();
     }
     stream_.expires_never();  // the service may take its time; the response write re-arms
-    api_->handle(peer_, parser_->release(), [self = this->shared_from_this()](HttpResponse response) {
-      self->write(std::move(response));
-    });
+    api_->handle(peer_, parser_->release(),
+                 [self = this->shared_from_this()](HttpResponse response) {
+                   self->write(std::move(response));
+                 });
   }
 
   void fail(http::status status, const std::string& message) {
@@ -564,7 +642,8 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
 };
 
 template <class Protocol>
-void start_session(const std::shared_ptr<ControlApi::Impl>& api, typename Protocol::socket socket, Peer peer) {
+void start_session(const std::shared_ptr<ControlApi::Impl>& api, typename Protocol::socket socket,
+                   Peer peer) {
   // Forget sessions that have ended, and refuse beyond the cap so memory stays bounded.
   for (auto it = api->sessions.begin(); it != api->sessions.end();) {
     it = it->second.expired() ? api->sessions.erase(it) : std::next(it);
@@ -578,9 +657,11 @@ void start_session(const std::shared_ptr<ControlApi::Impl>& api, typename Protoc
   session->start();
 }
 
-void ControlApi::Impl::resolve_user(uid_t uid, std::function<void(std::optional<std::string>)> done) {
+void ControlApi::Impl::resolve_user(uid_t uid,
+                                    std::function<void(std::optional<std::string>)> done) {
   auto cached = user_cache.find(uid);
-  if (cached != user_cache.end() && std::chrono::steady_clock::now() - cached->second.second < kUserCacheTtl) {
+  if (cached != user_cache.end() &&
+      std::chrono::steady_clock::now() - cached->second.second < kUserCacheTtl) {
     return done(cached->second.first);
   }
   net::post(*lookups, [self = shared_from_this(), uid, done = std::move(done)]() mutable {
@@ -593,8 +674,9 @@ void ControlApi::Impl::resolve_user(uid_t uid, std::function<void(std::optional<
 }
 
 void ControlApi::Impl::accept_unix() {
-  unix_acceptor->async_accept([self = shared_from_this()](beast::error_code ec,
-                                                          net::local::stream_protocol::socket socket) {
+  unix_acceptor->async_accept([self = shared_from_this()](
+                                  beast::error_code ec,
+                                  net::local::stream_protocol::socket socket) {
     if (ec == net::error::operation_aborted || self->stopped) return;
     if (ec) {
       spdlog::warn("api: accept on {} failed: {}", self->socket_path, ec.message());
@@ -623,7 +705,8 @@ void ControlApi::Impl::accept_unix() {
 }
 
 void ControlApi::Impl::accept_tcp() {
-  tcp_acceptor->async_accept([self = shared_from_this()](beast::error_code ec, net::ip::tcp::socket socket) {
+  tcp_acceptor->async_accept([self = shared_from_this()](beast::error_code ec,
+                                                         net::ip::tcp::socket socket) {
     if (ec == net::error::operation_aborted || self->stopped) return;
     if (ec) {
       spdlog::warn("api: accept on tcp failed: {}", ec.message());
@@ -644,14 +727,17 @@ void ControlApi::Impl::accept_tcp() {
   });
 }
 
-std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer, const HttpRequest& request) {
+std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer,
+                                                              const HttpRequest& request) {
   Caller caller;
   if (peer.transport == Peer::Transport::unix_socket) {
     if (!peer.unix_user) {
-      return ApiError{http::status::forbidden,
-                      "your uid " + (peer.uid ? std::to_string(*peer.uid) : std::string("?")) +
-                          " has no user name on the bridge's host; the bridge identifies callers by user name",
-                      {}, {}};
+      return ApiError{
+          http::status::forbidden,
+          "your uid " + (peer.uid ? std::to_string(*peer.uid) : std::string("?")) +
+              " has no user name on the bridge's host; the bridge identifies callers by user name",
+          {},
+          {}};
     }
     caller.user = *peer.unix_user;
     const auto& admins = config.api.admin_users;
@@ -660,11 +746,17 @@ std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer, 
   } else {
     auto auth = request[http::field::authorization];
     if (auth.empty()) {
-      return ApiError{http::status::unauthorized, "missing Authorization: Bearer <token> header", "Authorization", {}};
+      return ApiError{http::status::unauthorized,
+                      "missing Authorization: Bearer <token> header",
+                      "Authorization",
+                      {}};
     }
     constexpr beast::string_view kBearer = "Bearer ";
     if (auth.size() <= kBearer.size() || !beast::iequals(auth.substr(0, kBearer.size()), kBearer)) {
-      return ApiError{http::status::unauthorized, "the Authorization header must be \"Bearer <token>\"", "Authorization", {}};
+      return ApiError{http::status::unauthorized,
+                      "the Authorization header must be \"Bearer <token>\"",
+                      "Authorization",
+                      {}};
     }
     std::string_view token(auth.data() + kBearer.size(), auth.size() - kBearer.size());
     while (!token.empty() && token.front() == ' ') token.remove_prefix(1);
@@ -680,11 +772,16 @@ std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer, 
   if (!acting.empty() && std::string(acting) != caller.user) {
     if (!caller.admin) {
       return ApiError{http::status::forbidden,
-                      "only an admin may act for another user (X-Kernel-Bridge-User: " + std::string(acting) + ")",
-                      "X-Kernel-Bridge-User", {}};
+                      "only an admin may act for another user (X-Kernel-Bridge-User: " +
+                          std::string(acting) + ")",
+                      "X-Kernel-Bridge-User",
+                      {}};
     }
     if (!valid_user_name(acting)) {
-      return ApiError{http::status::bad_request, "X-Kernel-Bridge-User is not a valid user name", "X-Kernel-Bridge-User", {}};
+      return ApiError{http::status::bad_request,
+                      "X-Kernel-Bridge-User is not a valid user name",
+                      "X-Kernel-Bridge-User",
+                      {}};
     }
     caller.origin += " acting for " + std::string(acting);
     caller.user = std::string(acting);
@@ -696,7 +793,8 @@ std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer, 
   return caller;
 }
 
-void ControlApi::Impl::handle(const Peer& peer, HttpRequest request, std::function<void(HttpResponse)> done) {
+void ControlApi::Impl::handle(const Peer& peer, HttpRequest request,
+                              std::function<void(HttpResponse)> done) {
   const auto t0 = std::chrono::steady_clock::now();
   const unsigned version = request.version();
   const bool keep_alive = request.keep_alive();
@@ -707,17 +805,20 @@ void ControlApi::Impl::handle(const Peer& peer, HttpRequest request, std::functi
   for (std::size_t i = 0; i < target.segments.size(); ++i) {
     const bool variable = (i == 2 && target.segments[0] == "v1" &&
                            (target.segments[1] == "kernels" || target.segments[1] == "users"));
-    route_label += (i ? "/" : "") + (variable ? (target.segments[1] == "kernels" ? std::string("{id}") : std::string("{user}"))
-                                              : target.segments[i]);
+    route_label +=
+        (i ? "/" : "") +
+        (variable ? (target.segments[1] == "kernels" ? std::string("{id}") : std::string("{user}"))
+                  : target.segments[i]);
   }
   if (route_label.size() > 64) route_label = "(other)";
-  std::string who = peer.transport == Peer::Transport::tcp ? "tcp " + peer.remote
-                                                           : (peer.unix_user ? *peer.unix_user : std::string("uid ?"));
+  std::string who = peer.transport == Peer::Transport::tcp
+                        ? "tcp " + peer.remote
+                        : (peer.unix_user ? *peer.unix_user : std::string("uid ?"));
   // The path only: query strings are not secret here, but keep lines short and uniform.
   std::string path(request.target().substr(0, request.target().find('?')));
   auto self = shared_from_this();
-  auto reply = [self, done = std::move(done), version, keep_alive, method, route_label, who, path, t0](
-                   http::status status, json body, http::fields extra) {
+  auto reply = [self, done = std::move(done), version, keep_alive, method, route_label, who, path,
+                t0](http::status status, json body, http::fields extra) {
     HttpResponse response{status, version};
     response.set(http::field::server, "kernel-bridge/" KB_VERSION);
     for (const auto& f : extra) response.set(f.name_string(), f.value());
@@ -729,13 +830,19 @@ void ControlApi::Impl::handle(const Peer& peer, HttpRequest request, std::functi
     }
     response.keep_alive(keep_alive);
     response.prepare_payload();
-    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+    const auto ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
+            .count();
     spdlog::info("api: {} {} {} -> {} ({} ms)", who, method, path, static_cast<int>(status), ms);
-    self->metrics.api_requests.with({method, route_label, std::to_string(static_cast<int>(status))}).inc();
+    self->metrics.api_requests.with({method, route_label, std::to_string(static_cast<int>(status))})
+        .inc();
     done(std::move(response));
   };
   if (!target.ok) {
-    return reply(http::status::bad_request, error_body({http::status::bad_request, "malformed percent-encoding in the URL", {}, {}}), {});
+    return reply(
+        http::status::bad_request,
+        error_body({http::status::bad_request, "malformed percent-encoding in the URL", {}, {}}),
+        {});
   }
   route(peer, request, target, std::move(reply));
 }
@@ -743,7 +850,9 @@ void ControlApi::Impl::handle(const Peer& peer, HttpRequest request, std::functi
 json ControlApi::Impl::health_json() const {
   json counts = json::object();
   for (auto s : kAllKernelStates) counts[std::string(to_string(s))] = 0;
-  for (const auto& v : kernels.list()) counts[std::string(to_string(v.state))] = counts[std::string(to_string(v.state))].get<int>() + 1;
+  for (const auto& v : kernels.list())
+    counts[std::string(to_string(v.state))] =
+        counts[std::string(to_string(v.state))].get<int>() + 1;
   json checks = json::array();
   bool ok = true;
   for (const auto& c : kernels.health()) {
@@ -752,7 +861,9 @@ json ControlApi::Impl::health_json() const {
   }
   return json{{"status", ok ? "ok" : "degraded"},
               {"version", KB_VERSION},
-              {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started).count()},
+              {"uptime_seconds", std::chrono::duration_cast<std::chrono::seconds>(
+                                     std::chrono::steady_clock::now() - started)
+                                     .count()},
               {"kernels", counts},
               {"checks", checks}};
 }
@@ -761,12 +872,16 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
                              std::function<void(http::status, json, http::fields)> reply) {
   const auto& seg = target.segments;
   const http::verb verb = request.method();
-  auto error = [&reply](const ApiError& e, http::fields extra = {}) { reply(e.status, error_body(e), std::move(extra)); };
+  auto error = [&reply](const ApiError& e, http::fields extra = {}) {
+    reply(e.status, error_body(e), std::move(extra));
+  };
   auto method_not_allowed = [&](const char* allow) {
     http::fields extra;
     extra.set(http::field::allow, allow);
     error({http::status::method_not_allowed,
-           std::string(request.method_string()) + " is not allowed here (allowed: " + allow + ")", {}, {}},
+           std::string(request.method_string()) + " is not allowed here (allowed: " + allow + ")",
+           {},
+           {}},
           std::move(extra));
   };
 
@@ -779,7 +894,8 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
   auto authenticated = authenticate(peer, request);
   if (auto* e = std::get_if<ApiError>(&authenticated)) {
     http::fields extra;
-    if (e->status == http::status::unauthorized) extra.set(http::field::www_authenticate, "Bearer realm=\"kernel-bridge\"");
+    if (e->status == http::status::unauthorized)
+      extra.set(http::field::www_authenticate, "Bearer realm=\"kernel-bridge\"");
     return error(*e, std::move(extra));
   }
   const Caller caller = std::get<Caller>(authenticated);
@@ -788,7 +904,10 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
   if (has_body_method && !request.body().empty()) {
     auto type = request[http::field::content_type];
     if (!type.empty() && type.substr(0, 16) != "application/json") {
-      return error({http::status::unsupported_media_type, "send the body as application/json", "Content-Type", {}});
+      return error({http::status::unsupported_media_type,
+                    "send the body as application/json",
+                    "Content-Type",
+                    {}});
     }
   }
 
@@ -817,7 +936,8 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     const bool found = view && visible(caller, *view);
     auto not_found = [&] { error({http::status::not_found, "no kernel " + id, "id", {}}); };
     auto action_done = [this, reply, id](std::optional<ServiceError> err) {
-      if (err) return reply(from_service_error(*err).status, error_body(from_service_error(*err)), {});
+      if (err)
+        return reply(from_service_error(*err).status, error_body(from_service_error(*err)), {});
       auto now = kernels.get(id);
       reply(http::status::accepted, now ? kernel_json(*now) : json{{"id", id}}, {});
     };
@@ -836,7 +956,8 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
             after = std::stoull(a->second, &used);
             if (used != a->second.size()) throw std::invalid_argument("trailing");
           } catch (const std::exception&) {
-            return error({http::status::bad_request, "after must be a kernel version number", "after", {}});
+            return error(
+                {http::status::bad_request, "after must be a kernel version number", "after", {}});
           }
         }
         const auto limit = std::min<std::chrono::seconds>(*timeout, config.api.max_wait);
@@ -861,40 +982,52 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     if (verb != http::verb::put && verb != http::verb::get && verb != http::verb::delete_) {
       return method_not_allowed("PUT, GET, DELETE");
     }
-    if (!valid_user_name(user)) return error({http::status::bad_request, "not a valid user name", "user", {}});
-    // The real user (not the one acted for) decides: an admin may set anyone's, others only their own.
+    if (!valid_user_name(user))
+      return error({http::status::bad_request, "not a valid user name", "user", {}});
+    // The real user (not the one acted for) decides: an admin may set anyone's, others only their
+    // own.
     if (user != caller.user && !caller.admin) {
-      return error({http::status::forbidden, "you may manage only your own credentials", "user", {}});
+      return error(
+          {http::status::forbidden, "you may manage only your own credentials", "user", {}});
     }
     auto info_json = [](const std::string& u, const CredentialsStore::Info& info) {
       const char* status = info.status == CredentialsStore::Status::valid     ? "valid"
                            : info.status == CredentialsStore::Status::expired ? "expired"
-                                                                                : "missing";
-      return json{{"user", u},
-                  {"status", status},
-                  {"expires_at", info.expires_at ? json(format_time_utc(*info.expires_at)) : json(nullptr)},
-                  {"updated_at", info.status == CredentialsStore::Status::missing ? json(nullptr)
-                                                                                   : json(format_time_utc(info.updated_at))}};
+                                                                              : "missing";
+      return json{
+          {"user", u},
+          {"status", status},
+          {"expires_at", info.expires_at ? json(format_time_utc(*info.expires_at)) : json(nullptr)},
+          {"updated_at", info.status == CredentialsStore::Status::missing
+                             ? json(nullptr)
+                             : json(format_time_utc(info.updated_at))}};
     };
-    if (verb == http::verb::get) return reply(http::status::ok, info_json(user, credentials.info(user)), {});
+    if (verb == http::verb::get)
+      return reply(http::status::ok, info_json(user, credentials.info(user)), {});
     if (verb == http::verb::delete_) {
       credentials.erase(user);
       return reply(http::status::no_content, json(), {});
     }
     // PUT. The body holds a secret: nothing below logs or echoes it.
     json body = json::parse(request.body(), nullptr, false);
-    if (body.is_discarded()) return error({http::status::bad_request, "the body is not valid JSON", {}, {}});
-    if (!body.is_object()) return error({http::status::bad_request, "the body must be a JSON object", {}, {}});
+    if (body.is_discarded())
+      return error({http::status::bad_request, "the body is not valid JSON", {}, {}});
+    if (!body.is_object())
+      return error({http::status::bad_request, "the body must be a JSON object", {}, {}});
     ObjectReader in(body, "");
     if (auto e = in.check_known({"token", "expires_at"})) return error(*e);
     const json* token = in.get("token");
     if (!token) return error({http::status::bad_request, "token is required", "token", {}});
     if (!token->is_string()) return error(in.wrong_type("token", "a string"));
     const std::string& text = token->get_ref<const std::string&>();
-    if (text.empty()) return error({http::status::bad_request, "token must not be empty", "token", {}});
+    if (text.empty())
+      return error({http::status::bad_request, "token must not be empty", "token", {}});
     for (char c : text) {
       if (static_cast<unsigned char>(c) < 0x21 || static_cast<unsigned char>(c) == 0x7f) {
-        return error({http::status::bad_request, "token contains whitespace or a control character", "token", {}});
+        return error({http::status::bad_request,
+                      "token contains whitespace or a control character",
+                      "token",
+                      {}});
       }
     }
     std::optional<Clock::time_point> expires;
@@ -903,22 +1036,31 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
         expires = Clock::time_point(std::chrono::seconds(e->get<long long>()));
       } else if (e->is_string()) {
         expires = parse_time_utc(e->get<std::string>());
-        if (!expires) return error({http::status::bad_request, "expires_at must be RFC 3339 (2026-11-26T18:00:00Z) or Unix seconds", "expires_at", {}});
+        if (!expires)
+          return error({http::status::bad_request,
+                        "expires_at must be RFC 3339 (2026-11-26T18:00:00Z) or Unix seconds",
+                        "expires_at",
+                        {}});
       } else {
         return error(in.wrong_type("expires_at", "an RFC 3339 string or Unix seconds"));
       }
       if (*expires <= Clock::now()) {
-        return error({http::status::unprocessable_entity, "expires_at is in the past: the token has expired already", "expires_at", {}});
+        return error({http::status::unprocessable_entity,
+                      "expires_at is in the past: the token has expired already",
+                      "expires_at",
+                      {}});
       }
     }
     credentials.set(user, text, expires);
     return reply(http::status::ok, info_json(user, credentials.info(user)), {});
   }
 
-  error({http::status::not_found, "no such route: " + std::string(request.method_string()) + " " +
-                                      std::string(request.target().substr(0, request.target().find('?'))) +
-                                      " (see docs/control-api.md)",
-         {}, {}});
+  error({http::status::not_found,
+         "no such route: " + std::string(request.method_string()) + " " +
+             std::string(request.target().substr(0, request.target().find('?'))) +
+             " (see docs/control-api.md)",
+         {},
+         {}});
 }
 
 void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& text,
@@ -928,11 +1070,17 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
   try {
     body = json::parse(text);
   } catch (const json::parse_error& e) {
-    return error({http::status::bad_request, "the body is not valid JSON (at byte " + std::to_string(e.byte) + ")", {}, {}});
+    return error({http::status::bad_request,
+                  "the body is not valid JSON (at byte " + std::to_string(e.byte) + ")",
+                  {},
+                  {}});
   }
-  if (!body.is_object()) return error({http::status::bad_request, "the body must be a JSON object", {}, {}});
+  if (!body.is_object())
+    return error({http::status::bad_request, "the body must be a JSON object", {}, {}});
   ObjectReader in(body, "");
-  if (auto e = in.check_known({"site", "kernel", "kernel_argv", "resources", "connection", "name", "tags"})) return error(*e);
+  if (auto e = in.check_known(
+          {"site", "kernel", "kernel_argv", "resources", "connection", "name", "tags"}))
+    return error(*e);
 
   KernelRequest request;
   std::optional<std::string> site_name, kernel, name;
@@ -948,27 +1096,48 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
     }
     std::string message = "unknown site \"" + *site_name + "\"";
     const std::string guess = closest_match(*site_name, names);
-    message += guess.empty() ? " (configured sites: " + list + ")" : " (did you mean \"" + guess + "\"?)";
+    message +=
+        guess.empty() ? " (configured sites: " + list + ")" : " (did you mean \"" + guess + "\"?)";
     return error({http::status::unprocessable_entity, message, "site", {}});
   }
   request.site = site->name;
 
   if (auto e = in.string("kernel", kernel)) return error(*e);
   if (const json* argv = in.get("kernel_argv")) {
-    if (kernel) return error({http::status::bad_request, "give either kernel or kernel_argv, not both", "kernel_argv", {}});
-    if (!argv->is_array() || argv->empty()) return error({http::status::bad_request, "kernel_argv must be a non-empty array of strings", "kernel_argv", {}});
+    if (kernel)
+      return error({http::status::bad_request,
+                    "give either kernel or kernel_argv, not both",
+                    "kernel_argv",
+                    {}});
+    if (!argv->is_array() || argv->empty())
+      return error({http::status::bad_request,
+                    "kernel_argv must be a non-empty array of strings",
+                    "kernel_argv",
+                    {}});
     bool placeholder = false;
     for (const auto& a : *argv) {
-      if (!a.is_string()) return error({http::status::bad_request, "kernel_argv must contain only strings", "kernel_argv", {}});
+      if (!a.is_string())
+        return error({http::status::bad_request,
+                      "kernel_argv must contain only strings",
+                      "kernel_argv",
+                      {}});
       request.kernel_argv.push_back(a.get<std::string>());
-      placeholder = placeholder || request.kernel_argv.back().find("{connection_file}") != std::string::npos;
+      placeholder =
+          placeholder || request.kernel_argv.back().find("{connection_file}") != std::string::npos;
     }
     if (!placeholder) {
-      return error({http::status::bad_request, "kernel_argv must contain \"{connection_file}\" where the kernel expects its connection file", "kernel_argv", {}});
+      return error({http::status::bad_request,
+                    "kernel_argv must contain \"{connection_file}\" where the kernel expects its "
+                    "connection file",
+                    "kernel_argv",
+                    {}});
     }
   } else {
     if (!kernel && site->default_kernel.empty()) {
-      return error({http::status::bad_request, "kernel is required (site " + site->name + " has no default_kernel)", "kernel", {}});
+      return error({http::status::bad_request,
+                    "kernel is required (site " + site->name + " has no default_kernel)",
+                    "kernel",
+                    {}});
     }
     const std::string chosen = kernel ? *kernel : site->default_kernel;
     auto found = site->kernels.find(chosen);
@@ -976,8 +1145,10 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
       std::string list;
       for (const auto& [n, argv] : site->kernels) list += (list.empty() ? "" : ", ") + n;
       return error({http::status::unprocessable_entity,
-                    "site " + site->name + " has no kernel \"" + chosen + "\" (configured: " + (list.empty() ? "none" : list) + ")",
-                    "kernel", {}});
+                    "site " + site->name + " has no kernel \"" + chosen +
+                        "\" (configured: " + (list.empty() ? "none" : list) + ")",
+                    "kernel",
+                    {}});
     }
     request.kernel_name = chosen;
     request.kernel_argv = found->second;
@@ -987,7 +1158,11 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
     if (auto e = parse_resources(*r, request.resources)) return error(*e);
   }
   const json* connection = in.get("connection");
-  if (!connection) return error({http::status::bad_request, "connection is required (the hub-side ports and key Jupyter chose)", "connection", {}});
+  if (!connection)
+    return error({http::status::bad_request,
+                  "connection is required (the hub-side ports and key Jupyter chose)",
+                  "connection",
+                  {}});
   if (auto e = parse_connection(*connection, request.connection)) return error(*e);
   if (auto e = in.string("name", name)) return error(*e);
   if (name) request.name = *name;
@@ -996,7 +1171,10 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
     if (tags->size() > 32) return error({http::status::bad_request, "at most 32 tags", "tags", {}});
     for (auto it = tags->begin(); it != tags->end(); ++it) {
       if (!it.value().is_string()) {
-        return error({http::status::bad_request, "tags." + it.key() + " must be a string, not " + type_of(it.value()), "tags." + it.key(), {}});
+        return error({http::status::bad_request,
+                      "tags." + it.key() + " must be a string, not " + type_of(it.value()),
+                      "tags." + it.key(),
+                      {}});
       }
       request.tags[it.key()] = it.value().get<std::string>();
     }
@@ -1004,35 +1182,41 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
 
   apply_defaults(*site, request.resources);
   if (auto violation = validate_request(*site, request)) {
-    return error({http::status::unprocessable_entity, violation->message, violation->field, violation->limit});
+    return error({http::status::unprocessable_entity, violation->message, violation->field,
+                  violation->limit});
   }
   if (config.max_kernels_per_user > 0) {
     int live = 0;
     for (const auto& v : kernels.list()) live += (v.owner == caller.user && is_live(v)) ? 1 : 0;
     if (live >= config.max_kernels_per_user) {
       return error({http::status::unprocessable_entity,
-                    "you have " + std::to_string(live) + " kernels running, the bridge's max_kernels_per_user is " +
+                    "you have " + std::to_string(live) +
+                        " kernels running, the bridge's max_kernels_per_user is " +
                         std::to_string(config.max_kernels_per_user) + "; stop one first",
-                    {}, "max_kernels_per_user"});
+                    {},
+                    "max_kernels_per_user"});
     }
   }
-  kernels.create(caller, std::move(request), [reply](std::variant<KernelView, ServiceError> result) {
-    if (auto* e = std::get_if<ServiceError>(&result)) {
-      const ApiError api = from_service_error(*e);
-      return reply(api.status, error_body(api), {});
-    }
-    const KernelView& view = std::get<KernelView>(result);
-    http::fields extra;
-    extra.set(http::field::location, "/v1/kernels/" + view.id);
-    reply(http::status::created, kernel_json(view), std::move(extra));
-  });
+  kernels.create(caller, std::move(request),
+                 [reply](std::variant<KernelView, ServiceError> result) {
+                   if (auto* e = std::get_if<ServiceError>(&result)) {
+                     const ApiError api = from_service_error(*e);
+                     return reply(api.status, error_body(api), {});
+                   }
+                   const KernelView& view = std::get<KernelView>(result);
+                   http::fields extra;
+                   extra.set(http::field::location, "/v1/kernels/" + view.id);
+                   reply(http::status::created, kernel_json(view), std::move(extra));
+                 });
 }
 
-void ControlApi::Impl::wait_for_change(const std::string& id, std::uint64_t after, std::chrono::milliseconds timeout,
-                                       Caller caller, std::function<void(http::status, json, http::fields)> reply) {
+void ControlApi::Impl::wait_for_change(
+    const std::string& id, std::uint64_t after, std::chrono::milliseconds timeout, Caller caller,
+    std::function<void(http::status, json, http::fields)> reply) {
   auto view = kernels.get(id);
   if (!view || !visible(caller, *view)) {
-    return reply(http::status::not_found, error_body({http::status::not_found, "no kernel " + id, "id", {}}), {});
+    return reply(http::status::not_found,
+                 error_body({http::status::not_found, "no kernel " + id, "id", {}}), {});
   }
   if (view->version > after || view->state == KernelState::ended || timeout.count() == 0) {
     return reply(http::status::ok, kernel_json(*view), {});
@@ -1056,8 +1240,11 @@ void ControlApi::Impl::wait_for_change(const std::string& id, std::uint64_t afte
     self->waits.erase(wait->key);
     timer->cancel();
     auto now = self->kernels.get(id);
-    if (now) wait->reply(http::status::ok, kernel_json(*now), {});
-    else wait->reply(http::status::not_found, error_body({http::status::not_found, "no kernel " + id, "id", {}}), {});
+    if (now)
+      wait->reply(http::status::ok, kernel_json(*now), {});
+    else
+      wait->reply(http::status::not_found,
+                  error_body({http::status::not_found, "no kernel " + id, "id", {}}), {});
   };
   wait->listener = kernels.subscribe([id, after, finish](const KernelView& changed) {
     if (changed.id == id && changed.version > after) finish();
@@ -1077,13 +1264,16 @@ ControlApi::ControlApi(net::io_context& io, const BridgeConfig& config, KernelSe
     if (!impl) return;
     std::map<KernelState, int> counts;
     for (const auto& v : impl->kernels.list()) counts[v.state]++;
-    for (auto s : kAllKernelStates) impl->metrics.kernels.with({std::string(to_string(s))}).set(counts[s]);
+    for (auto s : kAllKernelStates)
+      impl->metrics.kernels.with({std::string(to_string(s))}).set(counts[s]);
   });
   metrics.up_since.unlabelled().set(
       std::chrono::duration<double>(Clock::now().time_since_epoch()).count());
 }
 
-ControlApi::~ControlApi() { stop(); }
+ControlApi::~ControlApi() {
+  stop();
+}
 
 std::optional<net::ip::tcp::endpoint> ControlApi::tcp_endpoint() const {
   if (!impl_->tcp_acceptor) return std::nullopt;
@@ -1093,7 +1283,8 @@ std::optional<net::ip::tcp::endpoint> ControlApi::tcp_endpoint() const {
   return ep;
 }
 
-void ControlApi::handle(const Peer& peer, HttpRequest request, std::function<void(HttpResponse)> done) {
+void ControlApi::handle(const Peer& peer, HttpRequest request,
+                        std::function<void(HttpResponse)> done) {
   impl_->handle(peer, std::move(request), std::move(done));
 }
 
@@ -1105,30 +1296,36 @@ void prepare_socket_path(const std::string& path) {
   namespace fs = std::filesystem;
   if (path.size() >= sizeof(sockaddr_un{}.sun_path)) {
     throw std::runtime_error("api.unix_socket " + path + " is too long for a Unix socket (max " +
-                             std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) + " bytes); choose a shorter path");
+                             std::to_string(sizeof(sockaddr_un{}.sun_path) - 1) +
+                             " bytes); choose a shorter path");
   }
   const fs::path dir = fs::path(path).parent_path();
   std::error_code ec;
   if (!dir.empty() && !fs::exists(dir, ec)) {
     fs::create_directories(dir, ec);
-    if (ec) throw std::runtime_error("cannot create the directory of api.unix_socket " + dir.string() + ": " + ec.message());
+    if (ec)
+      throw std::runtime_error("cannot create the directory of api.unix_socket " + dir.string() +
+                               ": " + ec.message());
     ::chmod(dir.c_str(), 0755);
   }
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) return;  // nothing there
   if (!S_ISSOCK(st.st_mode)) {
-    throw std::runtime_error("api.unix_socket " + path + " exists and is not a socket; remove it or choose another path");
+    throw std::runtime_error("api.unix_socket " + path +
+                             " exists and is not a socket; remove it or choose another path");
   }
   net::io_context probe_io;
   net::local::stream_protocol::socket probe(probe_io);
   boost::system::error_code connect_error;
   probe.connect(net::local::stream_protocol::endpoint(path), connect_error);
   if (!connect_error) {
-    throw std::runtime_error("another process is listening on api.unix_socket " + path +
-                             " (is a kernel-bridge already running?); stop it or choose another path");
+    throw std::runtime_error(
+        "another process is listening on api.unix_socket " + path +
+        " (is a kernel-bridge already running?); stop it or choose another path");
   }
   if (::unlink(path.c_str()) != 0) {
-    throw std::runtime_error("cannot remove the stale socket " + path + ": " + std::strerror(errno));
+    throw std::runtime_error("cannot remove the stale socket " + path + ": " +
+                             std::strerror(errno));
   }
   spdlog::info("api: removed stale socket {}", path);
 }
@@ -1148,14 +1345,19 @@ void ControlApi::start() {
     boost::system::error_code ec;
     impl.unix_acceptor->open(endpoint.protocol(), ec);
     if (!ec) impl.unix_acceptor->bind(endpoint, ec);
-    if (ec) throw std::runtime_error("cannot bind api.unix_socket " + api.unix_socket + ": " + ec.message());
+    if (ec)
+      throw std::runtime_error("cannot bind api.unix_socket " + api.unix_socket + ": " +
+                               ec.message());
     impl.socket_path = api.unix_socket;
     // Everyone may connect: SO_PEERCRED tells us who they are, and they see only their kernels.
     if (::chmod(api.unix_socket.c_str(), 0666) != 0) {
-      throw std::runtime_error("cannot chmod 0666 api.unix_socket " + api.unix_socket + ": " + std::strerror(errno));
+      throw std::runtime_error("cannot chmod 0666 api.unix_socket " + api.unix_socket + ": " +
+                               std::strerror(errno));
     }
     impl.unix_acceptor->listen(net::socket_base::max_listen_connections, ec);
-    if (ec) throw std::runtime_error("cannot listen on api.unix_socket " + api.unix_socket + ": " + ec.message());
+    if (ec)
+      throw std::runtime_error("cannot listen on api.unix_socket " + api.unix_socket + ": " +
+                               ec.message());
     spdlog::info("api: listening on unix socket {}", api.unix_socket);
     impl.accept_unix();
   }
@@ -1163,7 +1365,9 @@ void ControlApi::start() {
     boost::system::error_code ec;
     auto address = net::ip::make_address(api.tcp->host, ec);
     if (ec) {
-      throw std::runtime_error("api.tcp host " + api.tcp->host + " is not an IP address; write the address to listen on, e.g. 127.0.0.1:8765");
+      throw std::runtime_error(
+          "api.tcp host " + api.tcp->host +
+          " is not an IP address; write the address to listen on, e.g. 127.0.0.1:8765");
     }
     net::ip::tcp::endpoint endpoint(address, api.tcp->port);
     impl.tcp_acceptor.emplace(impl.io);
@@ -1171,9 +1375,12 @@ void ControlApi::start() {
     if (!ec) impl.tcp_acceptor->set_option(net::socket_base::reuse_address(true), ec);
     if (!ec) impl.tcp_acceptor->bind(endpoint, ec);
     if (!ec) impl.tcp_acceptor->listen(net::socket_base::max_listen_connections, ec);
-    if (ec) throw std::runtime_error("cannot listen on api.tcp " + api.tcp->str() + ": " + ec.message());
-    spdlog::info("api: listening on tcp {} ({} tokens)", endpoint.address().to_string() + ":" +
-                 std::to_string(impl.tcp_acceptor->local_endpoint().port()), impl.tokens ? impl.tokens->size() : 0);
+    if (ec)
+      throw std::runtime_error("cannot listen on api.tcp " + api.tcp->str() + ": " + ec.message());
+    spdlog::info("api: listening on tcp {} ({} tokens)",
+                 endpoint.address().to_string() + ":" +
+                     std::to_string(impl.tcp_acceptor->local_endpoint().port()),
+                 impl.tokens ? impl.tokens->size() : 0);
     impl.accept_tcp();
   }
 }

@@ -4,12 +4,12 @@
 // authenticates, parses and validates requests, enforces ownership, and calls the KernelService.
 // Construct, start() and stop() on the io_context thread; everything runs on that thread except
 // uid → user-name lookups, which go to a private helper thread because NSS may block.
+#include <sys/types.h>
+
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
-#include <sys/types.h>
-
 #include <functional>
 #include <memory>
 #include <optional>
@@ -29,9 +29,9 @@ using HttpResponse = boost::beast::http::response<boost::beast::http::string_bod
 struct Peer {
   enum class Transport { unix_socket, tcp };
   Transport transport = Transport::unix_socket;
-  std::optional<uid_t> uid;               // unix_socket: from SO_PEERCRED
-  std::optional<std::string> unix_user;   // unix_socket: uid's name, if it has one
-  std::string remote;                     // tcp: "address:port"; for logs
+  std::optional<uid_t> uid;              // unix_socket: from SO_PEERCRED
+  std::optional<std::string> unix_user;  // unix_socket: uid's name, if it has one
+  std::string remote;                    // tcp: "address:port"; for logs
 };
 
 class ControlApi {

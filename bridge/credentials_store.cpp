@@ -43,14 +43,15 @@ std::optional<std::string> CredentialsStore::token(const std::string& user,
   return it->second.token;
 }
 
-CredentialsStore::Info CredentialsStore::info(const std::string& user, Clock::time_point now) const {
+CredentialsStore::Info CredentialsStore::info(const std::string& user,
+                                              Clock::time_point now) const {
   Info info;
   auto it = entries_.find(user);
   if (it == entries_.end()) return info;
   info.expires_at = it->second.expires_at;
   info.updated_at = it->second.updated_at;
-  info.status = (it->second.expires_at && *it->second.expires_at <= now) ? Status::expired
-                                                                          : Status::valid;
+  info.status =
+      (it->second.expires_at && *it->second.expires_at <= now) ? Status::expired : Status::valid;
   return info;
 }
 
@@ -67,6 +68,8 @@ std::uint64_t CredentialsStore::subscribe(std::function<void(const std::string&)
   return handle;
 }
 
-void CredentialsStore::unsubscribe(std::uint64_t handle) { listeners_.erase(handle); }
+void CredentialsStore::unsubscribe(std::uint64_t handle) {
+  listeners_.erase(handle);
+}
 
 }  // namespace kb::bridge

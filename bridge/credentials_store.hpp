@@ -30,10 +30,11 @@ class CredentialsStore {
   CredentialsStore& operator=(const CredentialsStore&) = delete;
 
   // Replaces the user's token (the old one is wiped). `expires_at` empty = unknown expiry.
-  void set(const std::string& user, std::string token,
-           std::optional<Clock::time_point> expires_at, Clock::time_point now = Clock::now());
+  void set(const std::string& user, std::string token, std::optional<Clock::time_point> expires_at,
+           Clock::time_point now = Clock::now());
   // The user's token if present and not expired at `now`.
-  std::optional<std::string> token(const std::string& user, Clock::time_point now = Clock::now()) const;
+  std::optional<std::string> token(const std::string& user,
+                                   Clock::time_point now = Clock::now()) const;
   Info info(const std::string& user, Clock::time_point now = Clock::now()) const;
   void erase(const std::string& user);
   std::size_t size() const { return entries_.size(); }

@@ -31,17 +31,21 @@ constexpr std::size_t kMinTokenLength = 32;
 ApiTokens ApiTokens::load(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
-    throw ConfigError(path, 0, std::string("cannot read the API tokens file: ") + std::strerror(errno));
+    throw ConfigError(path, 0,
+                      std::string("cannot read the API tokens file: ") + std::strerror(errno));
   }
   if (!S_ISREG(st.st_mode)) throw ConfigError(path, 0, "the API tokens file is not a regular file");
   if ((st.st_mode & 077) != 0) {
     char mode[8];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    throw ConfigError(path, 0, std::string("the API tokens file is accessible by group or others (mode ") +
-                                   mode + "); run: chmod 600 " + path);
+    throw ConfigError(path, 0,
+                      std::string("the API tokens file is accessible by group or others (mode ") +
+                          mode + "); run: chmod 600 " + path);
   }
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw ConfigError(path, 0, std::string("cannot read the API tokens file: ") + std::strerror(errno));
+  if (!in)
+    throw ConfigError(path, 0,
+                      std::string("cannot read the API tokens file: ") + std::strerror(errno));
   std::ostringstream content;
   content << in.rdbuf();
   std::string text = content.str();
@@ -79,20 +83,25 @@ ApiTokens ApiTokens::parse(std::string_view text, const std::string& file) {
       throw ConfigError(file, line_no, "expected \"<token> <user>\" or \"<token> <user> admin\"");
     }
     if (words[0].size() < kMinTokenLength) {
-      throw ConfigError(file, line_no, "token is shorter than 32 characters; generate one with: openssl rand -hex 32");
+      throw ConfigError(
+          file, line_no,
+          "token is shorter than 32 characters; generate one with: openssl rand -hex 32");
     }
     for (char c : words[0]) {
       if (static_cast<unsigned char>(c) < 0x21 || static_cast<unsigned char>(c) > 0x7e) {
-        throw ConfigError(file, line_no, "token contains a character that cannot go into an HTTP header");
+        throw ConfigError(file, line_no,
+                          "token contains a character that cannot go into an HTTP header");
       }
     }
     if (words.size() == 3 && words[2] != "admin") {
-      throw ConfigError(file, line_no, "unknown flag '" + std::string(words[2]) + "' (the only flag is 'admin')");
+      throw ConfigError(file, line_no,
+                        "unknown flag '" + std::string(words[2]) + "' (the only flag is 'admin')");
     }
     Entry entry{sha256(words[0]), TokenIdentity{std::string(words[1]), words.size() == 3}};
     for (const auto& other : tokens.entries_) {
       if (other.digest == entry.digest) {
-        throw ConfigError(file, line_no, "this token is listed twice; each token must name one user");
+        throw ConfigError(file, line_no,
+                          "this token is listed twice; each token must name one user");
       }
     }
     tokens.entries_.push_back(std::move(entry));

@@ -5,8 +5,8 @@
 // lifecycle implements the service; tests use an in-memory fake (tests/bridge/fake_kernel_service).
 //
 // Threading: every method is called on the io_context thread, and every callback and listener is
-// invoked on that same thread. A callback may be invoked inline (before the method returns) or later;
-// callers must cope with both. Nothing here may block.
+// invoked on that same thread. A callback may be invoked inline (before the method returns) or
+// later; callers must cope with both. Nothing here may block.
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -23,22 +23,39 @@ using Clock = std::chrono::system_clock;
 
 // requested → submitted → queued → starting → connecting → ready ⇄ reconnecting → ended(reason).
 // `reconnecting` is not death: a client polling during an outage must keep the kernel alive.
-enum class KernelState { requested, submitted, queued, starting, connecting, ready, reconnecting, ended };
+enum class KernelState {
+  requested,
+  submitted,
+  queued,
+  starting,
+  connecting,
+  ready,
+  reconnecting,
+  ended
+};
 inline constexpr KernelState kAllKernelStates[] = {
-    KernelState::requested, KernelState::submitted, KernelState::queued,
-    KernelState::starting,  KernelState::connecting, KernelState::ready,
+    KernelState::requested,    KernelState::submitted,  KernelState::queued,
+    KernelState::starting,     KernelState::connecting, KernelState::ready,
     KernelState::reconnecting, KernelState::ended};
 
 inline std::string_view to_string(KernelState state) {
   switch (state) {
-    case KernelState::requested: return "requested";
-    case KernelState::submitted: return "submitted";
-    case KernelState::queued: return "queued";
-    case KernelState::starting: return "starting";
-    case KernelState::connecting: return "connecting";
-    case KernelState::ready: return "ready";
-    case KernelState::reconnecting: return "reconnecting";
-    case KernelState::ended: return "ended";
+    case KernelState::requested:
+      return "requested";
+    case KernelState::submitted:
+      return "submitted";
+    case KernelState::queued:
+      return "queued";
+    case KernelState::starting:
+      return "starting";
+    case KernelState::connecting:
+      return "connecting";
+    case KernelState::ready:
+      return "ready";
+    case KernelState::reconnecting:
+      return "reconnecting";
+    case KernelState::ended:
+      return "ended";
   }
   return "unknown";
 }
@@ -68,66 +85,78 @@ enum class EndCause {
 
 inline std::string_view to_string(EndCause cause) {
   switch (cause) {
-    case EndCause::none: return "none";
-    case EndCause::shutdown: return "shutdown";
-    case EndCause::cancelled: return "cancelled";
-    case EndCause::job_failed: return "job_failed";
-    case EndCause::walltime: return "walltime";
-    case EndCause::kernel_exited: return "kernel_exited";
-    case EndCause::credentials_refused: return "credentials_refused";
-    case EndCause::host_key_mismatch: return "host_key_mismatch";
-    case EndCause::submit_failed: return "submit_failed";
-    case EndCause::link_failed: return "link_failed";
-    case EndCause::internal: return "internal";
+    case EndCause::none:
+      return "none";
+    case EndCause::shutdown:
+      return "shutdown";
+    case EndCause::cancelled:
+      return "cancelled";
+    case EndCause::job_failed:
+      return "job_failed";
+    case EndCause::walltime:
+      return "walltime";
+    case EndCause::kernel_exited:
+      return "kernel_exited";
+    case EndCause::credentials_refused:
+      return "credentials_refused";
+    case EndCause::host_key_mismatch:
+      return "host_key_mismatch";
+    case EndCause::submit_failed:
+      return "submit_failed";
+    case EndCause::link_failed:
+      return "link_failed";
+    case EndCause::internal:
+      return "internal";
   }
   return "unknown";
 }
 
 // Who calls. Filled by the control API from SO_PEERCRED (Unix socket) or the bearer token (TCP).
 struct Caller {
-  std::string user;        // the kernels' owner this request acts for
-  bool admin = false;      // the credential has the admin right (may act for any user)
-  bool sees_all = false;   // an admin not acting for a user: the operator's view of every kernel
-  std::string origin;      // for logs only, e.g. "unix uid 1000" or "tcp token of hub"
+  std::string user;       // the kernels' owner this request acts for
+  bool admin = false;     // the credential has the admin right (may act for any user)
+  bool sees_all = false;  // an admin not acting for a user: the operator's view of every kernel
+  std::string origin;     // for logs only, e.g. "unix uid 1000" or "tcp token of hub"
 };
 
 // Resources of a kernel's job. In a KernelRequest the API has already applied the site's defaults
 // and checked its limits, so every value present is allowed; absent values are left to the site.
 struct ResourceRequest {
-  std::optional<std::string> queue;        // UNICORE "Queue" (Slurm partition)
+  std::optional<std::string> queue;  // UNICORE "Queue" (Slurm partition)
   std::optional<int> nodes;
-  std::optional<int> gpus;                 // per node
+  std::optional<int> gpus;  // per node
   std::optional<std::chrono::seconds> runtime;
-  std::optional<std::string> project;      // UNICORE "Project" (accounting)
+  std::optional<std::string> project;  // UNICORE "Project" (accounting)
   std::optional<std::string> reservation;
   std::optional<std::string> qos;
-  std::optional<std::uint64_t> memory;     // bytes per node
+  std::optional<std::uint64_t> memory;  // bytes per node
 };
 
 // The hub-side endpoints Jupyter chose (its connection file). The bridge listens on exactly these,
 // so clients connect unchanged, also after a restart.
 struct HubConnection {
-  std::string transport = "tcp";          // "tcp" only for now
+  std::string transport = "tcp";  // "tcp" only for now
   std::string ip = "127.0.0.1";
   std::uint16_t shell_port = 0;
   std::uint16_t iopub_port = 0;
   std::uint16_t stdin_port = 0;
   std::uint16_t control_port = 0;
   std::uint16_t hb_port = 0;
-  std::string key;                        // Jupyter HMAC key: secret, never logged, never in a view
+  std::string key;  // Jupyter HMAC key: secret, never logged, never in a view
   std::string signature_scheme = "hmac-sha256";
 };
 
 struct KernelRequest {
-  std::string site;                        // a configured [[site]] name (checked by the API)
+  std::string site;  // a configured [[site]] name (checked by the API)
   // The kernel's command line on the compute node; contains "{connection_file}", which the agent
-  // replaces. Always set: a kernel name in the API request is resolved from the site's [site.kernels].
+  // replaces. Always set: a kernel name in the API request is resolved from the site's
+  // [site.kernels].
   std::vector<std::string> kernel_argv;
-  std::string kernel_name;                 // the [site.kernels] entry used, empty for a raw argv
+  std::string kernel_name;  // the [site.kernels] entry used, empty for a raw argv
   ResourceRequest resources;
   HubConnection connection;
-  std::string name;                        // optional label chosen by the client
-  std::map<std::string, std::string> tags; // optional client labels (also put on the job)
+  std::string name;                         // optional label chosen by the client
+  std::map<std::string, std::string> tags;  // optional client labels (also put on the job)
 };
 
 struct StateChange {
@@ -142,31 +171,31 @@ struct ProgressLine {
 
 // What the API shows of a kernel. Contains no secret (no HMAC key, no link secret, no token).
 struct KernelView {
-  std::string id;                          // bridge-chosen, URL-safe
+  std::string id;  // bridge-chosen, URL-safe
   std::string owner;
   std::string site;
   std::string name;
   std::map<std::string, std::string> tags;
   std::vector<std::string> kernel_argv;
   std::string kernel_name;
-  ResourceRequest resources;               // as submitted
+  ResourceRequest resources;  // as submitted
   KernelState state = KernelState::requested;
   EndCause end_cause = EndCause::none;
-  std::string reason;                      // for a person: why it ended, or what it waits for
-  std::optional<int> exit_code;            // kernel_exited
-  std::optional<int> exit_signal;          // kernel_exited by a signal
-  std::string job_id;                      // UNICORE job id, once submitted
+  std::string reason;              // for a person: why it ended, or what it waits for
+  std::optional<int> exit_code;    // kernel_exited
+  std::optional<int> exit_signal;  // kernel_exited by a signal
+  std::string job_id;              // UNICORE job id, once submitted
   std::string job_url;
-  std::string node;                        // compute host running the agent, once known
+  std::string node;  // compute host running the agent, once known
   std::optional<Clock::time_point> walltime_end;
   std::string hub_ip;
   std::uint16_t shell_port = 0, iopub_port = 0, stdin_port = 0, control_port = 0, hb_port = 0;
-  int restarts = 0;                        // kernel restarts inside the allocation
+  int restarts = 0;  // kernel restarts inside the allocation
   std::uint64_t link_reconnects = 0;
   Clock::time_point created_at{};
-  std::vector<StateChange> history;        // every state entered, oldest first
-  std::vector<ProgressLine> progress;      // bounded by the service (most recent kept)
-  std::uint64_t version = 0;               // increases on every change (for long polls)
+  std::vector<StateChange> history;    // every state entered, oldest first
+  std::vector<ProgressLine> progress;  // bounded by the service (most recent kept)
+  std::uint64_t version = 0;           // increases on every change (for long polls)
 };
 
 enum class ServiceErrorKind {
@@ -197,7 +226,7 @@ using KernelListener = std::function<void(const KernelView&)>;
 struct HealthCheck {
   std::string component;  // e.g. "site demo: unicore", "site demo: ssh login1.example.org:22"
   bool ok = true;
-  std::string detail;     // what is wrong and what to do, when !ok
+  std::string detail;  // what is wrong and what to do, when !ok
 };
 
 class KernelService {

@@ -29,8 +29,7 @@ bool valid_label_name(std::string_view name) {
   return true;
 }
 
-void check_names(const std::string& name, const std::vector<std::string>& labels,
-                 bool histogram) {
+void check_names(const std::string& name, const std::vector<std::string>& labels, bool histogram) {
   if (!valid_metric_name(name)) throw std::invalid_argument("invalid metric name '" + name + "'");
   for (const auto& l : labels) {
     if (!valid_label_name(l) || (histogram && l == "le")) {
@@ -39,13 +38,15 @@ void check_names(const std::string& name, const std::vector<std::string>& labels
   }
 }
 
-std::string label_block(const std::vector<std::string>& names, const std::vector<std::string>& values,
-                        const std::string& extra_name = {}, const std::string& extra_value = {}) {
+std::string label_block(const std::vector<std::string>& names,
+                        const std::vector<std::string>& values, const std::string& extra_name = {},
+                        const std::string& extra_value = {}) {
   std::string out;
   for (std::size_t i = 0; i < names.size(); ++i) {
     out += (out.empty() ? "" : ",") + names[i] + "=\"" + escape_label_value(values[i]) + "\"";
   }
-  if (!extra_name.empty()) out += (out.empty() ? "" : ",") + extra_name + "=\"" + extra_value + "\"";
+  if (!extra_name.empty())
+    out += (out.empty() ? "" : ",") + extra_name + "=\"" + extra_value + "\"";
   return out.empty() ? out : "{" + out + "}";
 }
 
@@ -55,10 +56,14 @@ std::string escape_label_value(std::string_view value) {
   std::string out;
   out.reserve(value.size());
   for (char c : value) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -66,9 +71,12 @@ std::string escape_label_value(std::string_view value) {
 std::string escape_help(std::string_view help) {
   std::string out;
   for (char c : help) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -124,8 +132,9 @@ Family<Metric>::Family(std::string name, std::string help, std::vector<std::stri
 template <class Metric>
 Metric& Family<Metric>::with(const std::vector<std::string>& label_values) {
   if (label_values.size() != label_names_.size()) {
-    throw std::invalid_argument("metric " + name_ + " takes " + std::to_string(label_names_.size()) +
-                                " label values, got " + std::to_string(label_values.size()));
+    throw std::invalid_argument("metric " + name_ + " takes " +
+                                std::to_string(label_names_.size()) + " label values, got " +
+                                std::to_string(label_values.size()));
   }
   std::lock_guard lock(mutex_);
   auto& slot = children_[label_values];
@@ -167,7 +176,10 @@ CounterFamily& MetricsRegistry::counter(const std::string& name, const std::stri
     }
     return *e->counter;
   }
-  Entry entry{Entry::Type::counter, std::make_unique<CounterFamily>(name, help, std::move(label_names)), {}, {}};
+  Entry entry{Entry::Type::counter,
+              std::make_unique<CounterFamily>(name, help, std::move(label_names)),
+              {},
+              {}};
   entries_.emplace_back(name, std::move(entry));
   return *entries_.back().second.counter;
 }
@@ -182,7 +194,10 @@ GaugeFamily& MetricsRegistry::gauge(const std::string& name, const std::string& 
     }
     return *e->gauge;
   }
-  Entry entry{Entry::Type::gauge, {}, std::make_unique<GaugeFamily>(name, help, std::move(label_names)), {}};
+  Entry entry{Entry::Type::gauge,
+              {},
+              std::make_unique<GaugeFamily>(name, help, std::move(label_names)),
+              {}};
   entries_.emplace_back(name, std::move(entry));
   return *entries_.back().second.gauge;
 }
@@ -191,7 +206,8 @@ HistogramFamily& MetricsRegistry::histogram(const std::string& name, const std::
                                             std::vector<std::string> label_names,
                                             std::vector<double> buckets) {
   check_names(name, label_names, true);
-  if (buckets.empty()) throw std::invalid_argument("histogram " + name + " needs at least one bucket");
+  if (buckets.empty())
+    throw std::invalid_argument("histogram " + name + " needs at least one bucket");
   for (std::size_t i = 0; i < buckets.size(); ++i) {
     if (std::isnan(buckets[i]) || (i > 0 && buckets[i] <= buckets[i - 1])) {
       throw std::invalid_argument("histogram " + name + ": buckets must increase strictly");
@@ -205,8 +221,11 @@ HistogramFamily& MetricsRegistry::histogram(const std::string& name, const std::
     }
     return *e->histogram;
   }
-  Entry entry{Entry::Type::histogram, {}, {},
-              std::make_unique<HistogramFamily>(name, help, std::move(label_names), std::move(buckets))};
+  Entry entry{
+      Entry::Type::histogram,
+      {},
+      {},
+      std::make_unique<HistogramFamily>(name, help, std::move(label_names), std::move(buckets))};
   entries_.emplace_back(name, std::move(entry));
   return *entries_.back().second.histogram;
 }
@@ -257,13 +276,14 @@ std::string MetricsRegistry::render() const {
           const auto counts = h.cumulative_counts();
           for (std::size_t i = 0; i < counts.size(); ++i) {
             out += name + "_bucket" +
-                   label_block(names, values, "le", format_metric_value(h.upper_bounds()[i])) + " " +
-                   std::to_string(counts[i]) + "\n";
+                   label_block(names, values, "le", format_metric_value(h.upper_bounds()[i])) +
+                   " " + std::to_string(counts[i]) + "\n";
             count = std::max(count, counts[i]);
           }
           out += name + "_bucket" + label_block(names, values, "le", "+Inf") + " " +
                  std::to_string(count) + "\n";
-          out += name + "_sum" + label_block(names, values) + " " + format_metric_value(h.sum()) + "\n";
+          out += name + "_sum" + label_block(names, values) + " " + format_metric_value(h.sum()) +
+                 "\n";
           out += name + "_count" + label_block(names, values) + " " + std::to_string(count) + "\n";
         });
         break;
@@ -280,7 +300,8 @@ BridgeMetrics::BridgeMetrics(MetricsRegistry& r)
                               "Bytes carried over kernel links, by Jupyter channel and direction.",
                               {"channel", "direction"})),
       link_reconnects(r.counter("kb_link_reconnects_total",
-                                "Times a kernel's link to its agent was re-established.", {"site"})),
+                                "Times a kernel's link to its agent was re-established.",
+                                {"site"})),
       unicore_latency(r.histogram("kb_unicore_request_duration_seconds",
                                   "Duration of UNICORE REST requests, by site and HTTP method.",
                                   {"site", "method"},
@@ -291,6 +312,7 @@ BridgeMetrics::BridgeMetrics(MetricsRegistry& r)
       api_requests(r.counter("kb_api_requests_total",
                              "Control API requests, by method, route and HTTP status.",
                              {"method", "route", "code"})),
-      up_since(r.gauge("kb_start_time_seconds", "Start time of the bridge, seconds since the Unix epoch.")) {}
+      up_since(r.gauge("kb_start_time_seconds",
+                       "Start time of the bridge, seconds since the Unix epoch.")) {}
 
 }  // namespace kb::bridge

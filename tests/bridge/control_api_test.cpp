@@ -56,14 +56,23 @@ std::string current_user() {
 }
 
 json connection_file(int base = 40000) {
-  return json{{"ip", "127.0.0.1"},       {"transport", "tcp"},       {"shell_port", base},
-              {"iopub_port", base + 1},  {"stdin_port", base + 2},   {"control_port", base + 3},
-              {"hb_port", base + 4},     {"key", "a0b1c2d3-jupyter-hmac-key"},
-              {"signature_scheme", "hmac-sha256"}, {"kernel_name", "remote-demo"}};
+  return json{{"ip", "127.0.0.1"},
+              {"transport", "tcp"},
+              {"shell_port", base},
+              {"iopub_port", base + 1},
+              {"stdin_port", base + 2},
+              {"control_port", base + 3},
+              {"hb_port", base + 4},
+              {"key", "a0b1c2d3-jupyter-hmac-key"},
+              {"signature_scheme", "hmac-sha256"},
+              {"kernel_name", "remote-demo"}};
 }
 
 json kernel_request(json resources = json::object()) {
-  return json{{"site", "demo"}, {"kernel", "python3"}, {"resources", resources}, {"connection", connection_file()}};
+  return json{{"site", "demo"},
+              {"kernel", "python3"},
+              {"resources", resources},
+              {"connection", connection_file()}};
 }
 
 class ControlApiTest : public ::testing::Test {
@@ -80,19 +89,24 @@ class ControlApiTest : public ::testing::Test {
     dir_.write("id_ed25519", "key\n", 0600);
     dir_.write("known_hosts", "login ssh-ed25519 AAAA\n", 0644);
     dir_.write("api-tokens",
-               "# token user [admin]\n" + kAliceToken + " alice\n" + kBobToken + " bob\n\n" + kHubToken + " hub admin\n",
+               "# token user [admin]\n" + kAliceToken + " alice\n" + kBobToken + " bob\n\n" +
+                   kHubToken + " hub admin\n",
                0600);
     std::filesystem::create_directory(dir_.file("state"));
     const std::string text =
         "[bridge]\nstate_dir = \"state\"\nmax_kernels_per_user = 3\n"
-        "[api]\nunix_socket = \"run/api.sock\"\ntcp = \"127.0.0.1:0\"\ntokens_file = \"api-tokens\"\n"
+        "[api]\nunix_socket = \"run/api.sock\"\ntcp = \"127.0.0.1:0\"\ntokens_file = "
+        "\"api-tokens\"\n"
         "max_body = \"8K\"\nmax_wait = \"5s\"\n"
         "[[site]]\nname = \"demo\"\nunicore_url = \"https://u.example/DEMO/rest/core\"\n"
-        "login_hosts = [\"login\"]\nknown_hosts = \"known_hosts\"\nssh_user = \"kb\"\nssh_identity = \"id_ed25519\"\n"
+        "login_hosts = [\"login\"]\nknown_hosts = \"known_hosts\"\nssh_user = \"kb\"\nssh_identity "
+        "= \"id_ed25519\"\n"
         "agent = { mode = \"installed\", path = \"/opt/kb/kernel-bridge\" }\n"
-        "kernels = { python3 = [\"python3\", \"-m\", \"ipykernel_launcher\", \"-f\", \"{connection_file}\"] }\n"
+        "kernels = { python3 = [\"python3\", \"-m\", \"ipykernel_launcher\", \"-f\", "
+        "\"{connection_file}\"] }\n"
         "[site.defaults]\nqueue = \"batch\"\nruntime = \"1h\"\n"
-        "[site.limits]\nqueues = [\"batch\", \"gpus\"]\nmax_nodes = 4\nmax_runtime = \"24h\"\nmax_gpus = 4\n";
+        "[site.limits]\nqueues = [\"batch\", \"gpus\"]\nmax_nodes = 4\nmax_runtime = "
+        "\"24h\"\nmax_gpus = 4\n";
     config_ = parse_config(text, dir_.file("kernel-bridge.toml"));
     api_ = std::make_unique<ControlApi>(io_, config_, service_, credentials_, metrics_);
     api_->start();
@@ -126,12 +140,15 @@ class ControlApiTest : public ::testing::Test {
     Reply reply;
     reply.status = static_cast<int>(response.result_int());
     reply.raw = response.body();
-    for (const auto& f : response) reply.headers[std::string(f.name_string())] = std::string(f.value());
-    if (response[http::field::content_type] == "application/json") reply.body = json::parse(reply.raw, nullptr, false);
+    for (const auto& f : response)
+      reply.headers[std::string(f.name_string())] = std::string(f.value());
+    if (response[http::field::content_type] == "application/json")
+      reply.body = json::parse(reply.raw, nullptr, false);
     return reply;
   }
 
-  static http::request<http::string_body> make(http::verb verb, const std::string& target, const std::string& body,
+  static http::request<http::string_body> make(http::verb verb, const std::string& target,
+                                               const std::string& body,
                                                const std::map<std::string, std::string>& headers) {
     http::request<http::string_body> request{verb, target, 11};
     request.set(http::field::host, "kernel-bridge");
@@ -144,8 +161,8 @@ class ControlApiTest : public ::testing::Test {
   }
 
   // One request over TCP with the given bearer token ("" = no Authorization header).
-  Reply tcp(http::verb verb, const std::string& target, const std::string& token, const std::string& body = "",
-            std::map<std::string, std::string> headers = {}) {
+  Reply tcp(http::verb verb, const std::string& target, const std::string& token,
+            const std::string& body = "", std::map<std::string, std::string> headers = {}) {
     if (!token.empty()) headers["Authorization"] = "Bearer " + token;
     auto request = make(verb, target, body, headers);
     const auto port = tcp_port_;
@@ -229,7 +246,8 @@ TEST_F(ControlApiTest, UnixSocketIdentityIsThePeersUser) {
 }
 
 TEST_F(ControlApiTest, KeepAliveServesSeveralRequestsOnOneConnection) {
-  auto replies = unix_requests({make(http::verb::get, "/v1/health", "", {}), make(http::verb::get, "/v1/kernels", "", {}),
+  auto replies = unix_requests({make(http::verb::get, "/v1/health", "", {}),
+                                make(http::verb::get, "/v1/kernels", "", {}),
                                 make(http::verb::get, "/v1/kernels", "", {})});
   ASSERT_EQ(replies.size(), 3u);
   for (const auto& r : replies) EXPECT_EQ(r.status, 200);
@@ -259,7 +277,9 @@ TEST_F(ControlApiTest, UnixSocketPeerWithAnotherUidIsAnotherUser) {
       if (::setgid(nobody->pw_gid) != 0 || ::setuid(nobody_uid) != 0) ::_exit(3);
       int s = ::socket(AF_UNIX, SOCK_STREAM, 0);
       if (::connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) ::_exit(4);
-      if (::write(s, raw_request.data(), raw_request.size()) != static_cast<ssize_t>(raw_request.size())) ::_exit(5);
+      if (::write(s, raw_request.data(), raw_request.size()) !=
+          static_cast<ssize_t>(raw_request.size()))
+        ::_exit(5);
       char buf[8192];
       ssize_t n;
       while ((n = ::read(s, buf, sizeof buf)) > 0) {
@@ -286,13 +306,18 @@ TEST_F(ControlApiTest, UnixSocketPeerWithAnotherUidIsAnotherUser) {
     return all;
   };
   const std::string body = kernel_request().dump();
-  std::string created = as_nobody("POST /v1/kernels HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                                  "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body);
+  std::string created = as_nobody(
+      "POST /v1/kernels HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+      "application/json\r\n"
+      "Content-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n" + body);
   EXPECT_THAT(created, HasSubstr("HTTP/1.1 201"));
   EXPECT_THAT(created, HasSubstr("\"owner\":\"nobody\""));
-  std::string other = as_nobody("GET /v1/kernels/" + my_id + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  std::string other =
+      as_nobody("GET /v1/kernels/" + my_id + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
   EXPECT_THAT(other, HasSubstr("HTTP/1.1 404"));
-  std::string listed = as_nobody("GET /v1/kernels HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  std::string listed =
+      as_nobody("GET /v1/kernels HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
   EXPECT_THAT(listed, ::testing::Not(HasSubstr(my_id + "\"")));
   // And this user does not see nobody's kernel.
   Reply list = unix_request(http::verb::get, "/v1/kernels");
@@ -308,7 +333,8 @@ TEST_F(ControlApiTest, TcpNeedsAValidBearerToken) {
   Reply wrong = tcp(http::verb::get, "/v1/kernels", "x" + kAliceToken.substr(1));
   EXPECT_EQ(wrong.status, 401);
   EXPECT_EQ(wrong.body["error"], "invalid API token");
-  Reply basic = tcp(http::verb::get, "/v1/kernels", "", "", {{"Authorization", "Basic YWxpY2U6eA=="}});
+  Reply basic =
+      tcp(http::verb::get, "/v1/kernels", "", "", {{"Authorization", "Basic YWxpY2U6eA=="}});
   EXPECT_EQ(basic.status, 401);
   Reply ok = tcp(http::verb::get, "/v1/kernels", kAliceToken);
   EXPECT_EQ(ok.status, 200);
@@ -326,8 +352,10 @@ TEST_F(ControlApiTest, UsersCannotSeeOrTouchEachOthersKernels) {
   ASSERT_EQ(bob_list.body["kernels"].size(), 1u);
   EXPECT_EQ(bob_list.body["kernels"][0]["id"], bob_kernel);
 
-  for (auto [verb, suffix] : {std::pair{http::verb::get, ""}, {http::verb::delete_, ""},
-                              {http::verb::post, "/interrupt"}, {http::verb::post, "/restart"}}) {
+  for (auto [verb, suffix] : {std::pair{http::verb::get, ""},
+                              {http::verb::delete_, ""},
+                              {http::verb::post, "/interrupt"},
+                              {http::verb::post, "/restart"}}) {
     Reply r = tcp(verb, "/v1/kernels/" + alice_kernel + suffix, kBobToken);
     EXPECT_EQ(r.status, 404) << suffix;
     EXPECT_EQ(r.body["error"], "no kernel " + alice_kernel);
@@ -338,7 +366,8 @@ TEST_F(ControlApiTest, UsersCannotSeeOrTouchEachOthersKernels) {
   EXPECT_TRUE(service_.calls.empty());
   EXPECT_EQ(service_.get(alice_kernel)->state, KernelState::requested);
 
-  Reply interrupt = tcp(http::verb::post, "/v1/kernels/" + alice_kernel + "/interrupt", kAliceToken);
+  Reply interrupt =
+      tcp(http::verb::post, "/v1/kernels/" + alice_kernel + "/interrupt", kAliceToken);
   EXPECT_EQ(interrupt.status, 202);
   Reply stop = tcp(http::verb::delete_, "/v1/kernels/" + alice_kernel, kAliceToken);
   EXPECT_EQ(stop.status, 202);
@@ -352,7 +381,8 @@ TEST_F(ControlApiTest, UsersCannotSeeOrTouchEachOthersKernels) {
 TEST_F(ControlApiTest, AdminTokenActsForAUserOrSeesAll) {
   const std::string alice_kernel = create_as(kAliceToken, 40000);
   create_as(kBobToken, 41000);
-  Reply as_alice = tcp(http::verb::get, "/v1/kernels", kHubToken, "", {{"X-Kernel-Bridge-User", "alice"}});
+  Reply as_alice =
+      tcp(http::verb::get, "/v1/kernels", kHubToken, "", {{"X-Kernel-Bridge-User", "alice"}});
   ASSERT_EQ(as_alice.status, 200);
   ASSERT_EQ(as_alice.body["kernels"].size(), 1u);
   EXPECT_EQ(as_alice.body["kernels"][0]["owner"], "alice");
@@ -361,17 +391,21 @@ TEST_F(ControlApiTest, AdminTokenActsForAUserOrSeesAll) {
   // The hub starts a kernel on alice's behalf: alice owns it.
   json body = kernel_request();
   body["connection"] = connection_file(42000);
-  Reply created = tcp(http::verb::post, "/v1/kernels", kHubToken, body.dump(), {{"X-Kernel-Bridge-User", "alice"}});
+  Reply created = tcp(http::verb::post, "/v1/kernels", kHubToken, body.dump(),
+                      {{"X-Kernel-Bridge-User", "alice"}});
   EXPECT_EQ(created.status, 201);
   EXPECT_EQ(created.body["owner"], "alice");
   // A non-admin may not act for someone else.
-  Reply forged = tcp(http::verb::get, "/v1/kernels/" + alice_kernel, kBobToken, "", {{"X-Kernel-Bridge-User", "alice"}});
+  Reply forged = tcp(http::verb::get, "/v1/kernels/" + alice_kernel, kBobToken, "",
+                     {{"X-Kernel-Bridge-User", "alice"}});
   EXPECT_EQ(forged.status, 403);
   EXPECT_EQ(forged.body["field"], "X-Kernel-Bridge-User");
 }
 
 TEST_F(ControlApiTest, BadRequestsNameTheField) {
-  auto post = [&](const std::string& body) { return tcp(http::verb::post, "/v1/kernels", kAliceToken, body); };
+  auto post = [&](const std::string& body) {
+    return tcp(http::verb::post, "/v1/kernels", kAliceToken, body);
+  };
   Reply malformed = post("{\"site\": \"demo\",");
   EXPECT_EQ(malformed.status, 400);
   EXPECT_THAT(malformed.body["error"].get<std::string>(), HasSubstr("not valid JSON"));
@@ -427,15 +461,18 @@ TEST_F(ControlApiTest, UnknownSiteAndKernelAre422) {
 }
 
 TEST_F(ControlApiTest, ResourcesOutsideLimitsAre422NamingTheLimit) {
-  Reply runtime = tcp(http::verb::post, "/v1/kernels", kAliceToken, kernel_request({{"runtime", "48h"}}).dump());
+  Reply runtime = tcp(http::verb::post, "/v1/kernels", kAliceToken,
+                      kernel_request({{"runtime", "48h"}}).dump());
   EXPECT_EQ(runtime.status, 422);
   EXPECT_EQ(runtime.body, (json{{"error", "runtime 48h exceeds the site's max_runtime 24h"},
                                 {"field", "resources.runtime"},
                                 {"limit", "max_runtime"}}));
-  Reply queue = tcp(http::verb::post, "/v1/kernels", kAliceToken, kernel_request({{"queue", "debug"}}).dump());
+  Reply queue = tcp(http::verb::post, "/v1/kernels", kAliceToken,
+                    kernel_request({{"queue", "debug"}}).dump());
   EXPECT_EQ(queue.status, 422);
   EXPECT_EQ(queue.body["limit"], "queues");
-  Reply gpus = tcp(http::verb::post, "/v1/kernels", kAliceToken, kernel_request({{"gpus", 8}, {"queue", "gpus"}}).dump());
+  Reply gpus = tcp(http::verb::post, "/v1/kernels", kAliceToken,
+                   kernel_request({{"gpus", 8}, {"queue", "gpus"}}).dump());
   EXPECT_EQ(gpus.body["limit"], "max_gpus");
   EXPECT_TRUE(service_.list().empty());
 
@@ -451,8 +488,9 @@ TEST_F(ControlApiTest, ResourcesOutsideLimitsAre422NamingTheLimit) {
 }
 
 TEST_F(ControlApiTest, ServiceErrorsMapToStatuses) {
-  service_.next_create_error = ServiceError{ServiceErrorKind::credentials_missing,
-                                            "no UNICORE token for alice; log in to JupyterHub again", "", ""};
+  service_.next_create_error =
+      ServiceError{ServiceErrorKind::credentials_missing,
+                   "no UNICORE token for alice; log in to JupyterHub again", "", ""};
   Reply r = tcp(http::verb::post, "/v1/kernels", kAliceToken, kernel_request().dump());
   EXPECT_EQ(r.status, 409);
   EXPECT_EQ(r.body["error"], "no UNICORE token for alice; log in to JupyterHub again");
@@ -509,7 +547,8 @@ TEST_F(ControlApiTest, OversizedBodyIs413) {
 }
 
 TEST_F(ControlApiTest, CredentialsStayInMemoryOnly) {
-  const std::string body = json{{"token", kUserSecret}, {"expires_at", "2099-01-01T00:00:00Z"}}.dump();
+  const std::string body =
+      json{{"token", kUserSecret}, {"expires_at", "2099-01-01T00:00:00Z"}}.dump();
   Reply own = tcp(http::verb::put, "/v1/users/alice/credentials", kAliceToken, body);
   EXPECT_EQ(own.status, 200);
   EXPECT_EQ(own.body["status"], "valid");
@@ -518,7 +557,8 @@ TEST_F(ControlApiTest, CredentialsStayInMemoryOnly) {
 
   Reply other = tcp(http::verb::put, "/v1/users/alice/credentials", kBobToken, body);
   EXPECT_EQ(other.status, 403);
-  Reply hub = tcp(http::verb::put, "/v1/users/bob/credentials", kHubToken, json{{"token", kUserSecret + "-bob"}}.dump());
+  Reply hub = tcp(http::verb::put, "/v1/users/bob/credentials", kHubToken,
+                  json{{"token", kUserSecret + "-bob"}}.dump());
   EXPECT_EQ(hub.status, 200);
   EXPECT_EQ(credentials_.token("bob"), kUserSecret + "-bob");
 
@@ -543,8 +583,10 @@ TEST_F(ControlApiTest, CredentialsStayInMemoryOnly) {
     EXPECT_THAT(r->raw, ::testing::Not(HasSubstr("SECRET-UNICORE-TOKEN"))) << r->raw;
   }
   spdlog::default_logger()->flush();
-  EXPECT_THAT(log_.str(), HasSubstr("PUT /v1/users/alice/credentials"));  // the request was logged...
-  EXPECT_THAT(log_.str(), ::testing::Not(HasSubstr("SECRET-UNICORE-TOKEN")));  // ...its secret was not
+  EXPECT_THAT(log_.str(),
+              HasSubstr("PUT /v1/users/alice/credentials"));  // the request was logged...
+  EXPECT_THAT(log_.str(),
+              ::testing::Not(HasSubstr("SECRET-UNICORE-TOKEN")));  // ...its secret was not
   for (const auto& entry : std::filesystem::recursive_directory_iterator(dir_.path())) {
     if (!entry.is_regular_file()) continue;
     std::ifstream in(entry.path(), std::ios::binary);
@@ -564,15 +606,18 @@ TEST_F(ControlApiTest, MetricsAreValidPrometheusText) {
   ASSERT_EQ(r.status, 200);
   EXPECT_EQ(r.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8");
   const std::regex help(R"(# HELP [a-zA-Z_:][a-zA-Z0-9_:]* .*)");
-  const std::regex type(R"(# TYPE [a-zA-Z_:][a-zA-Z0-9_:]* (counter|gauge|histogram|summary|untyped))");
+  const std::regex type(
+      R"(# TYPE [a-zA-Z_:][a-zA-Z0-9_:]* (counter|gauge|histogram|summary|untyped))");
   const std::regex sample(
       R"([a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\\\|\\"|\\n)*"(,[a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\\\|\\"|\\n)*")*\})? (-?[0-9.e+-]+|NaN|\+Inf|-Inf))");
   std::istringstream lines(r.raw);
   std::string line;
   int samples = 0;
   while (std::getline(lines, line)) {
-    if (line.rfind("# HELP", 0) == 0) EXPECT_TRUE(std::regex_match(line, help)) << line;
-    else if (line.rfind("# TYPE", 0) == 0) EXPECT_TRUE(std::regex_match(line, type)) << line;
+    if (line.rfind("# HELP", 0) == 0)
+      EXPECT_TRUE(std::regex_match(line, help)) << line;
+    else if (line.rfind("# TYPE", 0) == 0)
+      EXPECT_TRUE(std::regex_match(line, type)) << line;
     else {
       EXPECT_TRUE(std::regex_match(line, sample)) << line;
       ++samples;
@@ -581,10 +626,15 @@ TEST_F(ControlApiTest, MetricsAreValidPrometheusText) {
   EXPECT_GT(samples, 10);
   EXPECT_THAT(r.raw, HasSubstr("kb_kernels{state=\"requested\"} 1\n"));
   EXPECT_THAT(r.raw, HasSubstr("kb_kernels{state=\"ready\"} 0\n"));
-  EXPECT_THAT(r.raw, HasSubstr("kb_channel_bytes_total{channel=\"iopub\",direction=\"from_kernel\"} 1234\n"));
-  EXPECT_THAT(r.raw, HasSubstr("kb_unicore_request_duration_seconds_bucket{site=\"demo\",method=\"GET\",le=\"0.05\"} 1\n"));
+  EXPECT_THAT(
+      r.raw,
+      HasSubstr("kb_channel_bytes_total{channel=\"iopub\",direction=\"from_kernel\"} 1234\n"));
+  EXPECT_THAT(r.raw, HasSubstr("kb_unicore_request_duration_seconds_bucket{site=\"demo\",method="
+                               "\"GET\",le=\"0.05\"} 1\n"));
   EXPECT_THAT(r.raw, HasSubstr("kind=\"http \\\"503\\\"\\n\""));
-  EXPECT_THAT(r.raw, HasSubstr("kb_api_requests_total{method=\"POST\",route=\"/v1/kernels\",code=\"201\"} 1\n"));
+  EXPECT_THAT(
+      r.raw,
+      HasSubstr("kb_api_requests_total{method=\"POST\",route=\"/v1/kernels\",code=\"201\"} 1\n"));
 }
 
 TEST_F(ControlApiTest, HealthReportsChecksAndKernelCounts) {
@@ -593,7 +643,8 @@ TEST_F(ControlApiTest, HealthReportsChecksAndKernelCounts) {
   EXPECT_EQ(ok.status, 200);
   EXPECT_EQ(ok.body["status"], "ok");
   EXPECT_EQ(ok.body["kernels"]["requested"], 1);
-  service_.checks.push_back({"site demo: ssh login:22", false, "host key mismatch; update known_hosts"});
+  service_.checks.push_back(
+      {"site demo: ssh login:22", false, "host key mismatch; update known_hosts"});
   Reply degraded = unix_request(http::verb::get, "/v1/health");
   EXPECT_EQ(degraded.body["status"], "degraded");
   EXPECT_EQ(degraded.body["checks"][1]["detail"], "host key mismatch; update known_hosts");

@@ -14,7 +14,7 @@ class FakeKernelService : public KernelService {
   struct Call {
     std::string action;  // "interrupt", "restart", "remove"
     std::string id;
-    std::string by;      // caller.user
+    std::string by;  // caller.user
   };
 
   void create(const Caller& caller, KernelRequest request, CreateCallback done) override {

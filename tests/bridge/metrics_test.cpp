@@ -1,5 +1,7 @@
 // Tests bridge/metrics.* (exposition format, escaping, histograms), bridge/credentials_store.* and
 // bridge/http_auth.* (tokens file).
+#include "bridge/metrics.hpp"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -9,7 +11,6 @@
 #include "bridge/config.hpp"
 #include "bridge/credentials_store.hpp"
 #include "bridge/http_auth.hpp"
-#include "bridge/metrics.hpp"
 #include "tests/bridge/temp_dir.hpp"
 
 namespace kb::bridge {
@@ -19,7 +20,8 @@ using ::testing::HasSubstr;
 
 TEST(Metrics, RendersHelpTypeAndSamples) {
   MetricsRegistry registry;
-  auto& requests = registry.counter("kb_test_requests_total", "Requests.\nSecond line \\ done", {"route"});
+  auto& requests =
+      registry.counter("kb_test_requests_total", "Requests.\nSecond line \\ done", {"route"});
   requests.with({"/v1/kernels"}).inc();
   requests.with({"/v1/kernels"}).inc(2);
   requests.with({"/v1/kernels"}).inc(-5);  // counters never go down
@@ -111,7 +113,8 @@ TEST(CredentialsStore, StoresExpiresReplacesAndNotifies) {
   EXPECT_EQ(store.token("alice", now), "token-1");
   EXPECT_EQ(store.info("alice", now).status, CredentialsStore::Status::valid);
   EXPECT_FALSE(store.token("alice", now + std::chrono::minutes(6)));
-  EXPECT_EQ(store.info("alice", now + std::chrono::minutes(6)).status, CredentialsStore::Status::expired);
+  EXPECT_EQ(store.info("alice", now + std::chrono::minutes(6)).status,
+            CredentialsStore::Status::expired);
   store.set("alice", "token-2", std::nullopt, now);
   EXPECT_EQ(store.token("alice", now + std::chrono::hours(100)), "token-2");
   EXPECT_FALSE(store.token("bob"));
@@ -126,7 +129,8 @@ TEST(CredentialsStore, StoresExpiresReplacesAndNotifies) {
 const std::string kToken = "0123456789abcdef0123456789abcdef";
 
 TEST(ApiTokens, ParsesUsersAndAdminFlag) {
-  ApiTokens tokens = ApiTokens::parse("# comment\n\n" + kToken + " alice\n" + kToken + "X hub admin\r\n", "tokens");
+  ApiTokens tokens = ApiTokens::parse(
+      "# comment\n\n" + kToken + " alice\n" + kToken + "X hub admin\r\n", "tokens");
   EXPECT_EQ(tokens.size(), 2u);
   auto alice = tokens.lookup(kToken);
   ASSERT_TRUE(alice);
@@ -150,9 +154,12 @@ std::string tokens_error(const std::string& text) {
 
 TEST(ApiTokens, ErrorsNameFileAndLineButNeverTheToken) {
   EXPECT_EQ(tokens_error("short alice\n"),
-            "/etc/kb/api-tokens:1: token is shorter than 32 characters; generate one with: openssl rand -hex 32");
-  EXPECT_EQ(tokens_error("\n" + kToken + "\n"), "/etc/kb/api-tokens:2: expected \"<token> <user>\" or \"<token> <user> admin\"");
-  EXPECT_EQ(tokens_error(kToken + " a root\n"), "/etc/kb/api-tokens:1: unknown flag 'root' (the only flag is 'admin')");
+            "/etc/kb/api-tokens:1: token is shorter than 32 characters; generate one with: openssl "
+            "rand -hex 32");
+  EXPECT_EQ(tokens_error("\n" + kToken + "\n"),
+            "/etc/kb/api-tokens:2: expected \"<token> <user>\" or \"<token> <user> admin\"");
+  EXPECT_EQ(tokens_error(kToken + " a root\n"),
+            "/etc/kb/api-tokens:1: unknown flag 'root' (the only flag is 'admin')");
   const std::string dup = tokens_error(kToken + " a\n" + kToken + " b\n");
   EXPECT_EQ(dup, "/etc/kb/api-tokens:2: this token is listed twice; each token must name one user");
   EXPECT_THAT(dup, ::testing::Not(HasSubstr(kToken)));
@@ -165,7 +172,11 @@ TEST(ApiTokens, FileMustBePrivate) {
     ApiTokens::load(path);
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
-    EXPECT_EQ(std::string(e.what()), path + ": the API tokens file is accessible by group or others (mode 0640); run: chmod 600 " + path);
+    EXPECT_EQ(
+        std::string(e.what()),
+        path +
+            ": the API tokens file is accessible by group or others (mode 0640); run: chmod 600 " +
+            path);
   }
   ::chmod(path.c_str(), 0600);
   EXPECT_EQ(ApiTokens::load(path).size(), 1u);

@@ -1,18 +1,20 @@
 #pragma once
 // A temporary directory for one test, removed (with everything in it) when the test ends, also on
 // failure. Test-only; any thread.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <sys/stat.h>
-#include <unistd.h>
 
 namespace kb::bridge::test {
 
 class TempDir {
  public:
   TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "kb-bridge-test-XXXXXX").string();
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "kb-bridge-test-XXXXXX").string();
     if (!::mkdtemp(pattern.data())) throw std::runtime_error("mkdtemp failed");
     path_ = pattern;
   }
