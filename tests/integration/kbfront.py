@@ -80,6 +80,14 @@ class FrontSite(FullSite):
         raise AssertionError(f"{what} not seen within {timeout} s; last: "
                              f"{json.dumps(last)[:1500] if last else None}\n{self.tail('serve.log')}")
 
+    def stop_all(self, timeout=60):
+        """DELETE every live kernel of ours and wait until they ended (test cleanup)."""
+        for k in self.live_kernels():
+            self.api("DELETE", f"/v1/kernels/{k['id']}")
+        deadline = time.time() + timeout
+        while self.live_kernels() and time.time() < deadline:
+            time.sleep(0.3)
+
     def hold_queue(self, seconds):
         """The test site keeps jobs QUEUED this long (3600: until released with 0)."""
         self.control("POST", "/faults", {"queue_delay": seconds})

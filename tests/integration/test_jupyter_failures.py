@@ -44,6 +44,7 @@ class FrontDoorFailures(unittest.TestCase):
     def tearDown(self):
         for w in self.wrappers:
             w.kill()
+        self.fs.stop_all()
 
     def connection_file(self, owner=None):
         path = os.path.join(self.fs.dir, f"conn-{time.time_ns()}.json")

@@ -51,10 +51,13 @@ class JupyterFrontDoor(unittest.TestCase):
         for km in getattr(self, "_kms", []):
             try:
                 if km.has_kernel:
-                    km.shutdown_kernel(now=True)
+                    km.shutdown_kernel()
             except Exception as e:  # noqa: BLE001 (cleanup must go on)
                 log("cleanup:", e)
             km._kb_stderr.close()
+        # A wrapper killed by Jupyter (SIGKILL) cannot tell the daemon; a failed test must not
+        # leave its kernel to the next one.
+        self.fs.stop_all()
 
     def new_km(self, name="kb-box"):
         km = kernel_manager(name, os.path.join(self.fs.dir, f"wrapper-{len(getattr(self, '_kms', []))}-{time.time():.0f}.log"))
@@ -115,7 +118,9 @@ class JupyterFrontDoor(unittest.TestCase):
 
         # 4. interrupting time.sleep(60): Jupyter sends SIGINT to the wrapper (interrupt_mode
         # "signal"); the reply (KeyboardInterrupt) must arrive long before the sleep would end.
-        msg_id = kc.execute("import time; time.sleep(60)")
+        # stop_on_error=False: ipykernel would otherwise abort the requests that follow the
+        # KeyboardInterrupt for a moment (its own behaviour, not the bridge's).
+        msg_id = kc.execute("import time; time.sleep(60)", stop_on_error=False)
         while True:
             m = kc.get_iopub_msg(timeout=30)
             if m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == msg_id:
