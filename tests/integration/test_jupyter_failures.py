@@ -130,6 +130,40 @@ class FrontDoorFailures(unittest.TestCase):
         w.wait(60)
         self.fs.wait_nothing_running(timeout=60)
 
+    def test_doctor(self):
+        fs = self.fs
+        token = os.path.join(fs.dir, "doctor-token")
+        with open(token, "w") as f:
+            f.write(fs.tokens["root"] + "\n")
+        os.chmod(token, 0o600)
+        r = subprocess.run([BIN, "doctor", "--config", fs.config_path, "--token-file", token],
+                           capture_output=True, text=True, timeout=120)
+        log("doctor:\n" + r.stdout)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        for check in ("UNICORE http", "UNICORE credentials", "SSH", "agent"):
+            self.assertRegex(r.stdout, rf"PASS  site {fs.site_name}: {check}")
+        self.assertNotIn(fs.tokens["root"], r.stdout + r.stderr)
+        # The login host's key is not the one known_hosts has: FAIL with what to do; a refused token too.
+        other = os.path.join(fs.dir, "other_key")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", other], check=True)
+        with open(fs.info["known_hosts"]) as f:
+            host = f.read().split()[0]
+        with open(other + ".pub") as f:
+            wrong = os.path.join(fs.dir, "wrong_known_hosts")
+            with open(wrong, "w") as out:
+                out.write(host + " " + " ".join(f.read().split()[:2]) + "\n")
+        bad_config = fs.write_config(os.path.join(fs.dir, "wrong-host-key.toml"), known_hosts=wrong)
+        with open(token, "w") as f:
+            f.write("not-a-valid-token\n")
+        r = subprocess.run([BIN, "doctor", "--config", bad_config, "--token-file", token],
+                           capture_output=True, text=True, timeout=120)
+        log("doctor:\n" + r.stdout)
+        self.assertEqual(r.returncode, 1)
+        self.assertRegex(r.stdout, rf"FAIL  site {fs.site_name}: SSH .*host key")
+        self.assertIn("known_hosts", r.stdout)
+        self.assertRegex(r.stdout, rf"FAIL  site {fs.site_name}: UNICORE credentials")
+        self.assertNotIn("not-a-valid-token", r.stdout + r.stderr)
+
     def test_bad_connection_file(self):
         bad = os.path.join(self.fs.dir, "bad.json")
         with open(bad, "w") as f:
