@@ -597,6 +597,24 @@ void Agent::finish(int code) {
   pending_.clear();
   remove_runtime_files();
   spdlog::info("[{}] exiting with status {}", log_id_, code);
+  close_when_flushed(std::chrono::steady_clock::now() + std::chrono::seconds(2));
+}
+
+void Agent::close_when_flushed(std::chrono::steady_clock::time_point deadline) {
+  // The last events (kernel_exited, agent_terminating) must reach the bridge before the GOODBYE:
+  // closing the session drops what the peer has not acknowledged yet. Wait (bounded) until the
+  // replay buffer is empty, i.e. the bridge has acknowledged everything.
+  std::weak_ptr<bool> alive = alive_;
+  bool flushed = !session_ || session_->state() != LinkState::up ||
+                 session_->stats().replay_bytes == 0;
+  if (!flushed && std::chrono::steady_clock::now() < deadline) {
+    exit_timer_.expires_after(std::chrono::milliseconds(10));
+    exit_timer_.async_wait([this, alive, deadline](const error_code& ec) {
+      if (!alive.expired() && !ec) close_when_flushed(deadline);
+    });
+    return;
+  }
+  int code = *exit_code_;
   if (session_) {
     closing_session_ = true;
     session_->close(code == kAgentExitShutdown ? "agent shut down as requested"
@@ -604,8 +622,7 @@ void Agent::finish(int code) {
                                                  : "agent exiting: " +
                                                        ProcessExit::signal_name(code - 128));
   }
-  // Give the GOODBYE (and the last events) a moment to reach the bridge, then stop.
-  std::weak_ptr<bool> alive = alive_;
+  // Give the GOODBYE a moment to reach the bridge, then stop.
   exit_timer_.expires_after(std::chrono::milliseconds(300));
   exit_timer_.async_wait([this, alive](const error_code&) {
     if (!alive.expired()) io_.stop();

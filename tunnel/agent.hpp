@@ -99,6 +99,7 @@ class Agent {
   // Ends the agent: kills the kernel if needed, then finish(code).
   void stop_and_exit(int code, const std::string& why);
   void finish(int code);
+  void close_when_flushed(std::chrono::steady_clock::time_point deadline);
   void remove_runtime_files();
 
   boost::asio::io_context& io_;

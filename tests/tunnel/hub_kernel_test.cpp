@@ -374,6 +374,8 @@ TEST_F(HubKernelTest, KernelLifecycleAndRelayThroughTheAgent) {
   ASSERT_TRUE(wait_for([&] { return done.load(); })) << events_text();
   auto closed = wait_event("closed");
   ASSERT_FALSE(closed.is_null());
+  // The second kernel's end was reported before the link closed.
+  EXPECT_FALSE(wait_event("kernel_exited", 2, 1s).is_null()) << events_text();
   int status = 0;
   ASSERT_EQ(::waitpid(agent_pid_, &status, 0), agent_pid_);
   agent_pid_ = -1;
