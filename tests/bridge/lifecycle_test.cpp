@@ -252,7 +252,7 @@ class LifecycleTest : public ::testing::Test {
   std::variant<KernelView, ServiceError> create(KernelRequest r, Caller who = {}) {
     if (who.user.empty()) who = alice();
     std::optional<std::variant<KernelView, ServiceError>> out;
-    lifecycle->create(who, std::move(r), [&](std::variant<KernelView, ServiceError> v) { out = v; });
+    lifecycle->create(who, std::move(r), [&](std::variant<KernelView, ServiceError> v) { out.emplace(std::move(v)); });
     run_until([&] { return out.has_value(); });
     return *out;
   }
