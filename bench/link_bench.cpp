@@ -5,15 +5,12 @@
 //   throughput: one stream's bulk transfer client -> kernel (sink), direct vs. through the link.
 // Usage: link_bench [--rounds N] [--megabytes M] [--chunk BYTES]. Prints a table, then one JSON
 // line.
-#include "tunnel/link_session.hpp"
-#include "tunnel/tcp_transport.hpp"
-
-#include <boost/asio/read.hpp>
-#include <boost/asio/write.hpp>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -21,6 +18,9 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "tunnel/link_session.hpp"
+#include "tunnel/tcp_transport.hpp"
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -163,7 +163,8 @@ int main(int argc, char** argv) {
     }
   };
   auto bridge = LinkSession::create(bridge_io, LinkSession::Role::bridge, secret, options, bh);
-  tcp::acceptor shell_listener(bridge_io, {kLoopback, 0}), iopub_listener(bridge_io, {kLoopback, 0});
+  tcp::acceptor shell_listener(bridge_io, {kLoopback, 0}),
+      iopub_listener(bridge_io, {kLoopback, 0});
   std::function<void(tcp::acceptor&, ChannelKind)> accept = [&](tcp::acceptor& a, ChannelKind k) {
     a.async_accept([&, k](error_code ec, tcp::socket s) {
       if (ec) return;
@@ -195,10 +196,13 @@ int main(int argc, char** argv) {
       "{\"rtt_p50_us_direct\": %.1f, \"rtt_p50_us_link\": %.1f, \"rtt_p99_us_link\": %.1f, "
       "\"thr_mbps_direct\": %.0f, \"thr_mbps_link\": %.0f, \"rounds\": %d, \"megabytes\": %zu, "
       "\"max_chunk\": %zu}\n",
-      pct(direct, 0.5), pct(linked, 0.5), pct(linked, 0.99), thr_direct, thr_link, rounds, megabytes,
-      options.max_chunk);
+      pct(direct, 0.5), pct(linked, 0.5), pct(linked, 0.99), thr_direct, thr_link, rounds,
+      megabytes, options.max_chunk);
 
-  asio::post(bridge_io, [&] { bridge->close("benchmark done"); bridge_io.stop(); });
+  asio::post(bridge_io, [&] {
+    bridge->close("benchmark done");
+    bridge_io.stop();
+  });
   bridge_thread.join();
   asio::post(agent_io, [&] { agent_io.stop(); });
   agent_thread.join();

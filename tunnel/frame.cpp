@@ -7,20 +7,34 @@ namespace kb::tunnel::frame {
 
 const char* to_string(FrameType type) {
   switch (type) {
-    case FrameType::hello: return "HELLO";
-    case FrameType::challenge: return "CHALLENGE";
-    case FrameType::response: return "RESPONSE";
-    case FrameType::resume: return "RESUME";
-    case FrameType::ack: return "ACK";
-    case FrameType::ping: return "PING";
-    case FrameType::pong: return "PONG";
-    case FrameType::goodbye: return "GOODBYE";
-    case FrameType::open: return "OPEN";
-    case FrameType::data: return "DATA";
-    case FrameType::credit: return "CREDIT";
-    case FrameType::fin: return "FIN";
-    case FrameType::reset: return "RESET";
-    case FrameType::control: return "CONTROL";
+    case FrameType::hello:
+      return "HELLO";
+    case FrameType::challenge:
+      return "CHALLENGE";
+    case FrameType::response:
+      return "RESPONSE";
+    case FrameType::resume:
+      return "RESUME";
+    case FrameType::ack:
+      return "ACK";
+    case FrameType::ping:
+      return "PING";
+    case FrameType::pong:
+      return "PONG";
+    case FrameType::goodbye:
+      return "GOODBYE";
+    case FrameType::open:
+      return "OPEN";
+    case FrameType::data:
+      return "DATA";
+    case FrameType::credit:
+      return "CREDIT";
+    case FrameType::fin:
+      return "FIN";
+    case FrameType::reset:
+      return "RESET";
+    case FrameType::control:
+      return "CONTROL";
   }
   return "UNKNOWN";
 }
@@ -30,8 +44,8 @@ bool is_sequenced(FrameType type) {
 }
 
 bool is_handshake(FrameType type) {
-  return type == FrameType::hello || type == FrameType::challenge ||
-         type == FrameType::response || type == FrameType::resume;
+  return type == FrameType::hello || type == FrameType::challenge || type == FrameType::response ||
+         type == FrameType::resume;
 }
 
 void put_u16(std::uint8_t* p, std::uint16_t v) {
@@ -162,7 +176,8 @@ std::string validate_payload(const FrameHeader& h, std::span<const std::uint8_t>
   if (payload.size() != h.length) return "frame payload length mismatch";
   switch (h.type) {
     case FrameType::open:
-      if (payload[0] > 4) return "OPEN frame with unknown channel kind " + std::to_string(payload[0]);
+      if (payload[0] > 4)
+        return "OPEN frame with unknown channel kind " + std::to_string(payload[0]);
       break;
     case FrameType::credit:
       if (get_u32(payload.data()) == 0) return "CREDIT frame granting 0 bytes";

@@ -21,7 +21,7 @@ inline constexpr std::size_t kSessionIdSize = 16;
 inline constexpr std::size_t kNonceSize = 32;
 inline constexpr std::size_t kProofSize = 32;
 inline constexpr std::size_t kHelloSize = 2 + 1 + 1 + 4 + kSessionIdSize * 2 + kNonceSize;  // 72
-inline constexpr std::size_t kChallengeSize = kHelloSize + kProofSize;                       // 104
+inline constexpr std::size_t kChallengeSize = kHelloSize + kProofSize;                      // 104
 
 enum class FrameType : std::uint8_t {
   // Link-level frames: stream 0, seq 0, never retransmitted.
@@ -48,7 +48,7 @@ bool is_handshake(FrameType type);
 
 struct FrameHeader {
   FrameType type{};
-  std::uint8_t flags = 0;  // no flags defined in version 1; must be 0
+  std::uint8_t flags = 0;      // no flags defined in version 1; must be 0
   std::uint16_t reserved = 0;  // must be 0
   std::uint32_t stream_id = 0;
   std::uint32_t length = 0;  // payload bytes following the header

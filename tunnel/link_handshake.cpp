@@ -1,10 +1,10 @@
 #include "tunnel/link_handshake.hpp"
 
-#include "auth/secret.hpp"
-
 #include <openssl/crypto.h>
 
 #include <cstring>
+
+#include "auth/secret.hpp"
 
 namespace kb::tunnel {
 
@@ -37,7 +37,9 @@ LinkHandshake::LinkHandshake(Role role, std::span<const std::uint8_t> secret, Se
   std::memcpy(nonce_.data(), nonce.data(), std::min(nonce.size(), nonce_.size()));
 }
 
-LinkHandshake::~LinkHandshake() { OPENSSL_cleanse(secret_.data(), secret_.size()); }
+LinkHandshake::~LinkHandshake() {
+  OPENSSL_cleanse(secret_.data(), secret_.size());
+}
 
 void LinkHandshake::encode_hello(std::uint8_t* out, Role as) const {
   frame::put_u16(out + kOffVersion, frame::kProtocolVersion);
@@ -126,8 +128,9 @@ LinkHandshake::Status LinkHandshake::on_frame(const frame::DecodedFrame& f,
       }
       const auto expected = proof(Role::bridge);
       if (!kb::auth::equal_constant_time(expected, f.payload)) {
-        return fail("authentication failed: the bridge's proof does not match this kernel's link "
-                    "secret (wrong or stale secret file?)");
+        return fail(
+            "authentication failed: the bridge's proof does not match this kernel's link "
+            "secret (wrong or stale secret file?)");
       }
       step_ = Step::done;
       status_ = Status::authenticated;
@@ -144,10 +147,11 @@ LinkHandshake::Status LinkHandshake::on_frame(const frame::DecodedFrame& f,
     if (auto err = check_hello(Role::agent); !err.empty()) return fail(std::move(err));
     std::memcpy(transcript_.data() + frame::kHelloSize, f.payload.data(), frame::kHelloSize);
     const auto expected = proof(Role::agent);
-    if (!kb::auth::equal_constant_time(
-            expected, f.payload.subspan(frame::kHelloSize, frame::kProofSize))) {
-      return fail("authentication failed: the agent's proof does not match this kernel's link "
-                  "secret (wrong agent, or the agent has another secret)");
+    if (!kb::auth::equal_constant_time(expected,
+                                       f.payload.subspan(frame::kHelloSize, frame::kProofSize))) {
+      return fail(
+          "authentication failed: the agent's proof does not match this kernel's link "
+          "secret (wrong agent, or the agent has another secret)");
     }
     const auto my_proof = proof(Role::bridge);
     frame::append_frame(out, FrameType::response, 0, 0, my_proof);
@@ -155,7 +159,8 @@ LinkHandshake::Status LinkHandshake::on_frame(const frame::DecodedFrame& f,
     status_ = Status::authenticated;
     return status_;
   }
-  return fail(std::string("unexpected ") + frame::to_string(h.type) + " frame during the handshake");
+  return fail(std::string("unexpected ") + frame::to_string(h.type) +
+              " frame during the handshake");
 }
 
 }  // namespace kb::tunnel

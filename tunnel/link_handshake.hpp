@@ -6,13 +6,13 @@
 // proof): fresh nonces from both sides, both session identities and the protocol version are
 // bound, and the role label makes a reflected proof useless. The secret never leaves this object.
 // Used by LinkSession on its io_context thread (any single thread in tests and fuzzers).
-#include "tunnel/frame.hpp"
-
 #include <array>
 #include <cstdint>
 #include <span>
 #include <string>
 #include <vector>
+
+#include "tunnel/frame.hpp"
 
 namespace kb::tunnel {
 

@@ -1,8 +1,8 @@
 #include "tunnel/link_replay.hpp"
 
-#include "tunnel/frame.hpp"
-
 #include <algorithm>
+
+#include "tunnel/frame.hpp"
 
 namespace kb::tunnel {
 

@@ -38,11 +38,11 @@ class ReplayBuffer {
   std::uint8_t* reserve(std::size_t n);
   void commit(std::size_t n);
 
-  std::uint64_t next_seq() const { return next_seq_; }           // seq the next frame gets
-  std::uint64_t acked() const { return front_seq_ - 1; }         // highest acknowledged seq
-  std::uint64_t sent() const { return cursor_seq_ - 1; }         // highest seq written (this transport)
-  std::size_t bytes() const { return bytes_; }                   // all frames held
-  std::size_t unsent_bytes() const { return unsent_bytes_; }     // frames after the cursor
+  std::uint64_t next_seq() const { return next_seq_; }    // seq the next frame gets
+  std::uint64_t acked() const { return front_seq_ - 1; }  // highest acknowledged seq
+  std::uint64_t sent() const { return cursor_seq_ - 1; }  // highest seq written (this transport)
+  std::size_t bytes() const { return bytes_; }            // all frames held
+  std::size_t unsent_bytes() const { return unsent_bytes_; }  // frames after the cursor
 
   // Frees every frame with seq <= upto (callers validate acked() <= upto <= sent()).
   void ack(std::uint64_t upto);

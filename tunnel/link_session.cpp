@@ -1,20 +1,20 @@
 #include "tunnel/link_session.hpp"
 
-#include "tunnel/frame.hpp"
-#include "tunnel/link_handshake.hpp"
-#include "tunnel/link_replay.hpp"
-#include "tunnel/tcp_transport.hpp"
-
-#include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <boost/asio/write.hpp>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
 #include <cstring>
 #include <deque>
 #include <optional>
 #include <unordered_map>
+
+#include "tunnel/frame.hpp"
+#include "tunnel/link_handshake.hpp"
+#include "tunnel/link_replay.hpp"
+#include "tunnel/tcp_transport.hpp"
 
 namespace kb::tunnel {
 
@@ -25,21 +25,30 @@ using Clock = std::chrono::steady_clock;
 
 const char* to_string(ChannelKind kind) {
   switch (kind) {
-    case ChannelKind::shell: return "shell";
-    case ChannelKind::iopub: return "iopub";
-    case ChannelKind::stdin_: return "stdin";
-    case ChannelKind::control: return "control";
-    case ChannelKind::hb: return "hb";
+    case ChannelKind::shell:
+      return "shell";
+    case ChannelKind::iopub:
+      return "iopub";
+    case ChannelKind::stdin_:
+      return "stdin";
+    case ChannelKind::control:
+      return "control";
+    case ChannelKind::hb:
+      return "hb";
   }
   return "unknown";
 }
 
 const char* to_string(LinkState state) {
   switch (state) {
-    case LinkState::connecting: return "connecting";
-    case LinkState::up: return "up";
-    case LinkState::down: return "down";
-    case LinkState::closed: return "closed";
+    case LinkState::connecting:
+      return "connecting";
+    case LinkState::up:
+      return "up";
+    case LinkState::down:
+      return "down";
+    case LinkState::closed:
+      return "closed";
   }
   return "unknown";
 }
@@ -49,16 +58,23 @@ namespace {
 // Scheduling classes: hb first, then control, shell, stdin; iopub (bulk) last.
 std::size_t priority_class(ChannelKind kind) {
   switch (kind) {
-    case ChannelKind::hb: return 0;
-    case ChannelKind::control: return 1;
-    case ChannelKind::shell: return 2;
-    case ChannelKind::stdin_: return 3;
-    case ChannelKind::iopub: return 4;
+    case ChannelKind::hb:
+      return 0;
+    case ChannelKind::control:
+      return 1;
+    case ChannelKind::shell:
+      return 2;
+    case ChannelKind::stdin_:
+      return 3;
+    case ChannelKind::iopub:
+      return 4;
   }
   return 4;
 }
 
-std::string hex_id(const SessionId& id) { return kb::auth::to_hex(id); }
+std::string hex_id(const SessionId& id) {
+  return kb::auth::to_hex(id);
+}
 
 bool is_zero(const SessionId& id) {
   return std::all_of(id.begin(), id.end(), [](std::uint8_t b) { return b == 0; });
@@ -94,7 +110,7 @@ struct LinkStream {
   std::vector<std::uint8_t> pending;  // received, not yet handed to the socket
   std::vector<std::uint8_t> writing;  // handed to the socket (async_write in flight)
   bool write_in_flight = false;
-  std::uint64_t unreturned = 0;      // received and not yet credited back
+  std::uint64_t unreturned = 0;        // received and not yet credited back
   std::uint64_t credit_to_return = 0;  // written to the socket, not yet credited back
   bool peer_fin = false;
   bool shut_down = false;  // shutdown(send) done after peer FIN
@@ -164,8 +180,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       return 0;
     }
     if (streams_.size() >= opts_.max_streams) {
-      spdlog::warn("{} {} connection refused: {} streams open (max_streams)", log_,
-                   to_string(kind), streams_.size());
+      spdlog::warn("{} {} connection refused: {} streams open (max_streams)", log_, to_string(kind),
+                   streams_.size());
       socket.close(ec);
       return 0;
     }
@@ -235,8 +251,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     slot->handshake = std::make_unique<LinkHandshake>(
         role_ == LinkSession::Role::bridge ? LinkHandshake::Role::bridge
                                            : LinkHandshake::Role::agent,
-        secret_.bytes, self_id_, peer_id_, static_cast<std::uint32_t>(opts_.stream_window),
-        nonce);
+        secret_.bytes, self_id_, peer_id_, static_cast<std::uint32_t>(opts_.stream_window), nonce);
     candidates_.push_back(slot);
     spdlog::info("{} authenticating transport {}", log_, slot->name);
     slot->timer.expires_after(opts_.handshake_timeout);
@@ -245,9 +260,9 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       if (ec || !self) return;
       if (slot->phase == TransportSlot::Phase::handshaking ||
           slot->phase == TransportSlot::Phase::resuming) {
-        self->candidate_failed(slot, "handshake timed out after " +
-                                         std::to_string(self->opts_.handshake_timeout.count()) +
-                                         " ms",
+        self->candidate_failed(slot,
+                               "handshake timed out after " +
+                                   std::to_string(self->opts_.handshake_timeout.count()) + " ms",
                                false);
       }
     });
@@ -544,8 +559,9 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
           auto self = weak.lock();
           if (!self || slot->phase == TransportSlot::Phase::dead) return;
           if (ec) {
-            self->transport_error(slot, ec == asio::error::eof ? std::string("peer closed the transport")
-                                                               : "read failed: " + ec.message());
+            self->transport_error(slot, ec == asio::error::eof
+                                            ? std::string("peer closed the transport")
+                                            : "read failed: " + ec.message());
             return;
           }
           self->on_bytes(slot, n);
@@ -576,10 +592,14 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
 
   void on_frame(const SlotPtr& slot, const frame::DecodedFrame& f) {
     switch (slot->phase) {
-      case TransportSlot::Phase::handshaking: return on_handshake_frame(slot, f);
-      case TransportSlot::Phase::resuming: return on_resume_frame(slot, f);
-      case TransportSlot::Phase::live: return on_live_frame(slot, f);
-      case TransportSlot::Phase::dead: return;
+      case TransportSlot::Phase::handshaking:
+        return on_handshake_frame(slot, f);
+      case TransportSlot::Phase::resuming:
+        return on_resume_frame(slot, f);
+      case TransportSlot::Phase::live:
+        return on_live_frame(slot, f);
+      case TransportSlot::Phase::dead:
+        return;
     }
   }
 
@@ -630,9 +650,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     if (role_ == LinkSession::Role::agent && !is_zero(r.peer_knows_me) &&
         r.peer_knows_me != self_id_) {
       candidate_failed(slot,
-                       std::string("the ") + peer + " resumes session " +
-                           hex_id(r.peer_knows_me) + ", which this " + me +
-                           " does not have (this " + me + " restarted?)",
+                       std::string("the ") + peer + " resumes session " + hex_id(r.peer_knows_me) +
+                           ", which this " + me + " does not have (this " + me + " restarted?)",
                        true);
       return;
     }
@@ -680,10 +699,10 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     }
     const std::uint64_t point = frame::get_u64(f.payload.data());
     if (point < replay_.acked() || point > high_water_seq_) {
-      const std::string reason =
-          "the peer resumes after frame " + std::to_string(point) + " but this side has frames " +
-          std::to_string(replay_.acked() + 1) + ".." + std::to_string(high_water_seq_) +
-          " (state mismatch): link closed";
+      const std::string reason = "the peer resumes after frame " + std::to_string(point) +
+                                 " but this side has frames " +
+                                 std::to_string(replay_.acked() + 1) + ".." +
+                                 std::to_string(high_water_seq_) + " (state mismatch): link closed";
       spdlog::error("{} {}", log_, reason);
       send_goodbye(slot, reason);
       current_.reset();
@@ -707,11 +726,11 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     if (!first) ++stats_.resumes;
     last_rx_ = Clock::now();
     unacked_since_ = Clock::now();
-    const std::string reason =
-        first ? "authenticated on " + slot->name
-              : "resumed on " + slot->name + " (peer had frames up to " + std::to_string(point) +
-                    ", retransmitting " + std::to_string(replay_.bytes()) + " of " +
-                    std::to_string(before) + " held bytes)";
+    const std::string reason = first ? "authenticated on " + slot->name
+                                     : "resumed on " + slot->name + " (peer had frames up to " +
+                                           std::to_string(point) + ", retransmitting " +
+                                           std::to_string(replay_.bytes()) + " of " +
+                                           std::to_string(before) + " held bytes)";
     spdlog::info("{} {}", log_, reason);
     set_state(LinkState::up, reason);
     pump();
@@ -769,8 +788,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
           peer_goodbye(slot, f);
           return;
         default:
-          protocol_error(slot, std::string("unexpected ") + frame::to_string(h.type) +
-                                   " on a live link");
+          protocol_error(slot,
+                         std::string("unexpected ") + frame::to_string(h.type) + " on a live link");
           return;
       }
     }
@@ -833,7 +852,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       return {};
     }
     if (h.type == FrameType::open) {
-      if (role_ != LinkSession::Role::agent) return "the agent sent OPEN (only the bridge opens streams)";
+      if (role_ != LinkSession::Role::agent)
+        return "the agent sent OPEN (only the bridge opens streams)";
       if (id <= max_peer_stream_) {
         return "OPEN of stream " + std::to_string(id) + " after stream " +
                std::to_string(max_peer_stream_) + " (ids must increase)";
@@ -856,8 +876,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     }
     auto it = streams_.find(id);
     if (it == streams_.end()) {
-      const bool known = role_ == LinkSession::Role::bridge ? id < next_stream_id_
-                                                            : id <= max_peer_stream_;
+      const bool known =
+          role_ == LinkSession::Role::bridge ? id < next_stream_id_ : id <= max_peer_stream_;
       if (!known) {
         return std::string(frame::to_string(h.type)) + " for unknown stream " + std::to_string(id);
       }
@@ -997,8 +1017,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
   // Liveness: a live transport that delivers nothing, or does not acknowledge what we sent, for
   // liveness_timeout is dead (a peer that stopped reading holds our replay buffer full).
   void schedule_tick() {
-    const auto period =
-        std::max<std::chrono::milliseconds>(opts_.liveness_timeout / 6, std::chrono::milliseconds(5));
+    const auto period = std::max<std::chrono::milliseconds>(opts_.liveness_timeout / 6,
+                                                            std::chrono::milliseconds(5));
     tick_timer_.expires_after(period);
     tick_timer_.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
       auto self = weak.lock();
@@ -1047,8 +1067,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
 
   std::unordered_map<std::uint32_t, StreamPtr> streams_;
   std::array<std::deque<std::uint32_t>, kChannelKinds> ready_;
-  std::uint32_t next_stream_id_ = 1;    // bridge
-  std::uint32_t max_peer_stream_ = 0;   // agent
+  std::uint32_t next_stream_id_ = 1;   // bridge
+  std::uint32_t max_peer_stream_ = 0;  // agent
 
   ReplayBuffer replay_;
   std::size_t unsent_target_;
@@ -1100,9 +1120,17 @@ void LinkSession::attach_transport(ByteTransportPtr transport) {
 bool LinkSession::send_control(const nlohmann::json& message) {
   return impl_->send_control(message);
 }
-void LinkSession::close(const std::string& reason) { impl_->close(reason); }
-LinkState LinkSession::state() const { return impl_->state(); }
-LinkSession::Stats LinkSession::stats() const { return impl_->stats(); }
-std::string LinkSession::session_id() const { return impl_->session_id(); }
+void LinkSession::close(const std::string& reason) {
+  impl_->close(reason);
+}
+LinkState LinkSession::state() const {
+  return impl_->state();
+}
+LinkSession::Stats LinkSession::stats() const {
+  return impl_->stats();
+}
+std::string LinkSession::session_id() const {
+  return impl_->session_id();
+}
 
 }  // namespace kb::tunnel

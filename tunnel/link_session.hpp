@@ -6,19 +6,18 @@
 // the per-kernel LinkSecret. Wire format: docs/protocol.md.
 // Thread model: every public member (and every handler it calls) runs on the io_context's single
 // thread; create it, call it and destroy it only from that thread.
-#include "auth/secret.hpp"
-#include "tunnel/transport.hpp"
-
+#include <array>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <nlohmann/json.hpp>
-
-#include <array>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
+
+#include "auth/secret.hpp"
+#include "tunnel/transport.hpp"
 
 namespace kb::tunnel {
 
@@ -45,7 +44,8 @@ class LinkSession : public std::enable_shared_from_this<LinkSession> {
     // Bytes of sent-but-unacknowledged frames kept for retransmission. When full, this side stops
     // reading its local sockets (backpressure); nothing is dropped.
     std::size_t replay_limit = 8 * 1024 * 1024;
-    // Largest DATA payload (<= 65536). Smaller chunks let hb/control overtake a flooding iopub sooner.
+    // Largest DATA payload (<= 65536). Smaller chunks let hb/control overtake a flooding iopub
+    // sooner.
     std::size_t max_chunk = 16 * 1024;
     // Streams this session accepts at once (bridge: local connections; agent: OPEN requests).
     std::size_t max_streams = 1024;

@@ -1,7 +1,8 @@
 #include "tunnel/tcp_transport.hpp"
 
-#include <boost/asio/write.hpp>
 #include <spdlog/spdlog.h>
+
+#include <boost/asio/write.hpp>
 
 namespace kb::tunnel {
 

@@ -1,9 +1,9 @@
 #pragma once
 // ByteTransport over a connected Asio TCP socket (the agent's accepted bridge connection, tests,
 // benchmarks). Sets TCP_NODELAY. Runs on the socket's io_context thread, like every ByteTransport.
-#include "tunnel/transport.hpp"
-
 #include <boost/asio/ip/tcp.hpp>
+
+#include "tunnel/transport.hpp"
 
 namespace kb::tunnel {
 

@@ -1,12 +1,12 @@
 // libFuzzer target: the link's frame decoder (tunnel/frame.*). The input is cut into reads of
 // varying size (driven by the input itself) so frames split across reads are exercised. Invariants:
 // no crash, every decoded frame passes validation and fits the limits, memory stays bounded.
-#include "tunnel/frame.hpp"
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+#include "tunnel/frame.hpp"
 
 using namespace kb::tunnel::frame;
 

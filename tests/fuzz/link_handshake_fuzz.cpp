@@ -1,12 +1,12 @@
 // libFuzzer target: the handshake state machine (tunnel/link_handshake.*) in both roles, fed with
 // whatever frames the input decodes to. Invariants: no crash; without the secret the input can
 // never authenticate either role (the proofs are HMACs over fresh nonces).
-#include "tunnel/link_handshake.hpp"
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+#include "tunnel/link_handshake.hpp"
 
 using namespace kb::tunnel;
 

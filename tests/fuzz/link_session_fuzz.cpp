@@ -2,15 +2,15 @@
 // after a correct handshake, i.e. what an authenticated but buggy or hostile bridge could send:
 // sequenced frames in any order, unknown streams, credit overflows, acks out of range, truncated
 // frames. Invariants: no crash, no sanitizer report, memory bounded (replay buffer within limits).
-#include "tests/tunnel/test_transports.hpp"
-#include "tunnel/link_handshake.hpp"
-#include "tunnel/link_session.hpp"
-
 #include <spdlog/spdlog.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+#include "tests/tunnel/test_transports.hpp"
+#include "tunnel/link_handshake.hpp"
+#include "tunnel/link_session.hpp"
 
 using namespace kb::tunnel;
 namespace asio = boost::asio;
@@ -60,25 +60,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   bool reading = true;
   std::function<void()> read = [&] {
     auto b = dec.prepare();
-    mine->async_read_some(asio::buffer(b.data(), b.size()),
-                          [&](boost::system::error_code ec, std::size_t n) {
-                            if (ec) {
-                              reading = false;
-                              return;
-                            }
-                            dec.commit(n);
-                            frame::DecodedFrame f;
-                            std::string err;
-                            while (dec.next(f, err) == frame::FrameDecoder::Status::frame) {
-                              if (hs.status() == LinkHandshake::Status::in_progress) {
-                                if (hs.on_frame(f, reply) == LinkHandshake::Status::authenticated) {
-                                  frame::append_frame(reply, frame::FrameType::resume, 0, 0,
-                                                      frame::u64_bytes(0));
-                                }
-                              }
-                            }
-                            read();
-                          });
+    mine->async_read_some(
+        asio::buffer(b.data(), b.size()), [&](boost::system::error_code ec, std::size_t n) {
+          if (ec) {
+            reading = false;
+            return;
+          }
+          dec.commit(n);
+          frame::DecodedFrame f;
+          std::string err;
+          while (dec.next(f, err) == frame::FrameDecoder::Status::frame) {
+            if (hs.status() == LinkHandshake::Status::in_progress) {
+              if (hs.on_frame(f, reply) == LinkHandshake::Status::authenticated) {
+                frame::append_frame(reply, frame::FrameType::resume, 0, 0, frame::u64_bytes(0));
+              }
+            }
+          }
+          read();
+        });
   };
   read();
   run_ready(io);

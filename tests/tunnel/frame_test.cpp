@@ -11,7 +11,9 @@ namespace kb::tunnel::frame {
 namespace {
 
 using Bytes = std::vector<std::uint8_t>;
-Bytes bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
+Bytes bytes_of(const std::string& s) {
+  return {s.begin(), s.end()};
+}
 Bytes v64(std::uint64_t v) {
   auto a = u64_bytes(v);
   return {a.begin(), a.end()};
@@ -63,9 +65,8 @@ TEST(Frame, HeaderLayoutIsBigEndianAndFixed) {
   h.seq = 0x1122334455667788ULL;
   std::uint8_t out[kHeaderSize];
   encode_header(h, out);
-  const std::uint8_t expected[kHeaderSize] = {17,   0,    0,    0,    1,    2,    3,
-                                              4,    0,    0,    0,    5,    0x11, 0x22,
-                                              0x33, 0x44, 0x55, 0x66, 0x77, 0x88};
+  const std::uint8_t expected[kHeaderSize] = {
+      17, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 5, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88};
   EXPECT_EQ(0, std::memcmp(out, expected, kHeaderSize));
   const auto back = parse_header(out);
   EXPECT_EQ(back.type, h.type);
@@ -138,12 +139,14 @@ TEST(Frame, RejectsOversizedFramesFromTheHeaderAlone) {
   EXPECT_TRUE(decode_all(wire, wire.size(), &err).empty());
   EXPECT_NE(err.find("exceeds the maximum frame payload"), std::string::npos) << err;
 
-  EXPECT_NE(reject(FrameType::data, 1, 1, std::vector<std::uint8_t>(kMaxDataPayload + 1)).find("DATA"),
-            std::string::npos);
+  EXPECT_NE(
+      reject(FrameType::data, 1, 1, std::vector<std::uint8_t>(kMaxDataPayload + 1)).find("DATA"),
+      std::string::npos);
 }
 
 TEST(Frame, RejectsSequenceAndStreamRuleViolations) {
-  EXPECT_NE(reject(FrameType::data, 1, 0, {1}).find("without a sequence number"), std::string::npos);
+  EXPECT_NE(reject(FrameType::data, 1, 0, {1}).find("without a sequence number"),
+            std::string::npos);
   EXPECT_NE(reject(FrameType::ack, 0, 5, v64(1)).find("must not carry a sequence number"),
             std::string::npos);
   EXPECT_NE(reject(FrameType::data, 0, 1, {1}).find("stream 0"), std::string::npos);
@@ -161,8 +164,10 @@ TEST(Frame, RejectsWrongPayloadSizesPerType) {
   EXPECT_FALSE(reject(FrameType::data, 1, 1, {}).empty());
   EXPECT_FALSE(reject(FrameType::credit, 1, 1, {0, 1}).empty());
   EXPECT_FALSE(reject(FrameType::fin, 1, 1, {0}).empty());
-  EXPECT_FALSE(reject(FrameType::reset, 1, 1, std::vector<std::uint8_t>(kMaxReasonLength + 1)).empty());
-  EXPECT_FALSE(reject(FrameType::goodbye, 0, 0, std::vector<std::uint8_t>(kMaxReasonLength + 1)).empty());
+  EXPECT_FALSE(
+      reject(FrameType::reset, 1, 1, std::vector<std::uint8_t>(kMaxReasonLength + 1)).empty());
+  EXPECT_FALSE(
+      reject(FrameType::goodbye, 0, 0, std::vector<std::uint8_t>(kMaxReasonLength + 1)).empty());
   EXPECT_FALSE(reject(FrameType::control, 0, 1, {}).empty());
 }
 

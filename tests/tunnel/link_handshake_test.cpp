@@ -1,12 +1,12 @@
 // Tests tunnel/link_handshake.*: mutual challenge-response as a pure state machine.
 #include "tunnel/link_handshake.hpp"
 
-#include "auth/secret.hpp"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstring>
+
+#include "auth/secret.hpp"
 
 namespace kb::tunnel {
 namespace {
@@ -22,7 +22,9 @@ SessionId sid(std::uint8_t v) {
   return s;
 }
 
-std::vector<std::uint8_t> nonce(std::uint8_t v) { return std::vector<std::uint8_t>(frame::kNonceSize, v); }
+std::vector<std::uint8_t> nonce(std::uint8_t v) {
+  return std::vector<std::uint8_t>(frame::kNonceSize, v);
+}
 
 // Decodes exactly one frame from `wire` (the handshake emits whole frames).
 struct OneFrame {
@@ -75,7 +77,8 @@ TEST(LinkHandshake, TheSecretNeverAppearsOnTheWire) {
   p.bridge.start(wire);
   OneFrame h(wire);
   p.agent.on_frame(h.f, wire);
-  OneFrame c(std::vector<std::uint8_t>(wire.begin() + static_cast<long>(frame::kHeaderSize + frame::kHelloSize), wire.end()));
+  OneFrame c(std::vector<std::uint8_t>(
+      wire.begin() + static_cast<long>(frame::kHeaderSize + frame::kHelloSize), wire.end()));
   p.bridge.on_frame(c.f, wire);
   auto it = std::search(wire.begin(), wire.end(), secret.begin(), secret.begin() + 8);
   EXPECT_EQ(it, wire.end());

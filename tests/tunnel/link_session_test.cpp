@@ -3,23 +3,23 @@
 // side), over an in-memory pipe, a seeded flaky pipe, and real TCP on 127.0.0.1.
 #include "tunnel/link_session.hpp"
 
-#include "tests/tunnel/test_transports.hpp"
-#include "tunnel/frame.hpp"
-#include "tunnel/link_handshake.hpp"
-#include "tunnel/tcp_transport.hpp"
+#include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
-#include <gtest/gtest.h>
-#include <spdlog/spdlog.h>
-
 #include <cstring>
 #include <functional>
 #include <map>
 #include <optional>
 #include <random>
+
+#include "tests/tunnel/test_transports.hpp"
+#include "tunnel/frame.hpp"
+#include "tunnel/link_handshake.hpp"
+#include "tunnel/tcp_transport.hpp"
 
 namespace kb::tunnel {
 namespace {
@@ -56,8 +56,10 @@ class KernelServer {
  public:
   enum class Mode { echo, flood, greet_and_close, reset };
   KernelServer(asio::io_context& io, Mode mode, std::size_t flood_bytes = 0)
-      : io_(io), acceptor_(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)),
-        mode_(mode), flood_(pattern(flood_bytes, 99)) {
+      : io_(io),
+        acceptor_(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)),
+        mode_(mode),
+        flood_(pattern(flood_bytes, 99)) {
     accept();
   }
   tcp::endpoint endpoint() const { return acceptor_.local_endpoint(); }
@@ -79,7 +81,9 @@ class KernelServer {
       s.set_option(tcp::no_delay(true));
       auto c = std::make_shared<Conn>(std::move(s));
       switch (mode_) {
-        case Mode::echo: echo(c); break;
+        case Mode::echo:
+          echo(c);
+          break;
         case Mode::flood:
           c->socket.set_option(asio::socket_base::send_buffer_size(64 * 1024));
           flood(c, 0);
@@ -112,9 +116,10 @@ class KernelServer {
         }
         return;
       }
-      asio::async_write(c->socket, asio::buffer(c->buf.data(), n), [this, c](error_code ec, std::size_t) {
-        if (!ec) echo(c);
-      });
+      asio::async_write(c->socket, asio::buffer(c->buf.data(), n),
+                        [this, c](error_code ec, std::size_t) {
+                          if (!ec) echo(c);
+                        });
     });
   }
   void drain(std::shared_ptr<Conn> c) {
@@ -135,11 +140,12 @@ class KernelServer {
       return;
     }
     const std::size_t n = std::min<std::size_t>(16 * 1024, flood_.size() - off);
-    asio::async_write(c->socket, asio::buffer(flood_.data() + off, n), [this, c, off](error_code ec, std::size_t w) {
-      if (ec) return;
-      flood_written += w;
-      flood(c, off + w);
-    });
+    asio::async_write(c->socket, asio::buffer(flood_.data() + off, n),
+                      [this, c, off](error_code ec, std::size_t w) {
+                        if (ec) return;
+                        flood_written += w;
+                        flood(c, off + w);
+                      });
   }
 
   asio::io_context& io_;
@@ -158,7 +164,7 @@ class Client : public std::enable_shared_from_this<Client> {
          std::uint32_t seed)
       : socket(io), data_(std::move(data)), expect_(std::move(expect)), rng_(seed) {}
   tcp::socket socket;
-  bool done = false;        // everything expected arrived, then EOF
+  bool done = false;  // everything expected arrived, then EOF
   bool failed = false;
   std::string failure;
   std::size_t received = 0;
@@ -207,14 +213,14 @@ class Client : public std::enable_shared_from_this<Client> {
       socket.shutdown(tcp::socket::shutdown_send, ignored);
       return;
     }
-    const std::size_t n =
-        std::min<std::size_t>(data_.size() - written_, 1 + rng_() % (48 * 1024));
+    const std::size_t n = std::min<std::size_t>(data_.size() - written_, 1 + rng_() % (48 * 1024));
     auto self = shared_from_this();
-    asio::async_write(socket, asio::buffer(data_.data() + written_, n), [self](error_code ec, std::size_t w) {
-      if (ec) return;
-      self->written_ += w;
-      self->write_more();
-    });
+    asio::async_write(socket, asio::buffer(data_.data() + written_, n),
+                      [self](error_code ec, std::size_t w) {
+                        if (ec) return;
+                        self->written_ += w;
+                        self->write_more();
+                      });
   }
   std::vector<std::uint8_t> data_, expect_;
   std::size_t written_ = 0;
@@ -246,12 +252,15 @@ struct LinkPair {
     agent = make_agent(agent_secret, agent_opts ? *agent_opts : opts);
   }
 
-  std::shared_ptr<LinkSession> make_agent(const auth::LinkSecret& secret, LinkSession::Options opts) {
+  std::shared_ptr<LinkSession> make_agent(const auth::LinkSecret& secret,
+                                          LinkSession::Options opts) {
     LinkSession::Handlers ah;
     ah.on_state = [this](LinkState s, const std::string& why) { agent_states.push_back({s, why}); };
     ah.on_control = [this](const nlohmann::json& j) { agent_controls.push_back(j); };
     ah.on_candidate_failed = [this](const std::string& why) { agent_failures.push_back(why); };
-    ah.on_stream_request = [this](std::uint32_t id, ChannelKind kind) { on_stream_request(id, kind); };
+    ah.on_stream_request = [this](std::uint32_t id, ChannelKind kind) {
+      on_stream_request(id, kind);
+    };
     return LinkSession::create(io, LinkSession::Role::agent, secret, opts, ah);
   }
 
@@ -330,7 +339,8 @@ struct LinkPair {
   std::string client_failures() const {
     std::string s;
     for (std::size_t i = 0; i < clients.size(); ++i) {
-      if (clients[i]->failed) s += "client " + std::to_string(i) + ": " + clients[i]->failure + "\n";
+      if (clients[i]->failed)
+        s += "client " + std::to_string(i) + ": " + clients[i]->failure + "\n";
     }
     return s;
   }
@@ -389,7 +399,8 @@ TEST(LinkSession, RelaysManyStreamsByteExactOverAPipe) {
   EXPECT_EQ(in, total);
   EXPECT_EQ(bs.streams_opened, 20u);
   // Every stream ended cleanly on both sides (half-closes met in the middle).
-  ASSERT_TRUE(run_until(p.io, [&] { return p.bridge->stats().streams == 0 && p.agent->stats().streams == 0; }));
+  ASSERT_TRUE(run_until(
+      p.io, [&] { return p.bridge->stats().streams == 0 && p.agent->stats().streams == 0; }));
   EXPECT_EQ(bs.resumes, 0u);
 }
 
@@ -448,7 +459,8 @@ TEST(LinkSession, ResumesByteExactThroughHundredsOfRandomDrops) {
     p.open_client(kKinds[i % 5], data, data, i);
   }
   reconnect();
-  ASSERT_TRUE(run_until(p.io, [&] { return p.all_clients_done() || p.any_client_failed(); }, 120))
+  ASSERT_TRUE(run_until(
+      p.io, [&] { return p.all_clients_done() || p.any_client_failed(); }, 120))
       << "relay did not finish after " << p.connects << " connections";
   ASSERT_TRUE(p.all_clients_done()) << p.client_failures();
   EXPECT_GE(p.connects, 200) << "the test must exercise hundreds of drops";
@@ -525,13 +537,15 @@ TEST(LinkSession, StalledSinkAppliesBackpressureWithoutDropWhileHeartbeatsFlow) 
   opts.replay_limit = 256 * 1024;
   LinkPair p(opts);
   const std::size_t kFlood = 32 * 1024 * 1024;
-  p.kernels[ChannelKind::iopub] = std::make_unique<KernelServer>(p.io, KernelServer::Mode::flood, kFlood);
+  p.kernels[ChannelKind::iopub] =
+      std::make_unique<KernelServer>(p.io, KernelServer::Mode::flood, kFlood);
   p.kernels[ChannelKind::hb] = std::make_unique<KernelServer>(p.io, KernelServer::Mode::echo);
   p.connect_pipe();
   // The iopub client does not read at all.
   auto flood_expect = pattern(kFlood, 99);
   auto iopub = p.open_client(ChannelKind::iopub, {}, flood_expect, 1, /*reading=*/false);
-  ASSERT_TRUE(run_until(p.io, [&] { return p.kernels[ChannelKind::iopub]->flood_written > 200 * 1024; }));
+  ASSERT_TRUE(
+      run_until(p.io, [&] { return p.kernels[ChannelKind::iopub]->flood_written > 200 * 1024; }));
   // Heartbeats: 200 round trips, one at a time, while iopub is stuck.
   auto hb = std::make_shared<tcp::socket>(p.io);
   hb->connect(p.listener.local_endpoint());
@@ -559,7 +573,8 @@ TEST(LinkSession, StalledSinkAppliesBackpressureWithoutDropWhileHeartbeatsFlow) 
   EXPECT_EQ(iopub->received, 0u);
   // Now the sink reads: every byte arrives, in order, then EOF.
   iopub->read_more();
-  ASSERT_TRUE(run_until(p.io, [&] { return iopub->done || iopub->failed; }, 120));
+  ASSERT_TRUE(run_until(
+      p.io, [&] { return iopub->done || iopub->failed; }, 120));
   EXPECT_TRUE(iopub->done) << iopub->failure;
   EXPECT_EQ(iopub->received, kFlood);
 }
@@ -602,17 +617,20 @@ TEST(LinkSession, PeerThatStopsReadingIsDetectedAndTheLinkRecovers) {
 
 TEST(LinkSession, KernelCloseReachesTheClientAndClientCloseReachesTheKernel) {
   LinkPair p;
-  p.kernels[ChannelKind::shell] = std::make_unique<KernelServer>(p.io, KernelServer::Mode::greet_and_close);
+  p.kernels[ChannelKind::shell] =
+      std::make_unique<KernelServer>(p.io, KernelServer::Mode::greet_and_close);
   p.connect_pipe();
   const std::string hello = "hello from the kernel";
-  auto c = p.open_client(ChannelKind::shell, {}, std::vector<std::uint8_t>(hello.begin(), hello.end()), 1);
+  auto c = p.open_client(ChannelKind::shell, {},
+                         std::vector<std::uint8_t>(hello.begin(), hello.end()), 1);
   // The kernel half-closes after its greeting: the client gets the bytes, then EOF. The client had
   // nothing to send and half-closed at once: the kernel sees EOF.
   ASSERT_TRUE(run_until(p.io, [&] {
     return (c->done || c->failed) && p.kernels[ChannelKind::shell]->eof_seen == 1;
   }));
   EXPECT_TRUE(c->done) << c->failure;
-  ASSERT_TRUE(run_until(p.io, [&] { return p.bridge->stats().streams == 0 && p.agent->stats().streams == 0; }));
+  ASSERT_TRUE(run_until(
+      p.io, [&] { return p.bridge->stats().streams == 0 && p.agent->stats().streams == 0; }));
 }
 
 TEST(LinkSession, DataAndFinHeldUntilTheKernelConnectionIsAttached) {
@@ -621,7 +639,7 @@ TEST(LinkSession, DataAndFinHeldUntilTheKernelConnectionIsAttached) {
   p.hold_requests = true;  // the kernel does not listen yet
   p.connect_pipe();
   auto data = pattern(30'000, 4);
-  auto c = p.open_client(ChannelKind::shell, data, data, 1);  // writes everything, then FIN
+  auto c = p.open_client(ChannelKind::shell, data, data, 1);    // writes everything, then FIN
   auto empty = p.open_client(ChannelKind::control, {}, {}, 2);  // only a FIN
   ASSERT_TRUE(run_until(p.io, [&] { return p.agent->stats().stream_bytes_in[0] == data.size(); }));
   p.io.restart();
@@ -629,7 +647,8 @@ TEST(LinkSession, DataAndFinHeldUntilTheKernelConnectionIsAttached) {
   p.hold_requests = false;
   p.on_stream_request(1, ChannelKind::shell);  // now the kernel answers
   p.on_stream_request(2, ChannelKind::control);
-  ASSERT_TRUE(run_until(p.io, [&] { return (c->done || c->failed) && (empty->done || empty->failed); }));
+  ASSERT_TRUE(
+      run_until(p.io, [&] { return (c->done || c->failed) && (empty->done || empty->failed); }));
   EXPECT_TRUE(c->done) << c->failure;
   EXPECT_TRUE(empty->done) << empty->failure;
   EXPECT_EQ(p.kernels[ChannelKind::shell]->eof_seen, 1u);
@@ -646,7 +665,8 @@ TEST(LinkSession, KernelResetAndRefusalReachTheClient) {
     return (reset->done || reset->error_seen) && (refused->done || refused->error_seen);
   }));
   EXPECT_TRUE(refused->error_seen) << "a refused stream ends with a reset, not a clean EOF";
-  ASSERT_TRUE(run_until(p.io, [&] { return p.bridge->stats().streams == 0 && p.agent->stats().streams == 0; }));
+  ASSERT_TRUE(run_until(
+      p.io, [&] { return p.bridge->stats().streams == 0 && p.agent->stats().streams == 0; }));
   EXPECT_EQ(p.bridge->state(), LinkState::up);  // a stream error never takes the link down
 }
 
@@ -658,8 +678,10 @@ TEST(LinkSession, WrongSecretForwardsNothing) {
   auto data = pattern(5000, 1);
   auto c = p.open_client(ChannelKind::shell, data, data, 1);
   p.connect_pipe();
-  ASSERT_TRUE(run_until(p.io, [&] { return !p.bridge_failures.empty() && !p.agent_failures.empty(); }));
-  EXPECT_NE(p.bridge_failures[0].find("authentication failed"), std::string::npos) << p.bridge_failures[0];
+  ASSERT_TRUE(
+      run_until(p.io, [&] { return !p.bridge_failures.empty() && !p.agent_failures.empty(); }));
+  EXPECT_NE(p.bridge_failures[0].find("authentication failed"), std::string::npos)
+      << p.bridge_failures[0];
   EXPECT_NE(p.agent_failures[0].find("refused"), std::string::npos) << p.agent_failures[0];
   EXPECT_EQ(p.bridge->state(), LinkState::connecting);
   EXPECT_EQ(p.agent->state(), LinkState::connecting);
@@ -683,7 +705,8 @@ TEST(LinkSession, FailedKnockDoesNotDisturbTheLiveLink) {
   // Knocks with the wrong secret while data flows.
   std::vector<std::shared_ptr<LinkSession>> impostors;
   for (int i = 0; i < 3; ++i) {
-    auto imp = LinkSession::create(p.io, LinkSession::Role::bridge, auth::LinkSecret::generate(), {}, {});
+    auto imp =
+        LinkSession::create(p.io, LinkSession::Role::bridge, auth::LinkSecret::generate(), {}, {});
     auto [i_end, a_end] = make_pipe(p.io);
     imp->attach_transport(std::move(i_end));
     p.agent->attach_transport(std::move(a_end));
@@ -738,7 +761,8 @@ TEST(LinkSession, BridgeRestartClosesTheStaleAgentSessionAndANewOneWorks) {
   auto [b_end, a_end] = make_pipe(p.io);
   b2->attach_transport(std::move(b_end));
   p.agent->attach_transport(std::move(a_end));
-  ASSERT_TRUE(run_until(p.io, [&] { return p.agent->state() == LinkState::closed && !b2_failures.empty(); }));
+  ASSERT_TRUE(run_until(
+      p.io, [&] { return p.agent->state() == LinkState::closed && !b2_failures.empty(); }));
   EXPECT_NE(p.agent_states.back().second.find("bridge restarted"), std::string::npos)
       << p.agent_states.back().second;
   EXPECT_NE(b2_failures.back().find("bridge restarted"), std::string::npos) << b2_failures.back();
@@ -822,7 +846,8 @@ struct ScriptedBridge {
       read();
     });
   }
-  void send_frame(frame::FrameType t, std::uint32_t stream, std::uint64_t seq, std::vector<std::uint8_t> payload) {
+  void send_frame(frame::FrameType t, std::uint32_t stream, std::uint64_t seq,
+                  std::vector<std::uint8_t> payload) {
     std::vector<std::uint8_t> out;
     frame::append_frame(out, t, stream, seq, payload);
     send(out);
@@ -857,10 +882,15 @@ TEST(LinkSession, BadInputClosesTheTransportWithALoggedReason) {
          s.send(h);
        },
        LinkState::down, "exceeds the maximum"},
-      {"out of order", [](ScriptedBridge& s) { s.send_frame(frame::FrameType::control, 0, 5, {'{', '}'}); },
+      {"out of order",
+       [](ScriptedBridge& s) {
+         s.send_frame(frame::FrameType::control, 0, 5, {'{', '}'});
+       },
        LinkState::down, "out-of-order"},
       {"handshake frame on a live link",
-       [](ScriptedBridge& s) { s.send_frame(frame::FrameType::resume, 0, 0, std::vector<std::uint8_t>(8)); },
+       [](ScriptedBridge& s) {
+         s.send_frame(frame::FrameType::resume, 0, 0, std::vector<std::uint8_t>(8));
+       },
        LinkState::down, "unexpected RESUME"},
       {"ack beyond what was sent",
        [](ScriptedBridge& s) {
@@ -868,7 +898,10 @@ TEST(LinkSession, BadInputClosesTheTransportWithALoggedReason) {
          s.send_frame(frame::FrameType::ack, 0, 0, {a.begin(), a.end()});
        },
        LinkState::down, "outside the sent range"},
-      {"unknown stream", [](ScriptedBridge& s) { s.send_frame(frame::FrameType::data, 9, 1, {1, 2, 3}); },
+      {"unknown stream",
+       [](ScriptedBridge& s) {
+         s.send_frame(frame::FrameType::data, 9, 1, {1, 2, 3});
+       },
        LinkState::closed, "unknown stream 9"},
       {"credit overflow",
        [](ScriptedBridge& s) {
@@ -901,7 +934,8 @@ TEST(LinkSession, BadInputClosesTheTransportWithALoggedReason) {
     ASSERT_TRUE(run_until(p.io, [&] { return s.resumed; }));
     ASSERT_EQ(p.agent->state(), LinkState::up);
     tc.inject(s);
-    ASSERT_TRUE(run_until(p.io, [&] { return p.agent->state() == tc.expected && s.transport_closed; }))
+    ASSERT_TRUE(
+        run_until(p.io, [&] { return p.agent->state() == tc.expected && s.transport_closed; }))
         << "state " << to_string(p.agent->state());
     ASSERT_FALSE(p.agent_states.empty());
     EXPECT_NE(p.agent_states.back().second.find(tc.reason), std::string::npos)

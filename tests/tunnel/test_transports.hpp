@@ -3,16 +3,15 @@
 // close semantics) and a seeded "flaky" wrapper that cuts the connection after a byte budget,
 // possibly mid-frame, in either direction. Everything completes through io_context::post, on the
 // test's single io_context thread.
-#include "tunnel/transport.hpp"
-
+#include <algorithm>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
-
-#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
+
+#include "tunnel/transport.hpp"
 
 namespace kb::tunnel::testing {
 
@@ -123,8 +122,12 @@ class PipeEnd final : public ByteTransport {
   PipeEnd(std::shared_ptr<MemoryPipe> pipe, int end, std::string name)
       : pipe_(std::move(pipe)), end_(end), name_(std::move(name)) {}
   ~PipeEnd() override { pipe_->close(end_); }
-  void async_read_some(asio::mutable_buffer b, Handler h) override { pipe_->read(end_, b, std::move(h)); }
-  void async_write(asio::const_buffer b, Handler h) override { pipe_->write(end_, b, std::move(h)); }
+  void async_read_some(asio::mutable_buffer b, Handler h) override {
+    pipe_->read(end_, b, std::move(h));
+  }
+  void async_write(asio::const_buffer b, Handler h) override {
+    pipe_->write(end_, b, std::move(h));
+  }
   void close() override { pipe_->close(end_); }
   std::string describe() const override { return name_; }
 
@@ -135,13 +138,13 @@ class PipeEnd final : public ByteTransport {
 };
 
 // Returns {end 0, end 1} of a new pipe and the pipe itself (for stall()).
-inline std::pair<ByteTransportPtr, ByteTransportPtr> make_pipe(asio::io_context& io,
-                                                               std::shared_ptr<MemoryPipe>* out = nullptr,
-                                                               std::size_t capacity = 256 * 1024,
-                                                               const std::string& name = "pipe") {
+inline std::pair<ByteTransportPtr, ByteTransportPtr> make_pipe(
+    asio::io_context& io, std::shared_ptr<MemoryPipe>* out = nullptr,
+    std::size_t capacity = 256 * 1024, const std::string& name = "pipe") {
   auto pipe = std::make_shared<MemoryPipe>(io, capacity);
   if (out) *out = pipe;
-  return {std::make_unique<PipeEnd>(pipe, 0, name + "/0"), std::make_unique<PipeEnd>(pipe, 1, name + "/1")};
+  return {std::make_unique<PipeEnd>(pipe, 0, name + "/0"),
+          std::make_unique<PipeEnd>(pipe, 1, name + "/1")};
 }
 
 // Cuts the connection once `write_budget` bytes were written or `read_budget` bytes were read
@@ -168,9 +171,8 @@ class FlakyTransport final : public ByteTransport {
     if (wb_ == 0) return cut(std::move(h));
     const std::size_t prefix = wb_;
     wb_ = 0;
-    inner_->async_write(asio::buffer(b.data(), prefix), [this, h = std::move(h)](error_code, std::size_t) {
-      cut(h);
-    });
+    inner_->async_write(asio::buffer(b.data(), prefix),
+                        [this, h = std::move(h)](error_code, std::size_t) { cut(h); });
   }
   void close() override { inner_->close(); }
   std::string describe() const override { return "flaky(" + inner_->describe() + ")"; }
