@@ -538,6 +538,41 @@ TEST_F(ControlApiTest, GarbageIsAnsweredWith400AndTheServerStaysUp) {
   EXPECT_EQ(unix_request(http::verb::get, "/v1/health").status, 200);
 }
 
+// A client that connects and sends nothing, or only part of a request, is disconnected after
+// api.read_timeout instead of holding a connection forever.
+TEST_F(ControlApiTest, SilentOrSlowClientsAreDisconnected) {
+  BridgeConfig quick = config_;
+  quick.api.read_timeout = std::chrono::seconds(1);
+  quick.api.unix_socket = dir_.file("run/quick.sock");
+  quick.api.tcp.reset();
+  quick.api.tokens_file.clear();
+  ControlApi api(io_, quick, service_, credentials_, metrics_);
+  api.start();
+  for (const std::string& prefix :
+       {std::string(), std::string("GET /v1/kernels HTTP/1.1\r\nHost: x\r\n")}) {
+    const std::string path = quick.api.unix_socket;
+    std::packaged_task<std::string()> task([path, prefix] {
+      net::io_context client;
+      net::local::stream_protocol::socket socket(client);
+      socket.connect(net::local::stream_protocol::endpoint(path));
+      // Guard: if the server never closed, the read fails after 30 s instead of hanging the test.
+      timeval guard{30, 0};
+      ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &guard, sizeof guard);
+      if (!prefix.empty()) net::write(socket, net::buffer(prefix));
+      char buf[256];
+      beast::error_code ec;
+      std::size_t n = socket.read_some(net::buffer(buf), ec);
+      return ec ? ec.message() : "received " + std::to_string(n) + " bytes";
+    });
+    auto future = task.get_future();
+    std::thread thread(std::move(task));
+    const std::string outcome = run_until(future);
+    thread.join();
+    EXPECT_EQ(outcome, beast::error_code(net::error::eof).message()) << "prefix: " << prefix;
+  }
+  api.stop();
+}
+
 TEST_F(ControlApiTest, OversizedBodyIs413) {
   json body = kernel_request();
   body["name"] = std::string(9000, 'x');
