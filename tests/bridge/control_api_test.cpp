@@ -114,8 +114,8 @@ class ControlApiTest : public ::testing::Test {
   }
 
   void TearDown() override {
-    api_->stop();
-    io_.poll();  // let the closed sessions finish
+    if (api_) api_->stop();  // null when SetUp failed
+    io_.poll();              // let the closed sessions finish
     api_.reset();
     spdlog::set_default_logger(previous_logger_);
   }
