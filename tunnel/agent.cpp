@@ -407,7 +407,8 @@ void Agent::handle_restart() {
 void Agent::start_kernel(bool restart) {
   std::string error;
   try {
-    info_.ports = choose_free_ports();
+    ports_held_ = PortReservation::reserve();
+    info_.ports = ports_held_.ports();
     write_connection_file(connection_file_, info_);
   } catch (const ConnectionFileError& e) {
     error = e.what();
@@ -439,6 +440,7 @@ void Agent::start_kernel(bool restart) {
     return;
   }
   kernel_state_ = KernelState::exited;
+  ports_held_.release();
   spdlog::error("[{}] cannot start the kernel: {}", log_id_, error);
   send_error("cannot start the kernel: " + error);
   refuse_all_pending("the kernel could not be started: " + error);
@@ -450,6 +452,7 @@ void Agent::on_kernel_exit(const ProcessExit& exit) {
   if (exit.signal) event["signal"] = ProcessExit::signal_name(*exit.signal);
   send(event);
   kernel_state_ = KernelState::exited;
+  ports_held_.release();
   if (exiting_code_) {
     finish(*exiting_code_);
     return;

@@ -115,6 +115,7 @@ class Agent {
   std::string runtime_subdir_;
   std::string connection_file_;
   ConnectionInfo info_;
+  PortReservation ports_held_;  // the running kernel's ports, held until it exits
   bool have_key_ = false;
   KernelProcess kernel_;
   KernelState kernel_state_ = KernelState::none;

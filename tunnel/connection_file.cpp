@@ -2,7 +2,10 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -195,6 +198,54 @@ std::array<std::uint16_t, kChannelKinds> choose_free_ports() {
     held.push_back(std::move(acceptor));
   }
   return ports;
+}
+
+PortReservation PortReservation::reserve() {
+  PortReservation r;
+  for (std::size_t i = 0; i < kChannelKinds; ++i) {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      throw ConnectionFileError(std::string("cannot reserve a port on 127.0.0.1: socket: ") +
+                                std::strerror(errno));
+    }
+    r.fds_[i] = fd;
+    int one = 1;
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    socklen_t len = sizeof addr;
+    if (::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      throw ConnectionFileError(std::string("cannot reserve a port on 127.0.0.1: ") +
+                                std::strerror(errno));
+    }
+    r.ports_[i] = ntohs(addr.sin_port);
+  }
+  return r;
+}
+
+PortReservation::PortReservation(PortReservation&& other) noexcept
+    : ports_(other.ports_), fds_(other.fds_) {
+  other.fds_.fill(-1);
+}
+
+PortReservation& PortReservation::operator=(PortReservation&& other) noexcept {
+  if (this != &other) {
+    release();
+    ports_ = other.ports_;
+    fds_ = other.fds_;
+    other.fds_.fill(-1);
+  }
+  return *this;
+}
+
+void PortReservation::release() {
+  for (int& fd : fds_) {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
 }
 
 }  // namespace kb::tunnel

@@ -58,6 +58,31 @@ void write_connection_file(const std::string& path, const ConnectionInfo& info);
 // then rename). Throws ConnectionFileError naming the path and the OS error.
 void write_file_atomic(const std::string& path, const std::string& content, unsigned mode);
 
+// Five ports on 127.0.0.1 for a kernel, each held by a socket bound with SO_REUSEADDR but not
+// listening, until release() or destruction. ZeroMQ binds its listeners with SO_REUSEADDR, so the
+// kernel can bind and listen on them while they are held; meanwhile nobody else gets them — not
+// another agent choosing ports (bind(0) skips them), not an outgoing connection's ephemeral port,
+// and no TCP self-connect while the agent probes a port the kernel has not bound yet. This closes
+// the "chosen free, taken before the kernel binds" race of choose_free_ports(). A kernel that binds
+// WITHOUT SO_REUSEADDR cannot start while they are held. Throws ConnectionFileError.
+class PortReservation {
+ public:
+  PortReservation() = default;
+  static PortReservation reserve();
+  ~PortReservation() { release(); }
+  PortReservation(PortReservation&& other) noexcept;
+  PortReservation& operator=(PortReservation&& other) noexcept;
+  PortReservation(const PortReservation&) = delete;
+  PortReservation& operator=(const PortReservation&) = delete;
+
+  const std::array<std::uint16_t, kChannelKinds>& ports() const { return ports_; }
+  void release();
+
+ private:
+  std::array<std::uint16_t, kChannelKinds> ports_{};
+  std::array<int, kChannelKinds> fds_{-1, -1, -1, -1, -1};
+};
+
 // Five distinct free TCP ports on 127.0.0.1, found by binding port 0 (all five held open until the
 // last is chosen, so they differ). Between our close and the kernel's bind another process could
 // take one: the kernel then fails to bind and exits (ipykernel does not retry a port it was given),

@@ -2,6 +2,9 @@
 // errors naming the file and field, and written 0600 atomically.
 #include "tunnel/connection_file.hpp"
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -191,6 +194,39 @@ TEST_F(ConnectionFileTest, ChoosesFiveDistinctFreePorts) {
   std::set<std::uint16_t> distinct(ports.begin(), ports.end());
   EXPECT_EQ(distinct.size(), kChannelKinds);
   EXPECT_EQ(distinct.count(0), 0u);
+}
+
+}  // namespace
+}  // namespace kb::tunnel
+
+namespace kb::tunnel {
+namespace {
+
+// Binds 127.0.0.1:port (optionally with SO_REUSEADDR) and listens; returns 0 or the errno.
+int try_listen(std::uint16_t port, bool reuse) {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::acceptor a(io);
+  boost::system::error_code ec;
+  a.open(boost::asio::ip::tcp::v4(), ec);
+  if (reuse) a.set_option(boost::asio::socket_base::reuse_address(true), ec);
+  a.bind({boost::asio::ip::address_v4::loopback(), port}, ec);
+  if (!ec) a.listen(16, ec);
+  return ec.value();
+}
+
+TEST(PortReservation, HeldPortsAreTakenByNobodyButAReuseAddrKernel) {
+  PortReservation r = PortReservation::reserve();
+  std::set<std::uint16_t> distinct(r.ports().begin(), r.ports().end());
+  EXPECT_EQ(distinct.size(), kChannelKinds);
+  for (auto port : r.ports()) {
+    // Another process choosing "free" ports the naive way cannot take it...
+    EXPECT_EQ(try_listen(port, false), EADDRINUSE) << port;
+    // ...but the kernel, binding with SO_REUSEADDR like ZeroMQ, can.
+    EXPECT_EQ(try_listen(port, true), 0) << port;
+  }
+  auto ports = r.ports();
+  r.release();
+  EXPECT_EQ(try_listen(ports[0], false), 0);
 }
 
 }  // namespace

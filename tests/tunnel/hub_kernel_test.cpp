@@ -63,6 +63,7 @@ def serve(name, sock):
 socks = []
 for name in ("shell", "iopub", "stdin", "control", "hb"):
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
     s.bind((cf["ip"], cf[name + "_port"]))
     s.listen(16)
     socks.append((name, s))
