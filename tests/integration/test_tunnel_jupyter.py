@@ -72,7 +72,8 @@ class TunnelJupyterTest(kbtest.SiteTestCase):
         self.assertIn("got forty-two", out)
 
     def test_interrupt_through_agent_sigint(self):
-        msg_id = self.kc.execute("import time; time.sleep(60)")
+        # stop_on_error=False: the KeyboardInterrupt must not make ipykernel abort the next test's request
+        msg_id = self.kc.execute("import time; time.sleep(60)", stop_on_error=False)
         time.sleep(1.0)  # let the kernel enter the sleep
         t0 = time.time()
         self.tunnel.command("interrupt 0")
@@ -86,7 +87,8 @@ class TunnelJupyterTest(kbtest.SiteTestCase):
         self.assertEqual(len(self.tunnel.find("kernel_started", 0)), 1)
 
     def test_interrupt_request_on_control(self):
-        msg_id = self.kc.execute("import time; time.sleep(60)")
+        # stop_on_error=False: the KeyboardInterrupt must not make ipykernel abort the next test's request
+        msg_id = self.kc.execute("import time; time.sleep(60)", stop_on_error=False)
         time.sleep(1.0)
         req = self.kc.session.msg("interrupt_request", {})
         self.kc.control_channel.send(req)
