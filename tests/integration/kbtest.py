@@ -293,6 +293,32 @@ class SiteTestCase(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
 
+class OneKernelTestCase(SiteTestCase):
+    """One real ipykernel behind an agent in compute and a `kernel-bridge tunnel` in hub (through
+    sshd in login), with a connected BlockingKernelClient: cls.agent, cls.tunnel, cls.cf, cls.kc."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.agent = Agent(cls.site, os.path.join(cls.tmp, "k0"))
+        cls.cf = write_connection_file(os.path.join(cls.tmp, "kernel-hub.json"))
+        cls.tunnel = Tunnel(cls.site, [(cls.cf, cls.agent.endpoint, cls.agent.secret_file)],
+                            cls.tmp)
+        cls.tunnel.wait_for("listening", 0)
+        cls.started = cls.tunnel.wait_for("kernel_started", 0, timeout=90)
+        cls.kc = blocking_client(cls.cf)
+        wait_kernel_info(cls.kc, timeout=90)
+
+    @classmethod
+    def tearDownClass(cls):
+        if getattr(cls, "kc", None) is not None:
+            cls.kc.stop_channels()
+        for name in ("tunnel", "agent"):
+            if getattr(cls, name, None) is not None:
+                getattr(cls, name).stop()
+        super().tearDownClass()
+
+
 def main():
     """unittest main that maps 'no namespaces' to exit status 77 (ctest: skipped)."""
     try:

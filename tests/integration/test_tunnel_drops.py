@@ -6,39 +6,22 @@ tunnel never reports the kernel gone, and the heartbeat beats again.
 
 Needs network namespaces (the link-down case takes a veth down); skipped otherwise.
 """
-import os
 import queue
 import threading
 import time
 
 import kbtest
-from kbtest import Agent, Tunnel, blocking_client, log, run_cell, wait_kernel_info
+from kbtest import log, run_cell
 
 
-class TunnelDropTest(kbtest.SiteTestCase):
+class TunnelDropTest(kbtest.OneKernelTestCase):
     needs_netns = True
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.agent = Agent(cls.site, os.path.join(cls.tmp, "k0"))
-        cls.cf = kbtest.write_connection_file(os.path.join(cls.tmp, "kernel-hub.json"))
-        cls.tunnel = Tunnel(cls.site, [(cls.cf, cls.agent.endpoint, cls.agent.secret_file)],
-                            cls.tmp)
-        cls.started = cls.tunnel.wait_for("kernel_started", 0, timeout=90)
-        cls.kc = blocking_client(cls.cf)
-        wait_kernel_info(cls.kc, timeout=90)
         reply, _, _ = run_cell(cls.kc, "state = {'kept': 12345}")
         assert reply["content"]["status"] == "ok", reply
-
-    @classmethod
-    def tearDownClass(cls):
-        if getattr(cls, "kc", None) is not None:
-            cls.kc.stop_channels()
-        for name in ("tunnel", "agent"):
-            if getattr(cls, name, None) is not None:
-                getattr(cls, name).stop()
-        super().tearDownClass()
 
     def run_through_fault(self, name, fault, count, delay):
         """Runs a cell printing 0..count-1 (one number every `delay` s) and calls fault() once 20

@@ -5,34 +5,12 @@ cannot reach the compute host except through the tunnel.
 import json
 import os
 import socket
-import unittest
 
 import kbtest
-from kbtest import Agent, Tunnel, blocking_client, wait_kernel_info
 
 
-class TunnelIsolationTest(kbtest.SiteTestCase):
+class TunnelIsolationTest(kbtest.OneKernelTestCase):
     needs_netns = True
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.agent = Agent(cls.site, os.path.join(cls.tmp, "k0"))
-        cls.cf = kbtest.write_connection_file(os.path.join(cls.tmp, "kernel-hub.json"))
-        cls.tunnel = Tunnel(cls.site, [(cls.cf, cls.agent.endpoint, cls.agent.secret_file)],
-                            cls.tmp)
-        cls.tunnel.wait_for("kernel_started", 0, timeout=90)
-        cls.kc = blocking_client(cls.cf)
-        wait_kernel_info(cls.kc, timeout=90)
-
-    @classmethod
-    def tearDownClass(cls):
-        if getattr(cls, "kc", None) is not None:
-            cls.kc.stop_channels()
-        for name in ("tunnel", "agent"):
-            if getattr(cls, name, None) is not None:
-                getattr(cls, name).stop()
-        super().tearDownClass()
 
     def test_kernel_ports_refuse_from_login(self):
         """The kernel binds 127.0.0.1 of the compute host: nothing from another host reaches it."""

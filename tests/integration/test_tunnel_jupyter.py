@@ -5,43 +5,14 @@ Shows: kernel_info, execute, stream output, stdin (input()), interrupt (agent SI
 interrupt_request on control), heartbeat.
 """
 import json
-import os
-import socket
-import subprocess
 import time
-import unittest
 
 import kbtest
-from kbtest import Agent, Tunnel, blocking_client, run_cell, wait_kernel_info
+from kbtest import run_cell, wait_kernel_info
 
 
-class TunnelJupyterTest(kbtest.SiteTestCase):
+class TunnelJupyterTest(kbtest.OneKernelTestCase):
     needs_netns = False  # works on loopback too; isolation is tested in test_tunnel_isolation.py
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        work = os.path.join(cls.tmp, "k0")
-        cls.agent = Agent(cls.site, work)
-        cls.cf = kbtest.write_connection_file(os.path.join(cls.tmp, "kernel-hub.json"))
-        cls.tunnel = Tunnel(cls.site, [(cls.cf, cls.agent.endpoint, cls.agent.secret_file)],
-                            cls.tmp)
-        cls.tunnel.wait_for("listening", 0)
-        cls.started = cls.tunnel.wait_for("kernel_started", 0, timeout=90)
-        cls.kc = blocking_client(cls.cf)
-        wait_kernel_info(cls.kc, timeout=90)
-
-    @classmethod
-    def tearDownClass(cls):
-        for name in ("kc",):
-            kc = getattr(cls, name, None)
-            if kc is not None:
-                kc.stop_channels()
-        for name in ("tunnel", "agent"):
-            obj = getattr(cls, name, None)
-            if obj is not None:
-                obj.stop()
-        super().tearDownClass()
 
     def test_kernel_info_round_trip(self):
         reply = wait_kernel_info(self.kc)

@@ -53,7 +53,7 @@ class TunnelRefusalTest(kbtest.SiteTestCase):
         tunnel = Tunnel(self.site, [(cf, agent.endpoint, agent.secret_file)], self.tmp,
                         ssh_overrides={"known_hosts": kh})
         self.objs.append(tunnel)
-        ev = tunnel.wait_for("ssh", timeout=30)
+        tunnel.wait_for("ssh", timeout=30)
         deadline = time.time() + 30
         while not tunnel.find("ssh") or tunnel.find("ssh")[-1].get("state") != "failed":
             self.assertLess(time.time(), deadline, tunnel.events)
