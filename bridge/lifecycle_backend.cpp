@@ -107,21 +107,6 @@ class UnicoreBackend final : public JobBackend {
 // ---------------------------------------------------------------------------------------------
 // SSH link
 
-bool permanent_ssh_error(const boost::system::error_code& ec) {
-  using tunnel::SshError;
-  if (ec.category() != tunnel::ssh_category()) return false;
-  switch (static_cast<SshError>(ec.value())) {
-    case SshError::host_key_unknown:
-    case SshError::host_key_changed:
-    case SshError::host_key_error:
-    case SshError::auth_denied:
-    case SshError::identity_unreadable:
-      return true;
-    default:
-      return false;
-  }
-}
-
 bool host_key_error(const boost::system::error_code& ec) {
   using tunnel::SshError;
   if (ec.category() != tunnel::ssh_category()) return false;
@@ -287,7 +272,7 @@ class SshKernelLink final : public KernelLink {
             done({{}, {}, std::move(transport), false});
             return;
           }
-          bool permanent = permanent_ssh_error(ec);
+          bool permanent = tunnel::is_permanent_ssh_error(ec);
           if (permanent && shared->events) {
             shared->events({{"event", "ssh_refused"},
                             {"cause", host_key_error(ec) ? "host_key_mismatch" : "ssh_refused"},

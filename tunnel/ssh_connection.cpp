@@ -1202,4 +1202,18 @@ void SshConnectionPool::shutdown_all() {
   connections_.clear();
 }
 
+bool is_permanent_ssh_error(const boost::system::error_code& ec) {
+  if (ec.category() != ssh_category()) return false;
+  switch (static_cast<SshError>(ec.value())) {
+    case SshError::host_key_unknown:
+    case SshError::host_key_changed:
+    case SshError::host_key_error:
+    case SshError::auth_denied:
+    case SshError::identity_unreadable:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace kb::tunnel

@@ -112,6 +112,10 @@ class SshConnection : public std::enable_shared_from_this<SshConnection> {
 
 const char* to_string(SshConnection::State s);
 
+// True for errors no retry can cure (host key, authentication, identity file): the caller should
+// stop and tell a person, not back off and try again.
+bool is_permanent_ssh_error(const boost::system::error_code& ec);
+
 // SshConnectionPool: hands out the one shared SshConnection per host:port:user, creating it on
 // first use and replacing it once it has permanently failed or was shut down. Same thread as the
 // io_context.

@@ -226,20 +226,6 @@ void raise_fd_limit() {
   }
 }
 
-bool is_permanent(const error_code& ec) {
-  if (ec.category() != ssh_category()) return false;
-  switch (static_cast<SshError>(ec.value())) {
-    case SshError::host_key_unknown:
-    case SshError::host_key_changed:
-    case SshError::host_key_error:
-    case SshError::auth_denied:
-    case SshError::identity_unreadable:
-      return true;
-    default:
-      return false;
-  }
-}
-
 // One line of JSON per event on stdout, flushed at once (tests and benchmarks read it live).
 void print_event(const nlohmann::json& event) {
   std::string line = event.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
@@ -309,7 +295,7 @@ class TunnelRunner {
               host, port,
               [done = std::move(done)](error_code ec, std::string message, ByteTransportPtr t) {
                 TransportResult r;
-                r.permanent = ec && is_permanent(ec);
+                r.permanent = ec && is_permanent_ssh_error(ec);
                 r.ec = ec;
                 r.message = std::move(message);
                 r.transport = std::move(t);
