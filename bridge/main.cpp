@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help/--version exit 0; every usage error exits 2, as documented for each subcommand.
+    return app.exit(e) == 0 ? 0 : 2;
   } catch (const kb::ExitStatus& status) {
     return status.code;
   } catch (const std::exception& e) {
