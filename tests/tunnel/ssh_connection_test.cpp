@@ -563,6 +563,31 @@ TEST_F(SshConnectionTest, KilledSshdSessionFailsChannelsAndReconnects) {
   expect_echo(*r2->transport, random_bytes(256 * 1024, 3));
 }
 
+TEST_F(SshConnectionTest, DropWithoutChannelsReconnectsOnDemand) {
+  auto conn = SshConnection::create(ioc_, options());
+  std::vector<SshConnection::State> states;
+  conn->on_state_change([&](SshConnection::State s, const std::string&) { states.push_back(s); });
+  auto r = open_echo(*conn);
+  ASSERT_FALSE(r->ec) << r->message;
+  r->transport.reset();  // no channel open any more
+  ASSERT_TRUE(run_until([&] { return conn->counters().channels_open == 0; }));
+
+  ASSERT_EQ(sitebox_call(g_site->dir, "sb.kill_sshd_sessions()"), 0);
+  // Nobody needs the connection: it goes idle instead of reconnecting.
+  ASSERT_TRUE(run_until([&] { return conn->state() == SshConnection::State::idle; }));
+  EXPECT_EQ(conn->counters().connects, 1u);
+  EXPECT_FALSE(conn->last_error().empty());
+
+  // The next open brings it back.
+  auto r2 = open_echo(*conn);
+  ASSERT_FALSE(r2->ec) << r2->message;
+  expect_echo(*r2->transport, "on demand");
+  EXPECT_EQ(conn->counters().reconnects, 1u);
+  run_until([&] { return states.size() >= 4; }, 5s);
+  ASSERT_GE(states.size(), 4u);
+  EXPECT_EQ(states[2], SshConnection::State::idle);
+}
+
 TEST_F(SshConnectionTest, IdleConnectionStaysUpOnKeepalives) {
   // libssh's keepalive request only goes out on every other ssh_send_keepalive() call (the
   // previous reply has to be consumed first); if we got that wrong, a healthy idle connection
