@@ -24,6 +24,7 @@
 //    when called again, every other call merely consumes the previous reply without sending. We
 //    look at the packet counter to tell and call it a second time when nothing went out.
 #include "tunnel/ssh_connection.hpp"
+#include "tunnel/tcp_transport.hpp"
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -791,7 +792,9 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
       short want = POLLIN;
       if (ssh_get_poll_flags(session.get()) & SSH_WRITE_PENDING) want |= POLLOUT;
       if ((poll_now(fd, want) & (want | POLLERR | POLLHUP)) == 0) return Pump::idle;
+      const uint64_t in_before = sock_ctr.in_bytes;
       int rc = ssh_event_dopoll(event.get(), 0);
+      if (sock_ctr.in_bytes != in_before) request_quick_ack(fd);  // see tcp_transport.hpp
       if (rc == SSH_ERROR || dead()) return Pump::idle;
       // libssh's own poll found nothing it waits for: never spin on readiness it ignores.
       if (rc == SSH_AGAIN) return Pump::stuck;

@@ -4,6 +4,10 @@
 
 #include <boost/asio/write.hpp>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 namespace kb::tunnel {
 
 namespace {
@@ -24,7 +28,11 @@ class TcpTransport final : public ByteTransport {
   ~TcpTransport() override { close(); }
 
   void async_read_some(boost::asio::mutable_buffer buffer, Handler handler) override {
-    socket_.async_read_some(buffer, std::move(handler));
+    socket_.async_read_some(buffer, [this, h = std::move(handler)](
+                                        boost::system::error_code ec, std::size_t n) mutable {
+      if (!ec) request_quick_ack(socket_.native_handle());
+      h(ec, n);
+    });
   }
   void async_write(boost::asio::const_buffer buffer, Handler handler) override {
     boost::asio::async_write(socket_, buffer, std::move(handler));
@@ -52,6 +60,15 @@ void set_low_latency(boost::asio::ip::tcp::socket& socket) {
   boost::system::error_code ec;
   socket.set_option(boost::asio::ip::tcp::no_delay(true), ec);
   if (ec) spdlog::warn("link: cannot set TCP_NODELAY on a socket: {}", ec.message());
+}
+
+void request_quick_ack(int fd) {
+#ifdef TCP_QUICKACK
+  int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+#else
+  (void)fd;
+#endif
 }
 
 }  // namespace kb::tunnel
