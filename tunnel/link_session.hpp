@@ -46,7 +46,7 @@ class LinkSession : public std::enable_shared_from_this<LinkSession> {
     std::size_t replay_limit = 8 * 1024 * 1024;
     // Largest DATA payload (<= 65536). Smaller chunks let hb/control overtake a flooding iopub
     // sooner.
-    std::size_t max_chunk = 16 * 1024;
+    std::size_t max_chunk = 64 * 1024;
     // Streams this session accepts at once (bridge: local connections; agent: OPEN requests).
     std::size_t max_streams = 1024;
     // A candidate transport must complete the handshake within this time, or it is closed.

@@ -784,22 +784,30 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     arm_waits(g);
   }
 
-  // Lets libssh read/write while the socket is ready.
+  // Lets libssh read/write while the socket is ready. ssh_event_dopoll(…, 0) polls the socket
+  // itself and reads at most 4 KiB per call, so the loop calls it directly (a poll of our own per
+  // round doubled the system calls of a bulk transfer) and asks the kernel for quick ACKs once per
+  // pump when anything arrived (see request_quick_ack).
   enum class Pump { idle, more, stuck };
   Pump pump() {
     const int fd = socket.native_handle();
+    const uint64_t in_before = sock_ctr.in_bytes;
+    Pump result = Pump::more;  // budget used up with the socket still ready
     for (int i = 0; i < kPumpBudget; ++i) {
-      short want = POLLIN;
-      if (ssh_get_poll_flags(session.get()) & SSH_WRITE_PENDING) want |= POLLOUT;
-      if ((poll_now(fd, want) & (want | POLLERR | POLLHUP)) == 0) return Pump::idle;
-      const uint64_t in_before = sock_ctr.in_bytes;
       int rc = ssh_event_dopoll(event.get(), 0);
-      if (sock_ctr.in_bytes != in_before) request_quick_ack(fd);  // see tcp_transport.hpp
-      if (rc == SSH_ERROR || dead()) return Pump::idle;
-      // libssh's own poll found nothing it waits for: never spin on readiness it ignores.
-      if (rc == SSH_AGAIN) return Pump::stuck;
+      if (rc == SSH_ERROR || dead()) {
+        result = Pump::idle;
+        break;
+      }
+      if (rc == SSH_AGAIN) {
+        // Nothing libssh waits for is ready. If the socket is ready for something libssh ignores
+        // right now, report it, so that the caller never spins on that readiness.
+        result = socket_ready_now() ? Pump::stuck : Pump::idle;
+        break;
+      }
     }
-    return Pump::more;  // budget used up with the socket still ready
+    if (sock_ctr.in_bytes != in_before) request_quick_ack(fd);
+    return result;
   }
 
   // Sends waiting open requests and collects sshd's answers to those in flight.
