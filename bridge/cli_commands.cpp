@@ -25,8 +25,8 @@ using nlohmann::json;
 // Resource options as typed on the command line; turned into a WrapperRequest after parsing.
 struct ResourceOptions {
   std::string socket, site, kernel, kernel_argv, queue, runtime, project, reservation, qos, memory, name;
-  int nodes = 0, gpus = -1;
-  CLI::Option *kernel_opt = nullptr, *nodes_opt = nullptr, *gpus_opt = nullptr;
+  int nodes = 0, gpus = -1, lease = 0;
+  CLI::Option *kernel_opt = nullptr, *nodes_opt = nullptr, *gpus_opt = nullptr, *lease_opt = nullptr;
 
   void add_to(CLI::App& cmd, bool with_label = true) {
     cmd.add_option("--socket", socket,
@@ -45,6 +45,11 @@ struct ResourceOptions {
     cmd.add_option("--memory", memory, "memory per node, e.g. 16G");
     // kernelspec install has its own --name (the kernelspec's); its kernels are labelled with it.
     if (with_label) cmd.add_option("--name", name, "a label shown by `kernel-bridge list`");
+    lease_opt = cmd.add_option("--lease", lease,
+                               "seconds without a word from the wrapper after which the daemon shuts the kernel "
+                               "down, so that a killed wrapper leaves no job behind (default " +
+                                   std::to_string(kDefaultWrapperLease) + ")")
+                    ->check(CLI::Range(5, 86400));
   }
 
   WrapperRequest request() const {
@@ -62,6 +67,7 @@ struct ResourceOptions {
     if (!qos.empty()) r.qos = qos;
     if (!memory.empty()) r.memory = memory;
     r.name = name;
+    if (lease_opt && lease_opt->count()) r.lease = lease;
     return r;
   }
 };

@@ -944,6 +944,7 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     if (seg.size() == 3) {
       if (verb == http::verb::get) {
         if (!found) return not_found();
+        if (view->owner == caller.user) kernels.watched(id);
         auto wait = target.query.find("wait");
         if (wait == target.query.end()) return reply(http::status::ok, kernel_json(*view), {});
         std::string error_text;
@@ -1079,7 +1080,7 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
     return error({http::status::bad_request, "the body must be a JSON object", {}, {}});
   ObjectReader in(body, "");
   if (auto e = in.check_known(
-          {"site", "kernel", "kernel_argv", "resources", "connection", "name", "tags"}))
+          {"site", "kernel", "kernel_argv", "resources", "connection", "name", "tags", "lease"}))
     return error(*e);
 
   KernelRequest request;
@@ -1166,6 +1167,9 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
   if (auto e = parse_connection(*connection, request.connection)) return error(*e);
   if (auto e = in.string("name", name)) return error(*e);
   if (name) request.name = *name;
+  std::optional<int> lease;
+  if (auto e = in.integer("lease", lease, 5, 86400)) return error(*e);
+  if (lease) request.lease = std::chrono::seconds(*lease);
   if (const json* tags = in.get("tags")) {
     if (!tags->is_object()) return error(in.wrong_type("tags", "an object of strings"));
     if (tags->size() > 32) return error({http::status::bad_request, "at most 32 tags", "tags", {}});
@@ -1233,13 +1237,14 @@ void ControlApi::Impl::wait_for_change(
   wait->key = ++next_wait;
   waits.emplace(wait->key, timer);
   auto self = shared_from_this();
-  auto finish = [self, wait, timer, id]() {
+  auto finish = [self, wait, timer, id, caller]() {
     if (wait->done) return;
     wait->done = true;
     self->kernels.unsubscribe(wait->listener);
     self->waits.erase(wait->key);
     timer->cancel();
     auto now = self->kernels.get(id);
+    if (now && now->owner == caller.user) self->kernels.watched(id);  // the poller is still there
     if (now)
       wait->reply(http::status::ok, kernel_json(*now), {});
     else

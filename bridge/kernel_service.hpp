@@ -157,6 +157,11 @@ struct KernelRequest {
   HubConnection connection;
   std::string name;                         // optional label chosen by the client
   std::map<std::string, std::string> tags;  // optional client labels (also put on the job)
+  // 0: none. Otherwise the client promises to ask for the kernel (GET /v1/kernels/{id}, which calls
+  // KernelService::watched) at least this often; after this long without it, the service shuts the
+  // kernel down as if the client had asked — a front end killed without a word (the kernelspec
+  // wrapper under SIGKILL, a lost hub) must not leave a job burning compute hours.
+  std::chrono::seconds lease{0};
 };
 
 struct StateChange {
@@ -249,6 +254,10 @@ class KernelService {
   virtual void restart(const Caller& caller, std::string_view id, ActionCallback done) = 0;
   // Orderly shutdown: kernel, agent and job end; the view stays listed as ended for a while.
   virtual void remove(const Caller& caller, std::string_view id, ActionCallback done) = 0;
+
+  // The kernel's owner asked for it (GET /v1/kernels/{id}; also when a long poll ends): renews the
+  // kernel's lease, if it has one. Unknown ids are ignored.
+  virtual void watched(std::string_view id) { (void)id; }
 
   // Components the service depends on (per site: UNICORE, SSH), for GET /v1/health.
   virtual std::vector<HealthCheck> health() const = 0;

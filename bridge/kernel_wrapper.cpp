@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -181,6 +182,7 @@ json make_create_request(const WrapperRequest& request, const std::string& conne
   std::string name = request.name;
   if (name.empty() && !info.kernel_name.empty()) name = info.kernel_name;
   if (!name.empty()) body["name"] = name;
+  body["lease"] = request.lease.value_or(kDefaultWrapperLease);
   return body;
 }
 
@@ -262,12 +264,16 @@ int run_kernel_wrapper(const WrapperRequest& request, const std::string& connect
   // A daemon restart or a hiccup must not end the kernel for Jupyter at once; a daemon gone for
   // good must (the kernel cannot outlive it), so the wrapper gives up after this long.
   const auto unreachable_limit = std::chrono::seconds(60);
+  // Each status request renews the kernel's lease on the daemon; a long poll lasts a third of it at
+  // most, so a live wrapper always asks again well before the lease runs out.
+  const int lease = request.lease.value_or(kDefaultWrapperLease);
+  const std::string wait = std::to_string(std::clamp(lease / 3, 1, 30)) + "s";
   std::optional<std::chrono::steady_clock::time_point> unreachable_since;
   while (true) {
     if (str(view, "state") == "ended") break;
     try {
       auto res = client.request("GET",
-                                "/v1/kernels/" + url_segment(id) + "?wait=30s&after=" + std::to_string(version),
+                                "/v1/kernels/" + url_segment(id) + "?wait=" + wait + "&after=" + std::to_string(version),
                                 nullptr, std::chrono::seconds(50));
       if (unreachable_since) {
         say("the kernel-bridge daemon answers again");

@@ -34,6 +34,7 @@ std::vector<std::string> wrapper_arguments(const WrapperRequest& r) {
   if (r.qos) add("--qos", *r.qos);
   if (r.memory) add("--memory", *r.memory);
   if (!r.name.empty()) add("--name", r.name);
+  if (r.lease) add("--lease", std::to_string(*r.lease));
   args.emplace_back("{connection_file}");
   return args;
 }

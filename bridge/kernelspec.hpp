@@ -33,7 +33,14 @@ struct WrapperRequest {
   std::optional<std::string> qos;
   std::optional<std::string> memory;      // "16G"
   std::string name;                       // label for `kernel-bridge list`
+  // Seconds the daemon waits without a status request from this wrapper before it treats the
+  // wrapper as gone (killed, host lost) and shuts the kernel down. Empty: kDefaultWrapperLease.
+  std::optional<int> lease;
 };
+
+// The wrapper asks for its kernel's status at least every 30 s (long poll), so 90 s of silence
+// means it is gone.
+inline constexpr int kDefaultWrapperLease = 90;
 
 // The argv after the executable: ["kernel", "--site", S, …, "{connection_file}"].
 std::vector<std::string> wrapper_arguments(const WrapperRequest& request);

@@ -196,6 +196,8 @@ struct KernelLifecycle::Kernel {
   KernelView view;
   AllocPtr alloc;  // while attached
   Clock::time_point ended_at{};
+  std::chrono::seconds lease{0};  // KernelRequest::lease
+  Clock::time_point last_watch{};
 };
 
 KernelLifecycle::KernelLifecycle(asio::io_context& io, const BridgeConfig& config,
@@ -402,6 +404,8 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   k.view.resources = request.resources;
   k.view.created_at = Clock::now();
   k.view.hub_ip = hub.ip;
+  k.lease = request.lease;
+  k.last_watch = k.view.created_at;
 
   if (reuse) {
     reuse->grace_timer.cancel();
@@ -1135,8 +1139,38 @@ void KernelLifecycle::sample_traffic(Allocation& alloc) {
   alloc.sampled = now;
 }
 
+void KernelLifecycle::watched(std::string_view id) {
+  if (Kernel* k = find(id)) k->last_watch = Clock::now();
+}
+
+void KernelLifecycle::expire_leases() {
+  const auto now = Clock::now();
+  std::vector<std::string> expired;
+  for (const auto& [id, k] : kernels_) {
+    if (live(k.view.state) && k.lease.count() > 0 && now - k.last_watch > k.lease) {
+      expired.push_back(id);
+    }
+  }
+  for (const auto& id : expired) {
+    Kernel* k = find(id);
+    if (!k) continue;
+    const auto silent = std::chrono::duration_cast<std::chrono::seconds>(now - k->last_watch);
+    spdlog::warn("[{}] its front end (owner {}) has not asked for it for {} s (lease {} s): shutting "
+                 "it down",
+                 id, k->view.owner, silent.count(), k->lease.count());
+    // Like the wrapper's own DELETE: the allocation is parked for the restart grace, so a Jupyter
+    // restart that killed the old wrapper still gets the running job.
+    end_kernel(*k, EndCause::shutdown,
+               "no status request from its front end for " + std::to_string(silent.count()) +
+                   " s (lease " + std::to_string(k->lease.count()) +
+                   " s): the kernelspec wrapper was killed or its host went away, so the kernel "
+                   "was shut down");
+  }
+}
+
 void KernelLifecycle::tick() {
   for (auto& alloc : allocations_) sample_traffic(*alloc);
+  expire_leases();
   auto now = Clock::now();
   bool pruned = false;
   for (auto it = kernels_.begin(); it != kernels_.end();) {

@@ -94,6 +94,7 @@ class KernelLifecycle final : public KernelService {
   void interrupt(const Caller& caller, std::string_view id, ActionCallback done) override;
   void restart(const Caller& caller, std::string_view id, ActionCallback done) override;
   void remove(const Caller& caller, std::string_view id, ActionCallback done) override;
+  void watched(std::string_view id) override;
   std::vector<HealthCheck> health() const override;
 
   // Bridge shutdown: refuses new kernels, ends every kernel (reason: the bridge stopped), asks every
@@ -120,6 +121,8 @@ class KernelLifecycle final : public KernelService {
                   std::optional<int> signal = {}, bool allow_grace = true);
   void end_attached(const AllocPtr& alloc, EndCause cause, std::string reason);
   void update_state_gauges();
+  // Shuts down every live kernel whose lease (KernelRequest::lease) ran out; runs on every tick.
+  void expire_leases();
 
   // Allocations
   unicore::Credentials credentials_for(const Allocation& alloc);

@@ -441,6 +441,15 @@ TEST_F(ControlApiTest, BadRequestsNameTheField) {
   EXPECT_EQ(duration.status, 400);
   EXPECT_EQ(duration.body["field"], "resources.runtime");
 
+  json lease_text = kernel_request();
+  lease_text["lease"] = "90";
+  EXPECT_EQ(post(lease_text.dump()).body["field"], "lease");
+  json lease_short = kernel_request();
+  lease_short["lease"] = 1;
+  Reply short_lease = post(lease_short.dump());
+  EXPECT_EQ(short_lease.status, 400);
+  EXPECT_EQ(short_lease.body["error"], "lease must be between 5 and 86400");
+
   Reply array = post("[1,2]");
   EXPECT_EQ(array.status, 400);
   EXPECT_TRUE(service_.list().empty());
@@ -703,6 +712,31 @@ TEST_F(ControlApiTest, LongPollReturnsOnChange) {
   Reply bad = tcp(http::verb::get, "/v1/kernels/" + id + "?wait=forever", kAliceToken);
   EXPECT_EQ(bad.status, 400);
   EXPECT_EQ(bad.body["field"], "wait");
+}
+
+TEST_F(ControlApiTest, LeaseIsPassedOnAndOnlyTheOwnersStatusRequestsRenewIt) {
+  json body = kernel_request();
+  body["connection"] = connection_file(40000);
+  body["lease"] = 90;
+  Reply created = tcp(http::verb::post, "/v1/kernels", kAliceToken, body.dump());
+  ASSERT_EQ(created.status, 201) << created.raw;
+  ASSERT_TRUE(service_.last_request);
+  EXPECT_EQ(service_.last_request->lease, std::chrono::seconds(90));
+  const std::string id = created.body["id"];
+  EXPECT_EQ(service_.watches[id], 0);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels/" + id, kAliceToken).status, 200);
+  EXPECT_EQ(service_.watches[id], 1);
+  // A long poll renews when it starts and again when it ends (the poller is still there).
+  Reply polled = tcp(http::verb::get, "/v1/kernels/" + id + "?wait=1s&after=1", kAliceToken);
+  EXPECT_EQ(polled.status, 200);
+  EXPECT_EQ(service_.watches[id], 3);
+  // The operator's view of every kernel and other users' requests do not keep it alive.
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels/" + id, kHubToken).status, 200);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels/" + id, kBobToken).status, 404);
+  EXPECT_EQ(service_.watches[id], 3);
+  // Without a lease in the request, none is asked for.
+  create_as(kAliceToken, 41000);
+  EXPECT_EQ(service_.last_request->lease, std::chrono::seconds(0));
 }
 
 TEST_F(ControlApiTest, StaleSocketIsReplacedButALiveOneIsNot) {

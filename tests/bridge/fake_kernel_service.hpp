@@ -52,6 +52,8 @@ class FakeKernelService : public KernelService {
     return out;
   }
 
+  void watched(std::string_view id) override { ++watches[std::string(id)]; }
+
   std::optional<KernelView> get(std::string_view id) const override {
     auto it = kernels_.find(std::string(id));
     if (it == kernels_.end()) return std::nullopt;
@@ -90,6 +92,7 @@ class FakeKernelService : public KernelService {
   std::optional<ServiceError> next_create_error;
   std::optional<ServiceError> next_action_error;
   std::optional<KernelRequest> last_request;
+  std::map<std::string, int> watches;  // watched() calls by kernel id
   std::vector<HealthCheck> checks{{"site demo: unicore", true, ""}};
 
  private:

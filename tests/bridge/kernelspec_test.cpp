@@ -115,6 +115,15 @@ TEST(KernelJson, ArgvRunsTheWrapperWithTheResources) {
   EXPECT_EQ(k["metadata"]["kernel_bridge"]["resources"]["gpus"], 2);
 }
 
+TEST(KernelJson, LeaseIsPassedToTheWrapper) {
+  KernelspecInstall spec = sample();
+  spec.request.lease = 30;
+  json argv = make_kernel_json(spec)["argv"];
+  ASSERT_GE(argv.size(), 3u);
+  EXPECT_EQ(argv[argv.size() - 3], "--lease");
+  EXPECT_EQ(argv[argv.size() - 2], "30");
+}
+
 TEST(KernelJson, KernelArgvNeedsThePlaceholderAndExcludesKernel) {
   auto spec = sample();
   spec.request.kernel_argv = {"python3", "-m", "ipykernel_launcher"};
@@ -188,6 +197,10 @@ TEST(WrapperRequest, SendsExactlyTheConnectionFilesPortsAndKey) {
   EXPECT_EQ(body["resources"], json::parse(R"({"runtime": "2h", "gpus": 0})"));
   EXPECT_EQ(body["name"], "box-gpu");
   EXPECT_FALSE(body.contains("kernel_argv"));
+  // The wrapper always asks for a lease, so that a killed wrapper leaves no kernel behind.
+  EXPECT_EQ(body["lease"], kDefaultWrapperLease);
+  r.lease = 20;
+  EXPECT_EQ(make_create_request(r, cf)["lease"], 20);
 }
 
 TEST(WrapperRequest, BadConnectionFileNamesFileAndField) {

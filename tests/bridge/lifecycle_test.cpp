@@ -211,10 +211,12 @@ class LifecycleTest : public ::testing::Test {
     make(std::chrono::seconds(30));
   }
 
-  void make(std::chrono::seconds grace) {
+  void make(std::chrono::seconds grace,
+            std::chrono::milliseconds tick = std::chrono::milliseconds(5000)) {
     lifecycle.reset();
     LifecycleOptions o;
     o.restart_grace = grace;
+    o.tick = tick;
     o.discovery_initial = std::chrono::milliseconds(1);
     o.discovery_max = std::chrono::milliseconds(5);
     o.watch.starting_initial = o.watch.starting_max = std::chrono::milliseconds(2);
@@ -577,6 +579,38 @@ TEST_F(LifecycleTest, WithoutARestartTheGraceEndsWithTheJobAborted) {
   EXPECT_EQ(link().shutdowns, 1);  // the agent was asked to stop its kernel first
   EXPECT_TRUE(link().closed);
   EXPECT_EQ(lifecycle->live_allocations(), 0u);
+}
+
+TEST_F(LifecycleTest, ALeaseKeepsAWatchedKernelAndShutsDownAnAbandonedOne) {
+  make(std::chrono::seconds(1), std::chrono::milliseconds(20));
+  KernelRequest r = request();
+  r.lease = std::chrono::seconds(1);
+  std::string id = ready_kernel(r);
+  // Watched (as the wrapper's status requests do) for twice the lease: it stays.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2000);
+  while (std::chrono::steady_clock::now() < until) {
+    lifecycle->watched(id);
+    io.restart();
+    io.run_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(view(id).state, KernelState::ready);
+  // Nobody asks any more (the wrapper was SIGKILLed): shut down like a DELETE, then, without a
+  // restart within the grace, the job is aborted.
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::shutdown);
+  EXPECT_NE(view(id).reason.find("no status request from its front end"), std::string::npos)
+      << view(id).reason;
+  run_until([&] { return jobs.job().aborts == 1; });
+  EXPECT_EQ(link().shutdowns, 1);
+  EXPECT_EQ(lifecycle->live_allocations(), 0u);
+}
+
+TEST_F(LifecycleTest, KernelsWithoutALeaseAreNeverExpired) {
+  make(std::chrono::seconds(30), std::chrono::milliseconds(20));
+  std::string id = ready_kernel(request());  // lease 0: an API client that does not poll
+  io.restart();
+  io.run_for(std::chrono::milliseconds(1500));
+  EXPECT_EQ(view(id).state, KernelState::ready);
 }
 
 TEST_F(LifecycleTest, BridgeShutdownEndsEveryKernelAndAbortsEveryJob) {

@@ -116,6 +116,23 @@ class FrontDoorFailures(unittest.TestCase):
         self.assertTrue(view["reason"], view)
         self.assertIn(view["reason"][:40], text)
 
+    def test_killed_wrapper_leaves_nothing_running(self):
+        # SIGKILL gives the wrapper no chance to say goodbye (Jupyter does this when a shutdown
+        # times out; so does the OOM killer). Its lease runs out, the daemon shuts the kernel down
+        # and, after the restart grace, aborts the job: no compute hours burn for nobody.
+        w = self.wrapper("--lease", "6")
+        k = self.fs.wait_kernel(lambda k: k["state"] == "ready", timeout=120, what="kernel ready")
+        self.assertTrue(self.fs.compute_pids(), "the kernel should run in the compute host")
+        killed_at = time.monotonic()
+        w.proc.kill()
+        w.proc.wait()
+        view = self.fs.wait_kernel(lambda v: v["id"] == k["id"] and v["state"] == "ended",
+                                   timeout=60, what="the abandoned kernel ended")
+        log(f"ended {time.monotonic() - killed_at:.1f} s after the SIGKILL: {view['reason']}")
+        self.assertEqual(view["end_cause"], "shutdown")
+        self.assertIn("no status request from its front end", view["reason"])
+        self.fs.wait_nothing_running(timeout=60)
+
     def test_daemon_unreachable(self):
         w = Wrapper(self.fs, self.connection_file())
         self.wrappers.append(w)
