@@ -57,7 +57,7 @@ class FullSite:
 
     def __init__(self, state_dir=None, queue_delay=1.0, users=("root", "alice", "bob"),
                  site_name="box", restart_grace="20s", serve=True, extra_site_toml="",
-                 log_level="debug"):
+                 log_level="debug", admin_users=()):
         self.own_dir = state_dir is None
         self.dir = state_dir or tempfile.mkdtemp(prefix="kb-full-")
         os.makedirs(self.dir, exist_ok=True)
@@ -69,6 +69,7 @@ class FullSite:
         self.want_serve = serve
         self.extra_site_toml = extra_site_toml
         self.log_level = log_level
+        self.admin_users = list(admin_users)
         self.box = None
         self.unicore = None
         self.serve = None
@@ -149,6 +150,7 @@ restart_grace = {toml_str(self.restart_grace)}
 
 [api]
 unix_socket = {toml_str(self.socket_path)}
+admin_users = {json.dumps(self.admin_users)}
 
 [[site]]
 name = {toml_str(self.site_name)}
