@@ -1337,6 +1337,20 @@ void prepare_socket_path(const std::string& path) {
 
 }  // namespace
 
+std::string ControlApi::reload_tokens() {
+  Impl& impl = *impl_;
+  const std::string& path = impl.config.api.tokens_file;
+  if (path.empty()) return {};
+  try {
+    impl.tokens = ApiTokens::load(path);
+  } catch (const std::exception& e) {
+    spdlog::error("api: {} not reloaded, the tokens loaded before stay in use: {}", path, e.what());
+    return e.what();
+  }
+  spdlog::info("api: tokens reloaded from {}", path);
+  return {};
+}
+
 void ControlApi::start() {
   Impl& impl = *impl_;
   const ApiConfig& api = impl.config.api;

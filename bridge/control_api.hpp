@@ -49,6 +49,10 @@ class ControlApi {
   void start();
   // Closes the listeners and every connection, removes the socket file. Idempotent.
   void stop();
+  // Reads api.tokens_file again (serve does it on SIGHUP), so that an operator can add or revoke a
+  // token without restarting the daemon and its kernels. On any error the tokens in use stay, and
+  // the returned text says what is wrong ("file:line: …"); empty on success or without a file.
+  std::string reload_tokens();
 
   // The bound TCP endpoint (the real port when the configuration asked for port 0).
   std::optional<boost::asio::ip::tcp::endpoint> tcp_endpoint() const;

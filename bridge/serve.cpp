@@ -129,6 +129,7 @@ int run_serve(const ServeOptions& options) {
   // SIGTERM/SIGINT: stop accepting, shut every kernel down and abort its job, then leave. A second
   // signal leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
   boost::asio::signal_set signals(io, SIGTERM, SIGINT);
+  boost::asio::signal_set hangups(io, SIGHUP);
   bool stopping = false;
   std::function<void()> wait_signal;
   wait_signal = [&] {
@@ -145,6 +146,7 @@ int run_serve(const ServeOptions& options) {
       lifecycle->shutdown([&] {
         spdlog::info("every kernel released; bye");
         signals.cancel();
+        hangups.cancel();
         pool.shutdown_all();
         io.stop();
       });
@@ -152,6 +154,17 @@ int run_serve(const ServeOptions& options) {
     });
   };
   wait_signal();
+  // SIGHUP: read api.tokens_file again (add or revoke TCP callers without touching the kernels).
+  std::function<void()> wait_hangup;
+  wait_hangup = [&] {
+    hangups.async_wait([&](const boost::system::error_code& ec, int) {
+      if (ec || stopping) return;
+      spdlog::info("SIGHUP: reloading the API tokens");
+      api->reload_tokens();
+      wait_hangup();
+    });
+  };
+  wait_hangup();
   ::signal(SIGPIPE, SIG_IGN);
 
   io.run();

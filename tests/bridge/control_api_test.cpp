@@ -344,6 +344,23 @@ TEST_F(ControlApiTest, TcpNeedsAValidBearerToken) {
   EXPECT_EQ(tcp(http::verb::get, "/metrics", "").status, 401);
 }
 
+TEST_F(ControlApiTest, TokensAreReloadedAndABadFileKeepsTheOldOnes) {
+  const std::string carol = std::string(40, 'c');
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels", carol).status, 401);
+  // The operator revokes bob and adds carol, then sends SIGHUP (serve calls reload_tokens).
+  dir_.write("api-tokens", kAliceToken + " alice\n" + carol + " carol\n", 0600);
+  EXPECT_EQ(api_->reload_tokens(), "");
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels", carol).status, 200);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels", kBobToken).status, 401);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels", kAliceToken).status, 200);
+  // A broken file is reported and changes nothing.
+  dir_.write("api-tokens", "short alice\n", 0600);
+  const std::string error = api_->reload_tokens();
+  EXPECT_THAT(error, HasSubstr("api-tokens:1:"));
+  EXPECT_THAT(log_.str(), HasSubstr("not reloaded, the tokens loaded before stay in use"));
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels", carol).status, 200);
+}
+
 TEST_F(ControlApiTest, UsersCannotSeeOrTouchEachOthersKernels) {
   const std::string alice_kernel = create_as(kAliceToken, 40000);
   const std::string bob_kernel = create_as(kBobToken, 41000);
