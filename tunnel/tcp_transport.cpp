@@ -28,9 +28,11 @@ class TcpTransport final : public ByteTransport {
   ~TcpTransport() override { close(); }
 
   void async_read_some(boost::asio::mutable_buffer buffer, Handler handler) override {
-    socket_.async_read_some(buffer, [this, h = std::move(handler)](
+    // The descriptor, not `this`: a completion may still run after the transport is destroyed
+    // (QUICKACK on a reused descriptor would be harmless; touching a dead object would not).
+    socket_.async_read_some(buffer, [fd = socket_.native_handle(), h = std::move(handler)](
                                         boost::system::error_code ec, std::size_t n) mutable {
-      if (!ec) request_quick_ack(socket_.native_handle());
+      if (!ec) request_quick_ack(fd);
       h(ec, n);
     });
   }
