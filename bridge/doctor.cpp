@@ -13,6 +13,7 @@
 
 #include "bridge/cli_client.hpp"
 #include "bridge/config.hpp"
+#include "bridge/lifecycle_backend.hpp"
 #include "tunnel/ssh_connection.hpp"
 #include "unicore/http_engine.hpp"
 
@@ -132,13 +133,7 @@ void check_ssh(const SiteConfig& site, const DoctorOptions& options, Report& rep
   for (const auto& host : site.login_hosts) {
     const std::string what = "site " + site.name + ": SSH " + site.ssh_user + "@" + host.str();
     boost::asio::io_context io;
-    tunnel::SshOptions ssh;
-    ssh.host = host.host;
-    ssh.port = host.port;
-    ssh.user = site.ssh_user;
-    ssh.identity_file = site.ssh_identity;
-    ssh.known_hosts_file = site.known_hosts;
-    ssh.ciphers = site.ssh_cipher;
+    tunnel::SshOptions ssh = site_ssh_options(site, host);
     ssh.connect_timeout = std::chrono::seconds(options.timeout_seconds);
     auto conn = tunnel::SshConnection::create(io, ssh);
     tunnel::SshConnection::State final_state = tunnel::SshConnection::State::connecting;

@@ -14,6 +14,19 @@
 
 namespace kb::bridge {
 
+tunnel::SshOptions site_ssh_options(const SiteConfig& site, const HostPort& login) {
+  tunnel::SshOptions o;
+  o.host = login.host;
+  o.port = login.port;
+  o.user = site.ssh_user;
+  o.identity_file = site.ssh_identity;
+  o.known_hosts_file = site.known_hosts;
+  o.ciphers = site.ssh_cipher;
+  o.connect_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(site.connect_timeout);
+  o.keepalive_interval = std::chrono::duration_cast<std::chrono::milliseconds>(site.ssh_keepalive);
+  return o;
+}
+
 namespace {
 
 using unicore::Result;
@@ -236,16 +249,8 @@ class SshKernelLink final : public KernelLink {
 
   tunnel::SshOptions ssh_options() const {
     const SiteConfig& site = *spec_.site;
-    const HostPort& login = site.login_hosts[login_index_ % site.login_hosts.size()];
-    tunnel::SshOptions o;
-    o.host = login.host;
-    o.port = login.port;
-    o.user = site.ssh_user;
-    o.identity_file = site.ssh_identity;
-    o.known_hosts_file = site.known_hosts;
-    o.ciphers = site.ssh_cipher;
-    o.connect_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(site.connect_timeout);
-    o.keepalive_interval = std::chrono::duration_cast<std::chrono::milliseconds>(site.ssh_keepalive);
+    tunnel::SshOptions o =
+        site_ssh_options(site, site.login_hosts[login_index_ % site.login_hosts.size()]);
     // A channel request waits through a reconnect, but not forever: HubKernel asks again.
     o.open_timeout = o.connect_timeout * 2;
     return o;

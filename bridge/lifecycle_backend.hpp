@@ -18,15 +18,13 @@
 
 #include "auth/secret.hpp"
 #include "bridge/config.hpp"
+#include "tunnel/ssh_connection.hpp"
 #include "bridge/kernel_service.hpp"
 #include "unicore/credentials.hpp"
 #include "unicore/job_description.hpp"
 #include "unicore/replies.hpp"
 #include "unicore/result.hpp"
 
-namespace kb::tunnel {
-class SshConnectionPool;
-}
 namespace kb::unicore {
 class UnicoreClient;
 }
@@ -34,6 +32,10 @@ class UnicoreClient;
 namespace kb::bridge {
 
 struct BridgeMetrics;
+
+// How the bridge logs in to one of a site's login hosts (service identity, known_hosts, cipher,
+// connect timeout, keepalive). Used by the kernels' links and by `kernel-bridge doctor`.
+tunnel::SshOptions site_ssh_options(const SiteConfig& site, const HostPort& login);
 
 // One site's UNICORE server, reduced to what a kernel's job needs. Job arguments are job URLs.
 class JobBackend {

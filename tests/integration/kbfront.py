@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -109,6 +110,29 @@ class FrontSite(FullSite):
                     f"left running after {timeout} s: kernels {[k['id'] + ':' + k['state'] for k in live]}, "
                     f"jobs {[(j['id'], j['status']) for j in jobs]}, compute processes:\n{procs}")
             time.sleep(0.5)
+
+
+class FrontSiteCase(unittest.TestCase):
+    """A test class on one FrontSite (built with `site_args`) for all its tests, entered into the
+    hub host; skipped (NeedsNetns) where network namespaces cannot be made. Subclasses extend
+    setUpClass for their own set-up after calling this one."""
+    site_args = {}
+    fs = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.fs = FrontSite(**cls.site_args)
+        cls.fs.__enter__()
+        if not cls.fs.box.netns:
+            cls.fs.__exit__(None, None, None)
+            cls.fs = None
+            raise kbtest.NeedsNetns("network namespaces are not available on this machine")
+        cls.fs.enter_hub()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.fs is not None:
+            cls.fs.__exit__(None, None, None)
 
 
 class Wrapper:

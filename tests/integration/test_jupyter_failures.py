@@ -15,26 +15,11 @@ import time
 import unittest
 
 import kbtest
-from kbfront import BIN, FrontSite, Wrapper, log
+from kbfront import BIN, FrontSite, FrontSiteCase, Wrapper, log
 
 
-class FrontDoorFailures(unittest.TestCase):
-    fs = None
-
-    @classmethod
-    def setUpClass(cls):
-        cls.fs = FrontSite(queue_delay=0.5, restart_grace="5s")
-        cls.fs.__enter__()
-        if not cls.fs.box.netns:
-            cls.fs.__exit__(None, None, None)
-            cls.fs = None
-            raise kbtest.NeedsNetns("network namespaces are not available on this machine")
-        cls.fs.enter_hub()
-
-    @classmethod
-    def tearDownClass(cls):
-        if cls.fs is not None:
-            cls.fs.__exit__(None, None, None)
+class FrontDoorFailures(FrontSiteCase):
+    site_args = {"queue_delay": 0.5, "restart_grace": "5s"}
 
     def setUp(self):
         self.fs.control("POST", "/reset")

@@ -12,35 +12,23 @@ dead kernel; walltime ends the wrapper with a reason saying so.
 import os
 import queue
 import time
-import unittest
 
 import kbtest
-from kbfront import FrontSite, kernel_manager, log, nudge, ready_client, start, stderr_of, wrapper_process
+from kbfront import FrontSiteCase, kernel_manager, log, nudge, ready_client, start, stderr_of, wrapper_process
 
 SRC = kbtest.SRC
 
 
-class JupyterFrontDoor(unittest.TestCase):
-    fs = None
+class JupyterFrontDoor(FrontSiteCase):
+    site_args = {"queue_delay": 1.0, "restart_grace": "30s"}
 
     @classmethod
     def setUpClass(cls):
-        cls.fs = FrontSite(queue_delay=1.0, restart_grace="30s")
-        cls.fs.__enter__()
-        if not cls.fs.box.netns:
-            cls.fs.__exit__(None, None, None)
-            cls.fs = None
-            raise kbtest.NeedsNetns("network namespaces are not available on this machine")
-        cls.fs.enter_hub()
+        super().setUpClass()
         cls.fs.push_token("root")
         cls.spec = cls.fs.install_kernelspec("kb-box", "--display-name", "Site in a box",
                                              "--runtime", "30m")
         cls.compute_host = cls.fs.info["hosts"]["compute"]["hostname"]
-
-    @classmethod
-    def tearDownClass(cls):
-        if cls.fs is not None:
-            cls.fs.__exit__(None, None, None)
 
     def setUp(self):
         self.fs.hold_queue(self.fs.queue_delay)

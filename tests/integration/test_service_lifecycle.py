@@ -127,6 +127,22 @@ class EndToEnd(ServiceCase):
     def release(self, job_id):
         self.fs.control("POST", f"/jobs/{job_id}", {"queue_delay": 0})
 
+    def start_ready(self, conn=None, **extra):
+        """Creates a kernel, sees it queued, releases its job and waits until it is ready.
+        Returns (kernel id, job id, hub connection, the ready view)."""
+        self.fs.push_token(USER)
+        conn = conn or hub_connection()
+        status, k = self.create(conn, **extra)
+        self.assertEqual(status, 201, k)
+        kid = k["id"]
+        job_id = self.wait_state(kid, "queued")["job"]["id"]
+        self.release(job_id)
+        return kid, job_id, conn, self.wait_state(kid, "ready", timeout=120)
+
+    def delete(self, kid):
+        status, body = self.fs.api("DELETE", f"/v1/kernels/{kid}")
+        self.assertIn(status, (200, 202, 204), body)
+
     def test_1_queued_running_ready_execute_restart_delete(self):
         fs = self.fs
         fs.push_token(USER)
@@ -186,28 +202,17 @@ class EndToEnd(ServiceCase):
             kc.stop_channels()
 
         # Shutdown: the kernel ends at once; the job after the restart grace, with nothing left.
-        status, body = fs.api("DELETE", f"/v1/kernels/{kid}")
-        self.assertIn(status, (200, 202, 204), body)
+        self.delete(kid)
         k = self.wait_state(kid, "ended")
         self.assertEqual(k["end_cause"], "shutdown")
         job = self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
         self.assertEqual(job["status"] in ("FAILED", "SUCCESSFUL"), True, job)
 
     def test_2_jupyter_restart_reuses_the_job(self):
-        fs = self.fs
-        fs.push_token(USER)
-        conn = hub_connection()
-        status, k = self.create(conn)
-        self.assertEqual(status, 201, k)
-        first = k["id"]
-        k = self.wait_state(first, "queued")
-        job_id = k["job"]["id"]
-        self.release(job_id)
-        self.wait_state(first, "ready", timeout=120)
+        first, job_id, conn, _ = self.start_ready()
 
         # Jupyter's restart: shutdown, then at once the same connection file again.
-        status, body = fs.api("DELETE", f"/v1/kernels/{first}")
-        self.assertIn(status, (200, 202, 204), body)
+        self.delete(first)
         self.wait_state(first, "ended")
         status, k = self.create(conn)
         self.assertEqual(status, 201, k)
@@ -220,21 +225,12 @@ class EndToEnd(ServiceCase):
             self.assertEqual(reply["content"]["status"], "ok")
         finally:
             kc.stop_channels()
-        status, body = fs.api("DELETE", f"/v1/kernels/{second}")
-        self.assertIn(status, (200, 202, 204), body)
+        self.delete(second)
         self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
 
     def test_2b_link_outage_is_reconnecting_not_death(self):
         fs = self.fs
-        fs.push_token(USER)
-        conn = hub_connection()
-        status, k = self.create(conn)
-        self.assertEqual(status, 201, k)
-        kid = k["id"]
-        k = self.wait_state(kid, "queued")
-        job_id = k["job"]["id"]
-        self.release(job_id)
-        self.wait_state(kid, "ready", timeout=120)
+        kid, job_id, conn, _ = self.start_ready()
         kc = client_for(conn)
         try:
             reply, out, _ = run_cell(kc, "y = 'kept'; print('set')")
@@ -258,20 +254,11 @@ class EndToEnd(ServiceCase):
         self.assertEqual(status, 200)
         self.assertIn('kb_kernels{state="ready"} 1', metrics)
         self.assertRegex(metrics, r'kb_link_reconnects_total\{site="box"\} [1-9]')
-        status, body = fs.api("DELETE", f"/v1/kernels/{kid}")
-        self.assertIn(status, (200, 202, 204), body)
+        self.delete(kid)
         self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
 
     def test_3_walltime_is_named(self):
-        fs = self.fs
-        fs.push_token(USER)
-        status, k = self.create(hub_connection(), resources={"runtime": "12s"})
-        self.assertEqual(status, 201, k)
-        kid = k["id"]
-        k = self.wait_state(kid, "queued")
-        job_id = k["job"]["id"]
-        self.release(job_id)
-        k = self.wait_state(kid, "ready", timeout=120)
+        kid, job_id, _, k = self.start_ready(resources={"runtime": "12s"})
         self.assertTrue(k["walltime_end"])
         k = self.wait_state(kid, "ended", timeout=90)  # the site enforces the 12 s runtime
         self.assertEqual(k["end_cause"], "walltime", k)
@@ -282,14 +269,7 @@ class EndToEnd(ServiceCase):
     def test_4_bridge_shutdown_ends_kernels_and_jobs(self):
         # Last in this class: it stops the bridge.
         fs = self.fs
-        fs.push_token(USER)
-        status, k = self.create(hub_connection())
-        self.assertEqual(status, 201, k)
-        kid = k["id"]
-        k = self.wait_state(kid, "queued")
-        job_id = k["job"]["id"]
-        self.release(job_id)
-        self.wait_state(kid, "ready", timeout=120)
+        kid, job_id, _, _ = self.start_ready()
         fs.stop_serve()
         self.assertEqual(fs.serve.returncode, 0, fs.tail("serve.log"))
         self.assertIn("every kernel released", fs.tail("serve.log"))

@@ -4,6 +4,8 @@
 // hub_kernel_test.cpp.)
 #include "tunnel/agent.hpp"
 
+#include "tests/tunnel/spawn.hpp"
+
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/write.hpp>
@@ -64,19 +66,8 @@ class AgentProcessTest : public ::testing::Test {
       args.push_back("touch " + dir_ + "/kernel-ran; sleep 1000");
       args.push_back("{connection_file}");
     }
-    std::string log = dir_ + "/agent.log";
-    pid_ = ::fork();
+    pid_ = test::spawn_logged(std::move(args), dir_ + "/agent.log");
     ASSERT_GE(pid_, 0);
-    if (pid_ == 0) {
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
   }
 
   // Waits for the agent to exit (a generous safety bound); returns its wait status or -1.

@@ -8,6 +8,8 @@
 // reported and stops the kernel.
 #include "tunnel/hub_kernel.hpp"
 
+#include "tests/tunnel/spawn.hpp"
+
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/execution.hpp>
@@ -155,19 +157,8 @@ class HubKernelTest : public ::testing::Test {
                                      "--kernel-grace", "2", "--no-bridge-timeout", "120",
                                      "--", python(), dir_ + "/fake_kernel.py",
                                      "{connection_file}", state_};
-    std::string log = dir_ + "/agent.log";
-    agent_pid_ = ::fork();
+    agent_pid_ = test::spawn_logged(std::move(args), dir_ + "/agent.log");
     ASSERT_GE(agent_pid_, 0);
-    if (agent_pid_ == 0) {
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-      ::dup2(fd, 1);
-      ::dup2(fd, 2);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
     ASSERT_TRUE(wait_for([&] { return fs::exists(dir_ + "/agent.json"); }, 30s)) << agent_log();
     std::ifstream in(dir_ + "/agent.json");
     discovery_ = nlohmann::json::parse(in);
