@@ -13,6 +13,10 @@ Shows, through the control API on the Unix socket:
   - SIGTERM to `kernel-bridge serve` ends every kernel and its job, and serve exits 0;
   - a failed job ends `job_failed` with the site's statusMessage verbatim; a refused token ends
     `credentials_refused` naming the site; neither leaves anything running.
+  - a site without kernel-bridge installed: the bridge stages its own binary into the job (agent
+    mode "upload") and the kernel runs from it;
+  - the login node's host key changed: the kernel ends `host_key_mismatch` with the fingerprint,
+    and its job is aborted.
 
 Run: /usr/bin/python3 tests/integration/test_service_lifecycle.py   (needs root; exit 77 = skipped
 where network namespaces cannot be made).
@@ -25,7 +29,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kbtest import NeedsNetns, enter_host, log, main, run_cell  # noqa: E402
-from fullsite import FullSite  # noqa: E402
+from fullsite import BIN, FullSite  # noqa: E402
 
 USER = "root"  # CI runs as root; the bridge identifies Unix-socket callers by their user name
 GRACE_S = 4
@@ -311,6 +315,51 @@ class Failures(ServiceCase):
             self.assertEqual(len(fs.unicore_jobs()), jobs_before)  # nothing submitted
         finally:
             fs.push_token(USER)
+
+
+class UploadedAgent(ServiceCase):
+    # The site has no kernel-bridge installed: the bridge stages its own binary into every job.
+    site_args = {"queue_delay": 0.2, "agent_mode": "upload"}
+
+    def test_uploaded_agent_runs_the_kernel(self):
+        self.fs.push_token(USER)
+        conn = hub_connection()
+        status, k = self.create(conn)
+        self.assertEqual(status, 201, k)
+        kid = k["id"]
+        k = self.wait_state(kid, "ready", timeout=120)
+        job = self.site_job(k["job"]["id"])
+        staged = os.path.join(job["dir"], "kernel-bridge-agent")
+        self.assertTrue(os.path.isfile(staged), job)
+        self.assertTrue(os.access(staged, os.X_OK), "the staged agent must be executable")
+        with open(staged, "rb") as a, open(BIN, "rb") as b:
+            self.assertEqual(a.read(), b.read(), "the staged agent is the bridge's own binary")
+        kc = client_for(conn)
+        try:
+            _, out, _ = run_cell(kc, "import socket; print(socket.gethostname())")
+            self.assertEqual(out.strip(), self.fs.info["hosts"]["compute"]["hostname"])
+        finally:
+            kc.stop_channels()
+        status, body = self.fs.api("DELETE", f"/v1/kernels/{kid}")
+        self.assertIn(status, (200, 202, 204), body)
+        self.wait_nothing_left(k["job"]["id"], timeout=GRACE_S + 40)
+
+
+class HostKeyMismatch(ServiceCase):
+    site_args = {"queue_delay": 0.2}
+
+    def test_changed_host_key_ends_the_kernel_and_its_job(self):
+        # The login node's host key changes (reinstalled node, or a man in the middle); the
+        # bridge's known_hosts still has the old one.
+        self.fs.box.replace_host_key()
+        self.fs.push_token(USER)
+        status, k = self.create(hub_connection())
+        self.assertEqual(status, 201, k)
+        k = self.wait_state(k["id"], "ended", timeout=120)
+        self.assertEqual(k["end_cause"], "host_key_mismatch", k)
+        self.assertIn("SHA256:", k["reason"])  # the fingerprint the operator must check
+        self.assertIn(self.fs.info["login_addr"], k["reason"])
+        self.wait_nothing_left(k["job"]["id"], timeout=30)
 
 
 if __name__ == "__main__":
