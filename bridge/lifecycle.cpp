@@ -165,7 +165,7 @@ unicore::JobDescription build_job_description(const JobPlan& plan) {
 
 struct KernelLifecycle::Allocation {
   explicit Allocation(asio::io_context& io)
-      : discovery_timer(io), connect_timer(io), grace_timer(io) {}
+      : discovery_timer(io), connect_timer(io), grace_timer(io), rewatch_timer(io) {}
 
   std::string log_id;  // the first kernel's id
   std::string owner;
@@ -184,7 +184,8 @@ struct KernelLifecycle::Allocation {
   bool link_up = false, ever_up = false, kernel_running = false, kernel_started_once = false;
   bool agent_terminating = false, restart_pending = false, link_dead = false;
   bool aborted_by_us = false, torn_down = false;
-  asio::steady_timer discovery_timer, connect_timer, grace_timer;
+  asio::steady_timer discovery_timer, connect_timer, grace_timer, rewatch_timer;
+  int refused_watches = 0;  // polls of the job refused in a row (the user's token expired)
   std::chrono::milliseconds discovery_delay{0};
   std::chrono::steady_clock::time_point running_since{};
   std::string kernel_id;  // the kernel using the allocation now; empty while parked
@@ -673,6 +674,7 @@ void KernelLifecycle::teardown(const AllocPtr& alloc, const std::string& why) {
   alloc->discovery_timer.cancel();
   alloc->connect_timer.cancel();
   alloc->grace_timer.cancel();
+  alloc->rewatch_timer.cancel();
   std::weak_ptr<bool> alive = alive_;
   auto finish = [this, alloc, alive] {
     if (alive.expired()) return;
@@ -804,6 +806,11 @@ void KernelLifecycle::watch(const AllocPtr& alloc) {
 
 void KernelLifecycle::on_job_change(const AllocPtr& alloc, const unicore::JobInfo& info) {
   note_site(alloc->site->name, "unicore", true, "");
+  if (alloc->refused_watches > 0) {
+    alloc->refused_watches = 0;
+    progress(alloc, "site " + alloc->site->name + " accepts the token of user " + alloc->owner +
+                        " again: following job " + alloc->job_id + " again");
+  }
   auto previous = alloc->job_status;
   alloc->job_status = info.status;
   if (!info.queue.empty()) alloc->queue = info.queue;
@@ -956,6 +963,35 @@ void KernelLifecycle::on_job_error(const AllocPtr& alloc, const unicore::Unicore
     note_site(alloc->site->name, "unicore", false, error.message);
     spdlog::warn("[{}] polling job {}: {} (trying again)", alloc->log_id, alloc->job_id,
                  error.message);
+    return;
+  }
+  if (error.kind == unicore::ErrorKind::refused && !alloc->job_url.empty()) {
+    // The token the job was submitted with has expired (OIDC access tokens live minutes to hours;
+    // a notebook session lives longer). The kernel does not need UNICORE to keep running — the
+    // link to the agent is separate — so it is not ended: watching pauses and is tried again with
+    // whatever token the hub has pushed meanwhile. The agent still reports the job's end (SIGTERM
+    // at walltime) through the link.
+    ++alloc->refused_watches;
+    const auto delay = std::min<std::chrono::milliseconds>(
+        options_.rewatch_max,
+        options_.rewatch_initial * (1LL << std::min(alloc->refused_watches - 1, 10)));
+    note_site(alloc->site->name, "unicore", false, error.message);
+    spdlog::warn("[{}] site {} refused the credentials of user {} while watching job {}: {}; the "
+                 "kernel keeps running, watching again in {} ms",
+                 alloc->log_id, alloc->site->name, alloc->owner, alloc->job_id, error.message,
+                 delay.count());
+    if (alloc->refused_watches == 1) {
+      progress(alloc, "site " + alloc->site->name + " refused the UNICORE token of user " +
+                          alloc->owner + " while following job " + alloc->job_id +
+                          ": the kernel keeps running, but the bridge cannot see the job's "
+                          "status until JupyterHub pushes a fresh token (log in again)");
+    }
+    std::weak_ptr<bool> alive = alive_;
+    alloc->rewatch_timer.expires_after(delay);
+    alloc->rewatch_timer.async_wait([this, alloc, alive](const boost::system::error_code& ec) {
+      if (ec || alive.expired() || alloc->torn_down || alloc->job_terminal) return;
+      watch(alloc);
+    });
     return;
   }
   if (error.kind == unicore::ErrorKind::not_found) {

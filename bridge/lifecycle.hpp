@@ -52,6 +52,9 @@ struct LifecycleOptions {
   std::chrono::seconds agent_no_bridge_timeout{600};
   // Bridge shutdown: how long to wait for agents and UNICORE aborts before giving up.
   std::chrono::seconds shutdown_timeout{20};
+  // Watching a job whose polls are refused (the user's token expired): first retry, doubling up to.
+  std::chrono::milliseconds rewatch_initial{15000};
+  std::chrono::milliseconds rewatch_max{300000};
   std::chrono::milliseconds tick{5000};  // metrics sampling and pruning of ended kernels
   unicore::WatchPolicy watch;
   std::size_t max_progress = 64;

@@ -127,7 +127,8 @@ async def kernel_bridge_post_auth_hook(authenticator, handler, authentication):
     """Pushes the fresh token at every login. JupyterHub does not call this hook when it refreshes
     auth_state (auth_refresh_age); a token refreshed that way reaches the bridge at the next spawn
     or login. Kernels that outlive their token keep running (the bridge needs the token only to
-    submit, watch and end jobs) but show "credentials refused" in their status until then."""
+    submit, watch and end jobs); their progress says that the site refused the token until a fresh
+    one arrives (docs/lifecycle.md)."""
     auth_state = (authentication or {}).get("auth_state") or {}
     if auth_state.get("access_token"):
         try:

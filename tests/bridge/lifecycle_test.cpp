@@ -49,7 +49,8 @@ class FakeJobs final : public JobBackend {
   std::vector<std::string> order;       // URLs in submission order
   std::optional<unicore::UnicoreError> refuse_submit;
   std::optional<unicore::UnicoreError> refuse_get;
-  std::vector<std::string> tokens_seen;
+  std::vector<std::string> tokens_seen;      // by submit
+  std::vector<std::string> get_tokens_seen;  // by get_job
   std::vector<std::string> uploads;
 
   FakeJob& job(std::size_t i = 0) { return jobs.at(order.at(i)); }
@@ -68,8 +69,9 @@ class FakeJobs final : public JobBackend {
     jobs.at(job).started = true;
     later(done, Result<unicore::Done>(unicore::Done{}));
   }
-  void get_job(const Credentials&, const std::string& url,
+  void get_job(const Credentials& c, const std::string& url,
                Callback<unicore::JobInfo> done) override {
+    get_tokens_seen.push_back(c.token);
     if (refuse_get) return later(done, Result<unicore::JobInfo>(*refuse_get));
     const FakeJob& j = jobs.at(url);
     unicore::JobInfo info;
@@ -224,6 +226,7 @@ class LifecycleTest : public ::testing::Test {
     o.watch.running_initial = o.watch.running_max = std::chrono::milliseconds(2);
     o.watch.error_initial = o.watch.error_max = std::chrono::milliseconds(2);
     o.scratch_dir = "/tmp";
+    o.rewatch_initial = o.rewatch_max = std::chrono::milliseconds(20);
     lifecycle = std::make_unique<KernelLifecycle>(
         io, config, credentials, &metrics, std::map<std::string, JobBackend*>{{"demo", &jobs}},
         [this](const LinkSpec& spec, LinkEventSink sink) {
@@ -471,6 +474,32 @@ TEST_F(LifecycleTest, WalltimeIsNamedWhenTheAgentTerminatesAndTheJobHitItsLimit)
   EXPECT_EQ(v.end_cause, EndCause::walltime);
   EXPECT_NE(v.reason.find("walltime reached"), std::string::npos);
   EXPECT_NE(v.reason.find("CANCELLED DUE TO TIME LIMIT"), std::string::npos);
+}
+
+TEST_F(LifecycleTest, AnExpiredTokenPausesWatchingAndTheKernelKeepsRunning) {
+  std::string id = ready_kernel(request());
+  // The token the job was submitted with expires while the user works.
+  jobs.refuse_get = unicore::UnicoreError{ErrorKind::refused, 401,
+                                          "https://unicore.example refused the credentials (401)",
+                                          "token expired", ""};
+  run_until([&] { return has_progress(view(id), "cannot see the job's status"); });
+  const std::size_t refused_polls = jobs.get_tokens_seen.size();
+  io.restart();
+  io.run_for(std::chrono::milliseconds(200));
+  EXPECT_GT(jobs.get_tokens_seen.size(), refused_polls);  // still trying, with a backoff
+  EXPECT_EQ(view(id).state, KernelState::ready);
+  EXPECT_EQ(view(id).end_cause, EndCause::none);
+  EXPECT_EQ(jobs.job().aborts, 0);
+  EXPECT_FALSE(link().closed);
+  // JupyterHub pushes a fresh token: the next poll uses it and watching resumes.
+  credentials.set("alice", "tok-fresh", std::nullopt);
+  jobs.refuse_get.reset();
+  run_until([&] { return has_progress(view(id), "accepts the token of user alice again"); });
+  EXPECT_EQ(jobs.get_tokens_seen.back(), "tok-fresh");
+  // The job's end is noticed again.
+  jobs.job().status = JobStatus::failed;
+  jobs.job().status_message = "Batch job 4711 was cancelled by the site";
+  run_until_state(id, KernelState::ended);
 }
 
 TEST_F(LifecycleTest, AbortFromOutsideIsCancelled) {
