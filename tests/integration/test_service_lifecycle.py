@@ -13,6 +13,8 @@ Shows, through the control API on the Unix socket:
   - SIGTERM to `kernel-bridge serve` ends every kernel and its job, and serve exits 0;
   - a failed job ends `job_failed` with the site's statusMessage verbatim; a refused token ends
     `credentials_refused` naming the site; neither leaves anything running.
+  - the user's token expires at the site while the kernel runs: the kernel keeps running (and its
+    state), the user is told why the job cannot be followed, and a refreshed token resumes it;
   - a site without kernel-bridge installed: the bridge stages its own binary into the job (agent
     mode "upload") and the kernel runs from it;
   - the login node's host key changed: the kernel ends `host_key_mismatch` with the fingerprint,
@@ -260,6 +262,37 @@ class EndToEnd(ServiceCase):
         self.assertRegex(metrics, r'kb_link_reconnects_total\{site="box"\} [1-9]')
         self.delete(kid)
         self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+
+    def test_2c_expired_token_keeps_the_kernel_running(self):
+        # The user's token expires at the site while they work (OIDC tokens live minutes to hours).
+        fs = self.fs
+        kid, job_id, conn, _ = self.start_ready()
+        kc = client_for(conn)
+        try:
+            _, out, _ = run_cell(kc, "z = 42; print('set')")
+            self.assertEqual(out.strip(), "set")
+            fs.control("POST", "/faults", {"expire_token": fs.tokens[USER], "expire_sessions": True})
+
+            def says(text):
+                return lambda k: any(text in p["message"] for p in k["progress"])
+            k = self.wait_kernel(kid, says("cannot see the job's status"), "told about the token",
+                                 timeout=60)
+            self.assertEqual(k["state"], "ready", k)
+            _, out, _ = run_cell(kc, "print(z)")
+            self.assertEqual(out.strip(), "42")  # the kernel works on, with its state
+            # The hub pushes the refreshed token: the bridge follows the job again with it.
+            fresh = f"tok-{USER}-refreshed-{os.urandom(4).hex()}"
+            fs.control("POST", "/faults", {"add_token": {"uid": USER, "token": fresh}})
+            fs.tokens[USER] = fresh  # the old one stays refused for the tests that follow
+            fs.push_token(USER)
+            k = self.wait_kernel(kid, says(f"accepts the token of user {USER} again"),
+                                 "following the job again", timeout=120)
+            self.assertEqual(k["state"], "ready", k)
+            self.assertIsNone(k["end_cause"])
+        finally:
+            kc.stop_channels()
+        self.delete(kid)
+        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)  # the abort uses the fresh token
 
     def test_3_walltime_is_named(self):
         kid, job_id, _, k = self.start_ready(resources={"runtime": "12s"})
