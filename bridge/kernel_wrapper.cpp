@@ -266,7 +266,7 @@ int run_kernel_wrapper(const WrapperRequest& request, const std::string& connect
   const auto unreachable_limit = std::chrono::seconds(60);
   // Each status request renews the kernel's lease on the daemon; a long poll lasts a third of it at
   // most, so a live wrapper always asks again well before the lease runs out.
-  const int lease = request.lease.value_or(kDefaultWrapperLease);
+  const int lease = body["lease"].get<int>();  // as asked for in the create request
   const std::string wait = std::to_string(std::clamp(lease / 3, 1, 30)) + "s";
   std::optional<std::chrono::steady_clock::time_point> unreachable_since;
   while (true) {

@@ -127,44 +127,38 @@ int run_serve(const ServeOptions& options) {
                format_duration(config.restart_grace));
 
   // SIGTERM/SIGINT: stop accepting, shut every kernel down and abort its job, then leave. A second
-  // signal leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
-  boost::asio::signal_set signals(io, SIGTERM, SIGINT);
-  boost::asio::signal_set hangups(io, SIGHUP);
+  // one leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
+  // SIGHUP: read api.tokens_file again (add or revoke TCP callers without touching the kernels).
+  boost::asio::signal_set signals(io, SIGTERM, SIGINT, SIGHUP);
   bool stopping = false;
   std::function<void()> wait_signal;
   wait_signal = [&] {
     signals.async_wait([&](const boost::system::error_code& ec, int signal) {
       if (ec) return;
-      if (stopping) {
+      if (signal == SIGHUP) {
+        if (!stopping) {
+          spdlog::info("SIGHUP: reloading the API tokens");
+          api->reload_tokens();
+        }
+      } else if (stopping) {
         spdlog::warn("second signal ({}): exiting without waiting for the kernels' jobs", signal);
         io.stop();
         return;
+      } else {
+        stopping = true;
+        spdlog::info("signal {}: shutting down (kernels are shut down, their jobs aborted)", signal);
+        api->stop();
+        lifecycle->shutdown([&] {
+          spdlog::info("every kernel released; bye");
+          signals.cancel();
+          pool.shutdown_all();
+          io.stop();
+        });
       }
-      stopping = true;
-      spdlog::info("signal {}: shutting down (kernels are shut down, their jobs aborted)", signal);
-      api->stop();
-      lifecycle->shutdown([&] {
-        spdlog::info("every kernel released; bye");
-        signals.cancel();
-        hangups.cancel();
-        pool.shutdown_all();
-        io.stop();
-      });
       wait_signal();
     });
   };
   wait_signal();
-  // SIGHUP: read api.tokens_file again (add or revoke TCP callers without touching the kernels).
-  std::function<void()> wait_hangup;
-  wait_hangup = [&] {
-    hangups.async_wait([&](const boost::system::error_code& ec, int) {
-      if (ec || stopping) return;
-      spdlog::info("SIGHUP: reloading the API tokens");
-      api->reload_tokens();
-      wait_hangup();
-    });
-  };
-  wait_hangup();
   ::signal(SIGPIPE, SIG_IGN);
 
   io.run();

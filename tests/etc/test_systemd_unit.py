@@ -11,10 +11,12 @@ import subprocess
 import sys
 import tempfile
 
-SRC = os.environ.get("KB_SOURCE_DIR") or os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-BIN = os.path.abspath(os.environ.get("KB_BINARY") or os.path.join(SRC, "build", "bridge", "kernel-bridge"))
-UNIT = os.path.join(SRC, "etc", "kernel-bridge.service")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "integration"))
+import kbtest  # noqa: E402  (where the tests find the source tree and the binary)
+
+BIN = os.path.abspath(kbtest.BIN)  # systemd wants an absolute ExecStart
+UNIT = os.path.join(kbtest.SRC, "etc", "kernel-bridge.service")
 
 
 def main():

@@ -20,6 +20,7 @@ import runpy
 import sys
 import time
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,13 +146,9 @@ class HubHook(unittest.TestCase):
             push("alice", "tok-x", expires_at=time.time() - 10)
         with self.assertRaisesRegex(RuntimeError, r"kernel-bridge refused the token of alice: HTTP 400"):
             push("alice", "two words")
-        saved = self.hub["push_unicore_token"].__globals__["KERNEL_BRIDGE_SOCKET"]
-        try:
-            self.hub["push_unicore_token"].__globals__["KERNEL_BRIDGE_SOCKET"] = "/nonexistent.sock"
+        with mock.patch.dict(push.__globals__, {"KERNEL_BRIDGE_SOCKET": "/nonexistent.sock"}):
             with self.assertRaisesRegex(RuntimeError, "cannot reach kernel-bridge at /nonexistent.sock"):
                 push("alice", "tok-x")
-        finally:
-            self.hub["push_unicore_token"].__globals__["KERNEL_BRIDGE_SOCKET"] = saved
 
     def test_missing_auth_state_only_warns(self):
         before = self.credentials("carol")["status"]

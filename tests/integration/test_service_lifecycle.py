@@ -115,6 +115,10 @@ class ServiceCase(unittest.TestCase):
         body.update(extra)
         return self.fs.api("POST", "/v1/kernels", body)
 
+    def delete(self, kid):
+        status, body = self.fs.api("DELETE", f"/v1/kernels/{kid}")
+        self.assertIn(status, (200, 202, 204), body)
+
     def wait_nothing_left(self, job_id, timeout):
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -144,10 +148,6 @@ class EndToEnd(ServiceCase):
         job_id = self.wait_state(kid, "queued")["job"]["id"]
         self.release(job_id)
         return kid, job_id, conn, self.wait_state(kid, "ready", timeout=120)
-
-    def delete(self, kid):
-        status, body = self.fs.api("DELETE", f"/v1/kernels/{kid}")
-        self.assertIn(status, (200, 202, 204), body)
 
     def test_1_queued_running_ready_execute_restart_delete(self):
         fs = self.fs
@@ -373,8 +373,7 @@ class UploadedAgent(ServiceCase):
             self.assertEqual(out.strip(), self.fs.info["hosts"]["compute"]["hostname"])
         finally:
             kc.stop_channels()
-        status, body = self.fs.api("DELETE", f"/v1/kernels/{kid}")
-        self.assertIn(status, (200, 202, 204), body)
+        self.delete(kid)
         self.wait_nothing_left(k["job"]["id"], timeout=GRACE_S + 40)
 
 
