@@ -130,8 +130,10 @@ class Agent:
 class Tunnel:
     """`kernel-bridge tunnel` in the hub host: JSON events from its stdout, commands to its stdin."""
 
-    def __init__(self, site, kernels, workdir, direct=False, extra=(), ssh_overrides=None):
-        """kernels: list of (connection_file, agent_endpoint, secret_file)."""
+    def __init__(self, site, kernels, workdir, direct=False, extra=(), ssh_overrides=None,
+                 host="hub"):
+        """kernels: list of (connection_file, agent_endpoint, secret_file). `host` is where it runs
+        (only --direct makes sense elsewhere: the login host reaches the agents without SSH)."""
         info = dict(site.info)
         info.update(ssh_overrides or {})
         argv = [BIN, "tunnel"]
@@ -157,7 +159,7 @@ class Tunnel:
         self._log = open(self.log_path, "wb")
         self.events = []
         self._cond = threading.Condition()
-        self.proc = site.popen("hub", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = site.popen(host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=self._log, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
