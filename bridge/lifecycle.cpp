@@ -185,7 +185,8 @@ struct KernelLifecycle::Allocation {
   bool agent_terminating = false, restart_pending = false, link_dead = false;
   bool aborted_by_us = false, torn_down = false;
   asio::steady_timer discovery_timer, connect_timer, grace_timer, rewatch_timer;
-  int refused_watches = 0;  // polls of the job refused in a row (the user's token expired)
+  int refused_watches = 0;    // polls of the job refused in a row (the user's token expired)
+  int refused_discovery = 0;  // reads of the discovery file refused in a row
   std::chrono::milliseconds discovery_delay{0};
   std::chrono::steady_clock::time_point running_since{};
   std::string kernel_id;  // the kernel using the allocation now; empty while parked
@@ -878,10 +879,17 @@ void KernelLifecycle::poll_discovery(const AllocPtr& alloc) {
       credentials_for(*alloc), alloc->working_dir, kDiscoveryFile,
       [this, alloc, alive](unicore::Result<std::string> r) {
         if (alive.expired() || alloc->torn_down || alloc->agent || alloc->job_terminal) return;
-        if (r) return on_discovery(alloc, r.value());
-        if (r.error().kind == unicore::ErrorKind::refused) {
-          return fail_unicore(alloc, r.error(), "reading the agent's discovery file");
+        if (!r && r.error().kind == unicore::ErrorKind::refused) {
+          return discovery_refused(alloc, r.error());
         }
+        if (alloc->refused_discovery > 0) {
+          alloc->refused_discovery = 0;
+          note_site(alloc->site->name, "unicore", true, "");
+          progress(alloc, "site " + alloc->site->name + " accepts the token of user " +
+                              alloc->owner + " again: looking for the agent of job " +
+                              alloc->job_id);
+        }
+        if (r) return on_discovery(alloc, r.value());
         if (r.error().kind != unicore::ErrorKind::not_found) {
           spdlog::warn("[{}] reading {}: {}", alloc->log_id, kDiscoveryFile, r.error().message);
         }
@@ -904,6 +912,51 @@ void KernelLifecycle::retry_discovery(const AllocPtr& alloc) {
   alloc->discovery_delay =
       std::min(options_.discovery_max,
                std::chrono::milliseconds(alloc->discovery_delay.count() * 3 / 2 + 1));
+  alloc->discovery_timer.async_wait([this, weak, alive](const boost::system::error_code& ec) {
+    if (ec || alive.expired()) return;
+    if (auto a = weak.lock()) poll_discovery(a);
+  });
+}
+
+// The user's token expired between the job starting and the agent being found. The job runs
+// regardless, so this is not the end yet: like watching, the read is tried again with whatever token
+// JupyterHub pushes meanwhile — but only until the discovery timeout, because without the file the
+// bridge cannot tell a working agent from a broken one. Then the kernel ends as credentials_refused
+// (the agent, never reached, ends the job itself after its no-bridge time).
+void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error) {
+  ++alloc->refused_discovery;
+  note_site(alloc->site->name, "unicore", false, error.message);
+  const auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - alloc->running_since);
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        options_.discovery_timeout) - elapsed;
+  if (left <= std::chrono::milliseconds(0)) {
+    return end_attached(alloc, EndCause::credentials_refused,
+                        "site " + alloc->site->name + " refused the UNICORE credentials of user " +
+                            alloc->owner + " while the bridge looked for the agent of job " +
+                            alloc->job_id + " (" + std::to_string(alloc->refused_discovery) +
+                            " reads of " + kDiscoveryFile + " refused, the last one: " +
+                            error.message +
+                            "). Log in to JupyterHub again so it pushes a fresh token.");
+  }
+  const std::chrono::milliseconds backoff =
+      options_.rewatch_initial * (1LL << std::min(alloc->refused_discovery - 1, 10));
+  const auto delay = std::min({options_.rewatch_max, left, backoff});
+  spdlog::warn("[{}] site {} refused the credentials of user {} while reading {} of job {}: {}; "
+               "trying again in {} ms",
+               alloc->log_id, alloc->site->name, alloc->owner, kDiscoveryFile, alloc->job_id,
+               error.message, delay.count());
+  if (alloc->refused_discovery == 1) {
+    progress(alloc, "site " + alloc->site->name + " refused the UNICORE token of user " +
+                        alloc->owner + " while the bridge looked for the agent of job " +
+                        alloc->job_id + ": the job runs, but the kernel cannot be reached until "
+                        "JupyterHub pushes a fresh token (log in again within " +
+                        std::to_string(std::chrono::duration_cast<std::chrono::seconds>(left).count()) +
+                        " s)");
+  }
+  std::weak_ptr<Allocation> weak = alloc;
+  std::weak_ptr<bool> alive = alive_;
+  alloc->discovery_timer.expires_after(delay);
   alloc->discovery_timer.async_wait([this, weak, alive](const boost::system::error_code& ec) {
     if (ec || alive.expired()) return;
     if (auto a = weak.lock()) poll_discovery(a);

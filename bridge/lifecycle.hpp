@@ -139,6 +139,7 @@ class KernelLifecycle final : public KernelService {
   void on_running(const AllocPtr& alloc, const unicore::JobInfo& info);
   void poll_discovery(const AllocPtr& alloc);
   void retry_discovery(const AllocPtr& alloc);
+  void discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error);
   void on_discovery(const AllocPtr& alloc, const std::string& bytes);
   void on_link_event(const AllocPtr& alloc, const nlohmann::json& event);
   void fail_unicore(const AllocPtr& alloc, const unicore::UnicoreError& error,

@@ -49,7 +49,9 @@ class FakeJobs final : public JobBackend {
   std::vector<std::string> order;       // URLs in submission order
   std::optional<unicore::UnicoreError> refuse_submit;
   std::optional<unicore::UnicoreError> refuse_get;
+  std::optional<unicore::UnicoreError> refuse_download;
   std::vector<std::string> tokens_seen;      // by submit
+  std::vector<std::string> download_tokens_seen;
   std::vector<std::string> get_tokens_seen;  // by get_job
   std::vector<std::string> uploads;
 
@@ -89,8 +91,10 @@ class FakeJobs final : public JobBackend {
     d.nodes = {"cn0042"};
     later(done, Result<unicore::JobDetails>(d));
   }
-  void download(const Credentials&, const std::string& storage, const std::string& path,
+  void download(const Credentials& c, const std::string& storage, const std::string& path,
                 Callback<std::string> done) override {
+    download_tokens_seen.push_back(c.token);
+    if (refuse_download) return later(done, Result<std::string>(*refuse_download));
     const FakeJob& j = jobs.at(storage);
     auto it = j.files.find(path);
     if (it == j.files.end()) {
@@ -214,9 +218,11 @@ class LifecycleTest : public ::testing::Test {
   }
 
   void make(std::chrono::seconds grace,
-            std::chrono::milliseconds tick = std::chrono::milliseconds(5000)) {
+            std::chrono::milliseconds tick = std::chrono::milliseconds(5000),
+            std::chrono::seconds discovery_timeout = std::chrono::seconds(180)) {
     lifecycle.reset();
     LifecycleOptions o;
+    o.discovery_timeout = discovery_timeout;
     o.restart_grace = grace;
     o.tick = tick;
     o.discovery_initial = std::chrono::milliseconds(1);
@@ -500,6 +506,55 @@ TEST_F(LifecycleTest, AnExpiredTokenPausesWatchingAndTheKernelKeepsRunning) {
   jobs.job().status = JobStatus::failed;
   jobs.job().status_message = "Batch job 4711 was cancelled by the site";
   run_until_state(id, KernelState::ended);
+}
+
+// The token expires between the job starting and the agent's discovery file being read: the kernel
+// waits for a fresh token instead of ending (the job runs meanwhile).
+TEST_F(LifecycleTest, ARefusedDiscoveryReadWaitsForAFreshToken) {
+  std::string id = create_ok(request());
+  run_until([&] { return jobs.order.size() == 1; });
+  jobs.refuse_download = unicore::UnicoreError{
+      ErrorKind::refused, 401, "https://unicore.example refused the credentials (401)",
+      "token expired", ""};
+  jobs.job().status = JobStatus::running;
+  run_until([&] { return has_progress(view(id), "cannot be reached until JupyterHub pushes"); });
+  const std::size_t refused_reads = jobs.download_tokens_seen.size();
+  io.restart();
+  io.run_for(std::chrono::milliseconds(200));
+  EXPECT_GT(jobs.download_tokens_seen.size(), refused_reads);  // still trying, with a backoff
+  EXPECT_LT(jobs.download_tokens_seen.size(), refused_reads + 30);
+  EXPECT_EQ(view(id).state, KernelState::starting);
+  EXPECT_EQ(view(id).end_cause, EndCause::none);
+  EXPECT_EQ(jobs.job().aborts, 0);
+  // JupyterHub pushes a fresh token; the agent has written its file meanwhile.
+  credentials.set("alice", "tok-fresh", std::nullopt);
+  jobs.refuse_download.reset();
+  jobs.job().files[kDiscoveryFile] = R"({"host": "10.0.0.6", "port": 40123})";
+  run_until_state(id, KernelState::connecting);
+  EXPECT_EQ(jobs.download_tokens_seen.back(), "tok-fresh");
+  EXPECT_TRUE(has_progress(view(id), "accepts the token of user alice again"));
+  link().emit({{"event", "link_up"}});
+  link().emit({{"event", "kernel_started"}, {"pid", 99}, {"restart", false}});
+  run_until_state(id, KernelState::ready);
+}
+
+// Refused until the discovery timeout: without the file the bridge cannot tell a working agent from
+// a broken one, so the kernel ends — as credentials_refused, saying what to do.
+TEST_F(LifecycleTest, ADiscoveryReadRefusedUntilTheTimeoutEndsAsCredentialsRefused) {
+  make(std::chrono::seconds(30), std::chrono::milliseconds(5000), std::chrono::seconds(1));
+  std::string id = create_ok(request());
+  run_until([&] { return jobs.order.size() == 1; });
+  jobs.refuse_download = unicore::UnicoreError{
+      ErrorKind::refused, 403, "https://unicore.example refused the credentials (403)", "", ""};
+  jobs.job().status = JobStatus::running;
+  run_until_state(id, KernelState::ended);
+  const KernelView v = view(id);
+  EXPECT_EQ(v.end_cause, EndCause::credentials_refused);
+  EXPECT_NE(v.reason.find("site demo refused the UNICORE credentials of user alice while the "
+                          "bridge looked for the agent of job"),
+            std::string::npos)
+      << v.reason;
+  EXPECT_NE(v.reason.find("Log in to JupyterHub again"), std::string::npos) << v.reason;
 }
 
 TEST_F(LifecycleTest, AbortFromOutsideIsCancelled) {
