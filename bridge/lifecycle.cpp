@@ -882,7 +882,8 @@ void KernelLifecycle::poll_discovery(const AllocPtr& alloc) {
         if (!r && r.error().kind == unicore::ErrorKind::refused) {
           return discovery_refused(alloc, r.error());
         }
-        if (alloc->refused_discovery > 0) {
+        // Only an answer that needed the token says it is accepted again (not, say, a 503).
+        if (alloc->refused_discovery > 0 && (r || r.error().kind == unicore::ErrorKind::not_found)) {
           alloc->refused_discovery = 0;
           note_site(alloc->site->name, "unicore", true, "");
           progress(alloc, "site " + alloc->site->name + " accepts the token of user " +
