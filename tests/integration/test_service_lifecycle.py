@@ -294,6 +294,28 @@ class EndToEnd(ServiceCase):
         self.delete(kid)
         self.wait_nothing_left(job_id, timeout=GRACE_S + 40)  # the abort uses the fresh token
 
+    def test_2d_token_refused_while_looking_for_the_agent(self):
+        # The site refuses the token on the bridge's first read of the agent's discovery file (it
+        # expired between RUNNING and that read): the kernel waits for the next read (15 s later)
+        # instead of ending, and starts.
+        fs = self.fs
+        fs.control("POST", "/faults", {"fail_next": {"count": 1, "status": 401,
+                                                     "match": "kernel-bridge-agent.json"}})
+        kid, job_id, conn, k = self.start_ready()
+        messages = [p["message"] for p in k["progress"]]
+        self.assertTrue(any("cannot be reached until JupyterHub pushes a fresh token" in m
+                            for m in messages), messages)
+        self.assertTrue(any(f"accepts the token of user {USER} again" in m for m in messages),
+                        messages)
+        kc = client_for(conn)
+        try:
+            _, out, _ = run_cell(kc, "print(6 * 7)")
+            self.assertEqual(out.strip(), "42")
+        finally:
+            kc.stop_channels()
+        self.delete(kid)
+        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+
     def test_3_walltime_is_named(self):
         kid, job_id, _, k = self.start_ready(resources={"runtime": "12s"})
         self.assertTrue(k["walltime_end"])
