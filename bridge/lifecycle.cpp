@@ -807,11 +807,7 @@ void KernelLifecycle::watch(const AllocPtr& alloc) {
 
 void KernelLifecycle::on_job_change(const AllocPtr& alloc, const unicore::JobInfo& info) {
   note_site(alloc->site->name, "unicore", true, "");
-  if (alloc->refused_watches > 0) {
-    alloc->refused_watches = 0;
-    progress(alloc, "site " + alloc->site->name + " accepts the token of user " + alloc->owner +
-                        " again: following job " + alloc->job_id + " again");
-  }
+  token_accepted(alloc, alloc->refused_watches, "following job " + alloc->job_id + " again");
   auto previous = alloc->job_status;
   alloc->job_status = info.status;
   if (!info.queue.empty()) alloc->queue = info.queue;
@@ -883,12 +879,9 @@ void KernelLifecycle::poll_discovery(const AllocPtr& alloc) {
           return discovery_refused(alloc, r.error());
         }
         // Only an answer that needed the token says it is accepted again (not, say, a 503).
-        if (alloc->refused_discovery > 0 && (r || r.error().kind == unicore::ErrorKind::not_found)) {
-          alloc->refused_discovery = 0;
-          note_site(alloc->site->name, "unicore", true, "");
-          progress(alloc, "site " + alloc->site->name + " accepts the token of user " +
-                              alloc->owner + " again: looking for the agent of job " +
-                              alloc->job_id);
+        if (r || r.error().kind == unicore::ErrorKind::not_found) {
+          token_accepted(alloc, alloc->refused_discovery,
+                         "looking for the agent of job " + alloc->job_id);
         }
         if (r) return on_discovery(alloc, r.value());
         if (r.error().kind != unicore::ErrorKind::not_found) {
@@ -925,36 +918,27 @@ void KernelLifecycle::retry_discovery(const AllocPtr& alloc) {
 // bridge cannot tell a working agent from a broken one. Then the kernel ends as credentials_refused
 // (the agent, never reached, ends the job itself after its no-bridge time).
 void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error) {
-  ++alloc->refused_discovery;
-  note_site(alloc->site->name, "unicore", false, error.message);
   const auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::steady_clock::now() - alloc->running_since);
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                         options_.discovery_timeout) - elapsed;
+  const std::string situation = "the bridge looked for the agent of job " + alloc->job_id;
   if (left <= std::chrono::milliseconds(0)) {
+    ++alloc->refused_discovery;
+    note_site(alloc->site->name, "unicore", false, error.message);
     return end_attached(alloc, EndCause::credentials_refused,
                         "site " + alloc->site->name + " refused the UNICORE credentials of user " +
-                            alloc->owner + " while the bridge looked for the agent of job " +
-                            alloc->job_id + " (" + std::to_string(alloc->refused_discovery) +
-                            " reads of " + kDiscoveryFile + " refused, the last one: " +
-                            error.message +
+                            alloc->owner + " while " + situation + " (" +
+                            std::to_string(alloc->refused_discovery) + " reads of " +
+                            kDiscoveryFile + " refused, the last one: " + error.message +
                             "). Log in to JupyterHub again so it pushes a fresh token.");
   }
-  const std::chrono::milliseconds backoff =
-      options_.rewatch_initial * (1LL << std::min(alloc->refused_discovery - 1, 10));
-  const auto delay = std::min({options_.rewatch_max, left, backoff});
-  spdlog::warn("[{}] site {} refused the credentials of user {} while reading {} of job {}: {}; "
-               "trying again in {} ms",
-               alloc->log_id, alloc->site->name, alloc->owner, kDiscoveryFile, alloc->job_id,
-               error.message, delay.count());
-  if (alloc->refused_discovery == 1) {
-    progress(alloc, "site " + alloc->site->name + " refused the UNICORE token of user " +
-                        alloc->owner + " while the bridge looked for the agent of job " +
-                        alloc->job_id + ": the job runs, but the kernel cannot be reached until "
-                        "JupyterHub pushes a fresh token (log in again within " +
-                        std::to_string(std::chrono::duration_cast<std::chrono::seconds>(left).count()) +
-                        " s)");
-  }
+  const auto delay = token_refused(
+      alloc, alloc->refused_discovery, error, situation,
+      "the job runs, but the kernel cannot be reached until JupyterHub pushes a fresh token (log in "
+      "again within " +
+          std::to_string(std::chrono::duration_cast<std::chrono::seconds>(left).count()) + " s)",
+      left);
   std::weak_ptr<Allocation> weak = alloc;
   std::weak_ptr<bool> alive = alive_;
   alloc->discovery_timer.expires_after(delay);
@@ -962,6 +946,40 @@ void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::Un
     if (ec || alive.expired()) return;
     if (auto a = weak.lock()) poll_discovery(a);
   });
+}
+
+// A call made with the user's token was refused; `refusals` counts them in a row for one purpose
+// (watching, discovery). Records it, tells the user once, and returns the wait before the next try
+// with whatever token the hub pushes meanwhile: 15 s, doubling up to 5 min (LifecycleOptions), and
+// never more than `cap`.
+std::chrono::milliseconds KernelLifecycle::token_refused(const AllocPtr& alloc, int& refusals,
+                                                         const unicore::UnicoreError& error,
+                                                         const std::string& situation,
+                                                         const std::string& consequence,
+                                                         std::chrono::milliseconds cap) {
+  ++refusals;
+  const auto delay = std::min<std::chrono::milliseconds>(
+      {options_.rewatch_max, cap,
+       options_.rewatch_initial * (1LL << std::min(refusals - 1, 10))});
+  note_site(alloc->site->name, "unicore", false, error.message);
+  spdlog::warn("[{}] site {} refused the credentials of user {} while {}: {}; trying again in {} ms",
+               alloc->log_id, alloc->site->name, alloc->owner, situation, error.message,
+               delay.count());
+  if (refusals == 1) {
+    progress(alloc, "site " + alloc->site->name + " refused the UNICORE token of user " +
+                        alloc->owner + " while " + situation + ": " + consequence);
+  }
+  return delay;
+}
+
+// The first call accepted after refusals: say so, and start counting afresh.
+void KernelLifecycle::token_accepted(const AllocPtr& alloc, int& refusals,
+                                     const std::string& resuming) {
+  if (refusals == 0) return;
+  refusals = 0;
+  note_site(alloc->site->name, "unicore", true, "");
+  progress(alloc, "site " + alloc->site->name + " accepts the token of user " + alloc->owner +
+                      " again: " + resuming);
 }
 
 void KernelLifecycle::on_discovery(const AllocPtr& alloc, const std::string& bytes) {
@@ -1025,21 +1043,10 @@ void KernelLifecycle::on_job_error(const AllocPtr& alloc, const unicore::Unicore
     // link to the agent is separate — so it is not ended: watching pauses and is tried again with
     // whatever token the hub has pushed meanwhile. The agent still reports the job's end (SIGTERM
     // at walltime) through the link.
-    ++alloc->refused_watches;
-    const auto delay = std::min<std::chrono::milliseconds>(
-        options_.rewatch_max,
-        options_.rewatch_initial * (1LL << std::min(alloc->refused_watches - 1, 10)));
-    note_site(alloc->site->name, "unicore", false, error.message);
-    spdlog::warn("[{}] site {} refused the credentials of user {} while watching job {}: {}; the "
-                 "kernel keeps running, watching again in {} ms",
-                 alloc->log_id, alloc->site->name, alloc->owner, alloc->job_id, error.message,
-                 delay.count());
-    if (alloc->refused_watches == 1) {
-      progress(alloc, "site " + alloc->site->name + " refused the UNICORE token of user " +
-                          alloc->owner + " while following job " + alloc->job_id +
-                          ": the kernel keeps running, but the bridge cannot see the job's "
-                          "status until JupyterHub pushes a fresh token (log in again)");
-    }
+    const auto delay = token_refused(
+        alloc, alloc->refused_watches, error, "following job " + alloc->job_id,
+        "the kernel keeps running, but the bridge cannot see the job's status until JupyterHub "
+        "pushes a fresh token (log in again)");
     std::weak_ptr<bool> alive = alive_;
     alloc->rewatch_timer.expires_after(delay);
     alloc->rewatch_timer.async_wait([this, alloc, alive](const boost::system::error_code& ec) {

@@ -52,7 +52,8 @@ struct LifecycleOptions {
   std::chrono::seconds agent_no_bridge_timeout{600};
   // Bridge shutdown: how long to wait for agents and UNICORE aborts before giving up.
   std::chrono::seconds shutdown_timeout{20};
-  // Watching a job whose polls are refused (the user's token expired): first retry, doubling up to.
+  // A job whose polls or discovery-file reads are refused (the user's token expired): first retry,
+  // doubling up to.
   std::chrono::milliseconds rewatch_initial{15000};
   std::chrono::milliseconds rewatch_max{300000};
   std::chrono::milliseconds tick{5000};  // metrics sampling and pruning of ended kernels
@@ -140,6 +141,13 @@ class KernelLifecycle final : public KernelService {
   void poll_discovery(const AllocPtr& alloc);
   void retry_discovery(const AllocPtr& alloc);
   void discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error);
+  std::chrono::milliseconds token_refused(const AllocPtr& alloc, int& refusals,
+                                          const unicore::UnicoreError& error,
+                                          const std::string& situation,
+                                          const std::string& consequence,
+                                          std::chrono::milliseconds cap =
+                                              std::chrono::milliseconds::max());
+  void token_accepted(const AllocPtr& alloc, int& refusals, const std::string& resuming);
   void on_discovery(const AllocPtr& alloc, const std::string& bytes);
   void on_link_event(const AllocPtr& alloc, const nlohmann::json& event);
   void fail_unicore(const AllocPtr& alloc, const unicore::UnicoreError& error,

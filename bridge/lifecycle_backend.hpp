@@ -18,8 +18,8 @@
 
 #include "auth/secret.hpp"
 #include "bridge/config.hpp"
-#include "tunnel/ssh_connection.hpp"
 #include "bridge/kernel_service.hpp"
+#include "tunnel/ssh_connection.hpp"
 #include "unicore/credentials.hpp"
 #include "unicore/job_description.hpp"
 #include "unicore/replies.hpp"
