@@ -1,7 +1,8 @@
 """The JupyterHub hooks of etc/jupyterhub_config_snippet.py against a real `kernel-bridge serve`
-(full site in a box). JupyterHub itself is not started: the hooks are loaded the way JupyterHub
-loads a config file (with its get_config()) and called with the objects JupyterHub passes them (a
-spawner whose user has auth_state; post_auth_hook's authentication dict).
+(full site in a box). JupyterHub itself is not started here (test_jupyterhub.py starts it): the
+hooks are loaded the way JupyterHub loads a config file (with its get_config()) and called with the
+objects JupyterHub passes them (a spawner whose user has auth_state; post_auth_hook's
+authentication dict), so that their failure paths can be driven one by one.
 
 Shows: the pre-spawn hook pushes the user's token over the Unix socket, the bridge then submits that
 user's kernel job with it (the site accepts it: the job runs); the post-auth hook pushes too, with
