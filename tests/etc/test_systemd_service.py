@@ -11,7 +11,10 @@ the control API answer on /run/kernel-bridge/api.sock; a kernel request reaches 
 and ends with a reason that names the unreachable site (the container has no network); `systemctl
 reload` re-reads the tokens; `systemctl stop` ends the daemon cleanly (inactive, not failed); a
 broken configuration makes the unit fail with the config error in the journal, and fixing the file
-lets it start again. Everything the daemon logs is in the journal.
+lets it start again. Everything the daemon logs is in the journal. And the whole path under the
+sandbox: with OpenSSH and the UNICORE test site on loopback addresses inside the container
+(tests/etc/systemd_site.py), a kernel Jupyter starts through a kernelspec runs a cell and its job
+ends at shutdown.
 
 Run: /usr/bin/python3 tests/etc/test_systemd_service.py   (needs root; exit 77 = skipped where
 systemd-nspawn is not installed or cannot boot a container here).
@@ -76,7 +79,7 @@ class Container:
         script = (f'mount --bind / "{self.view}" && exec systemd-nspawn -q -D "{self.view}" '
                   f'--volatile=overlay --register=no --keep-unit --link-journal=no '
                   f'--private-network --machine={self.name} '
-                  f'--bind-ro="{BIN}":/usr/local/bin/kernel-bridge --bind-ro="{ETC}":/mnt/kb/etc '
+                  f'--bind-ro="{BIN}":/usr/local/bin/kernel-bridge --bind-ro="{kbtest.SRC}":/mnt/kb '
                   f'-b systemd.unit=basic.target')
         self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -172,13 +175,21 @@ class SystemdService(unittest.TestCase):
 cd /mnt/kb
 useradd --system --home-dir /var/lib/kernel-bridge --shell /usr/sbin/nologin kernel-bridge
 install -d -m 0750 -o root -g kernel-bridge /etc/kernel-bridge
-install -m 0640 -o root -g kernel-bridge etc/kernel-bridge.toml /etc/kernel-bridge/kernel-bridge.toml
 ssh-keygen -q -t ed25519 -N '' -f /root/login-host-key
 echo "login1.example.org $(cat /root/login-host-key.pub)" > /etc/kernel-bridge/known_hosts
 ssh-keygen -q -t ed25519 -N '' -C kernel-bridge@hub -f /etc/kernel-bridge/id_ed25519
 chown kernel-bridge /etc/kernel-bridge/id_ed25519
 cp etc/kernel-bridge.service /etc/systemd/system/
 systemctl daemon-reload
+""")
+
+    def setUp(self):
+        # Each test starts from the stopped unit and the shipped configuration (section 1).
+        self.c.sh(f"""
+systemctl stop {UNIT}
+systemctl reset-failed {UNIT} || true
+cd /mnt/kb
+install -m 0640 -o root -g kernel-bridge etc/kernel-bridge.toml /etc/kernel-bridge/kernel-bridge.toml
 """)
 
     @classmethod
@@ -255,14 +266,36 @@ systemctl daemon-reload
             self.assertIn(line, journal)
         self.assertNotIn("t" * 40, journal)  # the pushed token is never logged
 
+    def test_a_kernel_through_the_daemon_systemd_runs(self):
+        """The whole path with the daemon under systemd's hardening: OpenSSH and the UNICORE test
+        site on loopback addresses inside the container (tests/etc/systemd_site.py), the unit
+        restarted with a configuration for them, a kernel started by jupyter_client."""
+        c = self.c
+        since = time.time() - 1
+        r = c.run(["env", "KB_SOURCE_DIR=/mnt/kb", "KB_BINARY=/usr/local/bin/kernel-bridge",
+                   "PYTHONDONTWRITEBYTECODE=1", "/usr/bin/python3", "/mnt/kb/tests/etc/systemd_site.py"],
+                  check=False, timeout=240)
+        journal = c.journal(since)
+        self.assertEqual(r.returncode, 0, f"{r.stdout}\n{r.stderr[-4000:]}\njournal:\n{journal[-4000:]}")
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        kbtest.log(f"kernel ready {out['ready_s']} s after Jupyter started the wrapper")
+        self.assertEqual(out["reply_status"], "ok", out)
+        self.assertEqual(out["stream"], "42\n", out)
+        self.assertEqual(out["kernel"]["owner"], "root", out)
+        self.assertIsNone(out["left_running"], out)
+        self.assertEqual(len(out["jobs"]), 1, out)
+        # The daemon (as kernel-bridge, under the unit's sandbox) did the SSH and UNICORE work.
+        self.assertRegex(journal, r"\[\w+\] requested → submitted")
+        self.assertIn("ready", journal)
+        c.run(["systemctl", "stop", UNIT])
+        self.assertEqual(self.wait_state(lambda p: p["ActiveState"] == "inactive")["Result"], "success")
+
     def test_a_broken_config_fails_the_unit_with_the_reason(self):
         c = self.c
         since = time.time() - 1
-        c.run(["systemctl", "stop", UNIT], check=False)
         c.sh("cp /etc/kernel-bridge/kernel-bridge.toml /root/good.toml && "
              "sed -i 's/^max_nodes = 4/max_nodes = \"many\"/' /etc/kernel-bridge/kernel-bridge.toml")
         try:
-            c.run(["systemctl", "reset-failed", UNIT], check=False)
             c.run(["systemctl", "start", UNIT], check=False)
             # Exit 2 (configuration error); Restart=on-failure tries again every 5 s.
             self.wait_state(lambda p: p["Result"] == "exit-code")

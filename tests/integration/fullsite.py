@@ -57,7 +57,7 @@ class FullSite:
 
     def __init__(self, state_dir=None, queue_delay=1.0, users=("root", "alice", "bob"),
                  site_name="box", restart_grace="20s", serve=True, extra_site_toml="",
-                 log_level="debug", admin_users=(), agent_mode="installed"):
+                 log_level="debug", admin_users=(), agent_mode="installed", loopback=None):
         self.own_dir = state_dir is None
         self.dir = state_dir or tempfile.mkdtemp(prefix="kb-full-")
         os.makedirs(self.dir, exist_ok=True)
@@ -71,6 +71,7 @@ class FullSite:
         self.log_level = log_level
         self.admin_users = list(admin_users)
         self.agent_mode = agent_mode  # "installed" (BIN on the site) or "upload" (staged per job)
+        self.loopback = loopback  # SiteBox's choice: None = namespaces where possible
         self.box = None
         self.unicore = None
         self.serve = None
@@ -90,7 +91,7 @@ class FullSite:
         return False
 
     def up(self):
-        self.box = SiteBox(state_dir=os.path.join(self.dir, "site"))
+        self.box = SiteBox(state_dir=os.path.join(self.dir, "site"), loopback=self.loopback)
         self.box.__enter__()
         self.info = self.box.info
         self._start_unicore()
