@@ -12,7 +12,9 @@ cell runs over the notebook's websocket, on the compute host.
 
 Shows: login pushes the token (post_auth_hook); spawning pushes it again (pre_spawn_hook); the
 bridge attributes the kernel to the Unix user of the notebook server and submits that user's job
-with that user's token; the cell's output comes from the compute host; shutting the kernel down
+with that user's token; the cell's output comes from the compute host; the notebook API's
+interrupt stops a running cell (KeyboardInterrupt, variables kept); its restart gives a fresh
+interpreter in the same job (the allocation is reused, no second job); shutting the kernel down
 through the notebook API ends the job and leaves no process; stopping the server and the hub
 leaves nothing behind; the token appears in no log.
 
@@ -205,33 +207,48 @@ class Hub:
         self._log.close()
 
 
-async def run_cell_over_websocket(port, path, token, code, timeout=120):
-    """What the notebook's browser page does: one execute_request over the kernel's websocket;
-    returns (stream text, execute_reply content)."""
-    from tornado.httpclient import HTTPRequest
-    from tornado.websocket import websocket_connect
-    request = HTTPRequest(f"ws://127.0.0.1:{port}{path}",
-                          headers={"Authorization": "token " + token},
-                          connect_timeout=60, request_timeout=timeout)
-    ws = await websocket_connect(request)
-    try:
-        session = uuid.uuid4().hex
+class KernelWebsocket:
+    """What the notebook's browser page does: the kernel's websocket through the hub's proxy, and
+    execute_requests over it."""
+
+    def __init__(self, port, path, token):
+        self.url = f"ws://127.0.0.1:{port}{path}"
+        self.token = token
+        self.session = uuid.uuid4().hex
+        self.ws = None
+
+    async def connect(self):
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+        self.ws = await websocket_connect(HTTPRequest(
+            self.url, headers={"Authorization": "token " + self.token},
+            connect_timeout=60, request_timeout=120))
+
+    def close(self):
+        if self.ws is not None:
+            self.ws.close()
+
+    async def execute(self, code, timeout=120, during=None):
+        """Runs a cell; `during` (a blocking callable) runs in a thread once the request is sent.
+        Returns (stream text, execute_reply content)."""
         msg_id = uuid.uuid4().hex
-        ws.write_message(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": session,
+        self.ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": self.session,
                        "username": USER, "version": "5.3",
                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
             "content": {"code": code, "silent": False, "store_history": True,
                         "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}}))
+        side = (asyncio.get_running_loop().run_in_executor(None, during)
+                if during is not None else None)
         stream, reply, idle = "", None, False
         deadline = time.time() + timeout
         while not (reply is not None and idle):
             left = deadline - time.time()
             if left <= 0:
-                raise AssertionError(f"no complete answer to the cell within {timeout} s "
+                raise AssertionError(f"no complete answer to {code!r} within {timeout} s "
                                      f"(stream {stream!r}, reply {reply})")
-            raw = await asyncio.wait_for(ws.read_message(), left)
+            raw = await asyncio.wait_for(self.ws.read_message(), left)
             if raw is None:
                 raise AssertionError("the notebook server closed the kernel's websocket")
             msg = json.loads(raw)
@@ -244,9 +261,9 @@ async def run_cell_over_websocket(port, path, token, code, timeout=120):
                 reply = msg["content"]
             elif kind == "status" and msg["content"]["execution_state"] == "idle":
                 idle = True
+        if side is not None:
+            await side
         return stream, reply
-    finally:
-        ws.close()
 
 
 class JupyterHubEndToEnd(unittest.TestCase):
@@ -309,7 +326,7 @@ class JupyterHubEndToEnd(unittest.TestCase):
                              f"{'ready' if ready else 'stopped'} within {timeout} s:\n"
                              f"{self.hub.tail()}")
 
-    def test_login_spawn_run_a_cell_on_the_compute_host(self):
+    def test_login_spawn_cells_interrupt_restart_shutdown(self):
         fs, hub = self.fs, self.hub
         self.assertEqual(self.credentials()["status"], "missing")
 
@@ -348,16 +365,61 @@ class JupyterHubEndToEnd(unittest.TestCase):
         jobs = [j for j in fs.unicore_jobs() if j.get("owner") == USER]
         self.assertEqual(len(jobs), 1, fs.unicore_jobs())
 
-        # 4. A cell over the notebook's websocket, through the hub's proxy.
-        code = "import socket; x = 6 * 7; print(socket.gethostname(), x)"
-        stream, reply = asyncio.run(run_cell_over_websocket(
-            hub.proxy_port, base + f"api/kernels/{kernel['id']}/channels", hub.service_token, code))
+        # 4. Cells over the notebook's websocket, through the hub's proxy: output from the compute
+        #    host; the interrupt button; the restart button (same job, fresh interpreter).
+        kpath = base + f"api/kernels/{kernel['id']}"
+        compute = fs.info["hosts"]["compute"]["hostname"]
+
+        def interrupt_soon():
+            time.sleep(1.5)
+            status, body = hub.api("POST", kpath + "/interrupt")
+            self.assertEqual(status, 204, body)
+
+        async def cells():
+            ws = KernelWebsocket(hub.proxy_port, kpath + "/channels", hub.service_token)
+            await ws.connect()
+            try:
+                got = {"first": await ws.execute(
+                    "import socket, time; x = 6 * 7; print(socket.gethostname(), x)")}
+                t = time.time()
+                got["interrupted"] = await ws.execute("time.sleep(60)", during=interrupt_soon)
+                got["interrupt_s"] = time.time() - t
+                got["after_interrupt"] = await ws.execute("print(x)")
+            finally:
+                ws.close()
+            return got
+
+        got = asyncio.run(cells())
+        stream, reply = got["first"]
         self.assertEqual(reply["status"], "ok", reply)
-        self.assertEqual(stream.strip(), f"{fs.info['hosts']['compute']['hostname']} 42")
+        self.assertEqual(stream.strip(), f"{compute} 42")
         log(f"cell ran on the compute host in {time.time() - t0:.1f} s after the kernel request")
-        status, sessions = hub.api("GET", base + f"api/kernels/{kernel['id']}")
-        self.assertEqual(status, 200, sessions)
-        self.assertNotEqual(sessions.get("execution_state"), "dead", sessions)
+        _, reply = got["interrupted"]
+        self.assertEqual((reply["status"], reply.get("ename")), ("error", "KeyboardInterrupt"), reply)
+        self.assertLess(got["interrupt_s"], 30)
+        self.assertEqual(got["after_interrupt"][0], "42\n")
+
+        status, _ = hub.api("POST", kpath + "/restart", timeout=120)
+        self.assertEqual(status, 200)
+
+        async def after_restart():
+            ws = KernelWebsocket(hub.proxy_port, kpath + "/channels", hub.service_token)
+            await ws.connect()
+            try:
+                return await ws.execute("print('x' in globals())")
+            finally:
+                ws.close()
+
+        stream, reply = asyncio.run(after_restart())
+        self.assertEqual((reply["status"], stream), ("ok", "False\n"), reply)
+        jobs = [j for j in fs.unicore_jobs() if j.get("owner") == USER]
+        self.assertEqual(len(jobs), 1, "the restart made a new job instead of reusing the "
+                                       f"allocation: {jobs}")
+        status, model = hub.api("GET", kpath)
+        self.assertEqual(status, 200, model)
+        self.assertNotEqual(model.get("execution_state"), "dead", model)
+        k = fs.wait_kernel(lambda v: v["owner"] == USER and v["state"] == "ready", timeout=60,
+                           what=f"{USER}'s restarted kernel ready")
 
         # 5. Shut the kernel down the way JupyterLab does: the job ends, nothing is left.
         status, _ = hub.api("DELETE", base + f"api/kernels/{kernel['id']}", timeout=120)
