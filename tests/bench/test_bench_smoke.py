@@ -50,6 +50,11 @@ class BenchSmoke(unittest.TestCase):
         # A difference of two RSS readings: present and a number, but noise may take it to <= 0.
         self.assertIsInstance(result.get("rss_kb_per_kernel"), (int, float))
         self.assertEqual(result["cipher"], "aes128-gcm@openssh.com")
+        # With namespaces the round trips are measured again at MTU 9000 (not on loopback hosts).
+        self.assertIn(result.get("site_mode"), ("netns", "loopback"))
+        if result["site_mode"] == "netns":
+            self.check_numbers(result, ["rtt_p50_us_bridge_mtu9000", "rtt_p50_us_ssh_mtu9000"])
+            self.assertIn("kernel_info p50 bridge, MTU 9000", out)
         for run_name in ("bridge", "ssh", "bridge_down", "ssh_down", "link_nossh", "ssh_relay"):
             cpu = result["cpu_pct_per_gbps"][run_name]
             self.assertGreater(cpu["busy"], 0, run_name)
