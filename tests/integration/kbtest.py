@@ -61,6 +61,26 @@ def write_connection_file(path, ports=None, key=None, ip="127.0.0.1"):
     return path
 
 
+def ensure_user(name, home=None):
+    """Creates a system user for a test if missing (with `home` made and owned by it, when given);
+    returns True when it was created, so the test removes it again with `userdel`."""
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        created = False
+    except KeyError:
+        argv = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        if home:
+            argv += ["--home-dir", home]
+        subprocess.run(argv + [name], check=True, capture_output=True)
+        created = True
+    if home:
+        os.makedirs(home, exist_ok=True)
+        u = pwd.getpwnam(name)
+        os.chown(home, u.pw_uid, u.pw_gid)
+    return created
+
+
 _CLONE_NEWNET = 0x40000000
 
 

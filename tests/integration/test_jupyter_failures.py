@@ -177,17 +177,6 @@ class FrontDoorFailures(FrontSiteCase):
         self.assertIn("iopub_port", r.stderr)
 
 
-def ensure_user(name):
-    """Creates a system user for the test if missing; returns True when it was created."""
-    try:
-        pwd.getpwnam(name)
-        return False
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                       check=True, capture_output=True)
-        return True
-
-
 class TwoUsers(unittest.TestCase):
     """alice and bob, two Unix users (the bridge's identity on its socket is the peer's uid):
     neither can list, see, interrupt or stop the other's kernel."""
@@ -197,7 +186,7 @@ class TwoUsers(unittest.TestCase):
     def setUpClass(cls):
         if os.geteuid() != 0:
             raise unittest.SkipTest("needs root to create and switch users")
-        cls.created = [u for u in ("alice", "bob") if ensure_user(u)]
+        cls.created = [u for u in ("alice", "bob") if kbtest.ensure_user(u)]
         cls.fs = FrontSite(queue_delay=0.5, restart_grace="5s")
         cls.fs.__enter__()
         cls.fs.enter_hub()

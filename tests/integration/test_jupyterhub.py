@@ -25,7 +25,6 @@ import asyncio
 import http.client
 import json
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -88,21 +87,6 @@ c.Spawner.environment = {{"JUPYTERHUB_SINGLEUSER_APP": "notebook.notebookapp.Not
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
 """
-
-
-def ensure_user(name, home):
-    """Creates the Unix account for the test if missing; returns True when it was created."""
-    try:
-        pwd.getpwnam(name)
-        created = False
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--home-dir", home, "--no-create-home",
-                        "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True)
-        created = True
-    os.makedirs(home, exist_ok=True)
-    u = pwd.getpwnam(name)
-    os.chown(home, u.pw_uid, u.pw_gid)
-    return created
 
 
 def free_port():
@@ -287,7 +271,7 @@ class JupyterHubEndToEnd(unittest.TestCase):
         cls.fs.enter_hub()  # the hub, its proxy and the notebook server run in the hub host
         os.chmod(cls.fs.dir, 0o711)  # the user reaches the bridge's socket and the kernelspec
         cls.home = os.path.join(cls.fs.dir, "home-" + USER)
-        cls.created_user = ensure_user(USER, cls.home)
+        cls.created_user = kbtest.ensure_user(USER, cls.home)
         cls.spec = cls.fs.install_kernelspec("kb-hub", "--display-name", "Site in a box (hub)",
                                              "--runtime", "30m")
         cls.hub = Hub(cls.fs, cls.home)
