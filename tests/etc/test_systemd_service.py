@@ -85,6 +85,13 @@ class Container:
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         self.init_pid = None
+        try:
+            self._wait_booted()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_booted(self):
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -168,7 +175,15 @@ class SystemdService(unittest.TestCase):
         if not shutil.which("systemd-nspawn"):
             raise unittest.SkipTest("systemd-nspawn is not installed (package systemd-container)")
         cls.tmp = tempfile.mkdtemp(prefix="kb-systemd-")
-        cls.c = Container(cls.tmp)
+        try:
+            cls.c = Container(cls.tmp)
+            cls.install()
+        except BaseException:
+            cls.tearDownClass()  # unittest does not call it when setUpClass fails
+            raise
+
+    @classmethod
+    def install(cls):
         # The commands of docs/operations.md sections 1, 2 and 4, as written there (the binary is
         # bound in at /usr/local/bin; a made-up host key stands in for ssh-keyscan's answer).
         cls.c.sh("""

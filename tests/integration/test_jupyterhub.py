@@ -128,6 +128,13 @@ class Hub:
         self.proc = subprocess.Popen(["jupyterhub", "-f", self.config], cwd=self.dir, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        try:
+            self._wait_up()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_up(self):
         deadline = time.time() + 90
         while True:
             if self.proc.poll() is not None:
@@ -268,13 +275,17 @@ class JupyterHubEndToEnd(unittest.TestCase):
             cls.fs.__exit__(None, None, None)
             cls.fs = None
             raise kbtest.NeedsNetns("network namespaces are not available on this machine")
-        cls.fs.enter_hub()  # the hub, its proxy and the notebook server run in the hub host
-        os.chmod(cls.fs.dir, 0o711)  # the user reaches the bridge's socket and the kernelspec
-        cls.home = os.path.join(cls.fs.dir, "home-" + USER)
-        cls.created_user = kbtest.ensure_user(USER, cls.home)
-        cls.spec = cls.fs.install_kernelspec("kb-hub", "--display-name", "Site in a box (hub)",
-                                             "--runtime", "30m")
-        cls.hub = Hub(cls.fs, cls.home)
+        try:
+            cls.fs.enter_hub()  # the hub, its proxy and the notebook server run in the hub host
+            os.chmod(cls.fs.dir, 0o711)  # the user reaches the bridge's socket and the kernelspec
+            cls.home = os.path.join(cls.fs.dir, "home-" + USER)
+            cls.created_user = kbtest.ensure_user(USER, cls.home)
+            cls.spec = cls.fs.install_kernelspec("kb-hub", "--display-name",
+                                                 "Site in a box (hub)", "--runtime", "30m")
+            cls.hub = Hub(cls.fs, cls.home)
+        except BaseException:
+            cls.tearDownClass()  # unittest does not call it when setUpClass fails
+            raise
 
     @classmethod
     def tearDownClass(cls):
