@@ -44,12 +44,16 @@ class BenchSmoke(unittest.TestCase):
             self.assertGreater(result[k], 0, k)
 
     def test_tunnel_quick(self):
-        out, result = run([os.path.join(SRC, "bench", "tunnel"), "--quick", "--kernels", "20"],
-                          timeout=600)
+        out, result = run([os.path.join(SRC, "bench", "tunnel"), "--quick", "--kernels", "20",
+                           "--default-cipher-pair"], timeout=600)
         self.check_numbers(result, TUNNEL_KEYS)
         # A difference of two RSS readings: present and a number, but noise may take it to <= 0.
         self.assertIsInstance(result.get("rss_kb_per_kernel"), (int, float))
         self.assertEqual(result["cipher"], "aes128-gcm@openssh.com")
+        self.assertEqual(result.get("default_cipher"), "chacha20-poly1305@openssh.com")
+        self.check_numbers(result, ["thr_mbps_bridge_default_cipher", "thr_mbps_ssh_default_cipher",
+                                    "thr_mbps_bridge_down_default_cipher",
+                                    "thr_mbps_ssh_down_default_cipher"])
         # With namespaces the round trips are measured again at MTU 9000 (not on loopback hosts).
         self.assertIn(result.get("site_mode"), ("netns", "loopback"))
         if result["site_mode"] == "netns":
