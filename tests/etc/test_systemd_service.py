@@ -174,6 +174,10 @@ class SystemdService(unittest.TestCase):
             raise unittest.SkipTest("needs root to boot a container")
         if not shutil.which("systemd-nspawn"):
             raise unittest.SkipTest("systemd-nspawn is not installed (package systemd-container)")
+        # A missing bind source would make systemd-nspawn exit, which would read as "cannot boot".
+        for path in (BIN, os.path.join(ETC, "kernel-bridge.service"), os.path.join(ETC, "kernel-bridge.toml")):
+            if not os.path.exists(path):
+                raise AssertionError(f"{path} is missing (run scripts/build)")
         cls.tmp = tempfile.mkdtemp(prefix="kb-systemd-")
         try:
             cls.c = Container(cls.tmp)
