@@ -900,12 +900,17 @@ void KernelLifecycle::retry_discovery(const AllocPtr& alloc) {
                             " started; read the job's stderr in its working directory (" +
                             alloc->working_dir + ") and check the site's agent setting");
   }
-  std::weak_ptr<Allocation> weak = alloc;
-  std::weak_ptr<bool> alive = alive_;
-  alloc->discovery_timer.expires_after(alloc->discovery_delay);
+  const auto delay = alloc->discovery_delay;
   alloc->discovery_delay =
       std::min(options_.discovery_max,
                std::chrono::milliseconds(alloc->discovery_delay.count() * 3 / 2 + 1));
+  poll_discovery_after(alloc, delay);
+}
+
+void KernelLifecycle::poll_discovery_after(const AllocPtr& alloc, std::chrono::milliseconds delay) {
+  std::weak_ptr<Allocation> weak = alloc;
+  std::weak_ptr<bool> alive = alive_;
+  alloc->discovery_timer.expires_after(delay);
   alloc->discovery_timer.async_wait([this, weak, alive](const boost::system::error_code& ec) {
     if (ec || alive.expired()) return;
     if (auto a = weak.lock()) poll_discovery(a);
@@ -939,13 +944,7 @@ void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::Un
       "again within " +
           std::to_string(std::chrono::duration_cast<std::chrono::seconds>(left).count()) + " s)",
       left);
-  std::weak_ptr<Allocation> weak = alloc;
-  std::weak_ptr<bool> alive = alive_;
-  alloc->discovery_timer.expires_after(delay);
-  alloc->discovery_timer.async_wait([this, weak, alive](const boost::system::error_code& ec) {
-    if (ec || alive.expired()) return;
-    if (auto a = weak.lock()) poll_discovery(a);
-  });
+  poll_discovery_after(alloc, delay);
 }
 
 // A call made with the user's token was refused; `refusals` counts them in a row for one purpose

@@ -140,6 +140,7 @@ class KernelLifecycle final : public KernelService {
   void on_running(const AllocPtr& alloc, const unicore::JobInfo& info);
   void poll_discovery(const AllocPtr& alloc);
   void retry_discovery(const AllocPtr& alloc);
+  void poll_discovery_after(const AllocPtr& alloc, std::chrono::milliseconds delay);
   void discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error);
   std::chrono::milliseconds token_refused(const AllocPtr& alloc, int& refusals,
                                           const unicore::UnicoreError& error,
