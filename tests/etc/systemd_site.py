@@ -54,16 +54,7 @@ def main():
                         os.path.join(fs.dir, "daemon.toml"), f"{ETC}/kernel-bridge.toml"], check=True)
         subprocess.run(["systemctl", "restart", "kernel-bridge"], check=True)
         fs.socket_path = SOCKET  # fs.api() and the kernelspec talk to the daemon systemd runs
-        deadline = time.time() + 30
-        while True:
-            try:
-                if fs.api("GET", "/v1/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the daemon did not answer on its socket in 30 s")
-            time.sleep(0.2)
+        fs.wait_api(ok=(200,))
         fs.push_token("root")
         fs.install_kernelspec("kb-systemd", "--runtime", "30m")
         km = kernel_manager("kb-systemd", os.path.join(fs.dir, "wrapper.log"))

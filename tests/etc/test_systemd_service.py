@@ -37,17 +37,12 @@ ETC = os.path.join(kbtest.SRC, "etc")
 UNIT = "kernel-bridge.service"
 
 API_CLIENT = r"""
-import http.client, json, socket, sys, time
-class C(http.client.HTTPConnection):
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect("/run/kernel-bridge/api.sock")
+import json, sys, time
+sys.path.insert(0, "/mnt/kb/tests/integration")
+from fullsite import UnixHTTPConnection, exchange
 def call(method, path, body=None):
-    c = C("kernel-bridge", timeout=30)
-    c.request(method, path, body=None if body is None else json.dumps(body),
-              headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    return r.status, json.loads(r.read() or b"null")
+    return exchange(UnixHTTPConnection("/run/kernel-bridge/api.sock", timeout=30), method, path,
+                    body=body)
 out = {"health": call("GET", "/v1/health")}
 out["push"] = call("PUT", "/v1/users/root/credentials", {"token": "t" * 40})
 ports = {ch + "_port": 41000 + i for i, ch in enumerate(("shell", "iopub", "stdin", "control", "hb"))}

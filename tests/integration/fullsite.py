@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 SRC = os.environ.get("KB_SOURCE_DIR") or os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +48,29 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         s.settimeout(self.timeout)
         s.connect(self.unix_path)
         self.sock = s
+
+
+def exchange(conn, method, path, body=None, headers=None, form=None):
+    """One HTTP request on `conn` (closed afterwards): `body` goes as JSON, `form` as a form.
+    Returns (status, the parsed JSON answer, or its text when it is not JSON)."""
+    try:
+        hdrs = {}
+        data = None
+        if form is not None:
+            data = urllib.parse.urlencode(form).encode()
+            hdrs["Content-Type"] = "application/x-www-form-urlencoded"
+        elif body is not None:
+            data = json.dumps(body).encode()
+            hdrs["Content-Type"] = "application/json"
+        hdrs.update(headers or {})
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        raw = resp.read()
+        if "json" in resp.getheader("Content-Type", "") and raw:
+            return resp.status, json.loads(raw)
+        return resp.status, raw.decode(errors="replace")
+    finally:
+        conn.close()
 
 
 class FullSite:
@@ -192,21 +216,26 @@ max_gpus = 0
         self.serve = self.box.popen("hub", [BIN, "--log-level", self.log_level, "serve",
                                             "--config", config or self.config_path],
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 30
+        self.wait_api(proc=self.serve)
+
+    def wait_api(self, timeout=30, proc=None, ok=(200, 503)):
+        """Until GET /v1/health on socket_path answers with a status in `ok`; RuntimeError (with
+        serve.log) when `proc`, the daemon, exits first or the time runs out."""
+        deadline = time.time() + timeout
         while True:
-            if self.serve.poll() is not None:
-                raise RuntimeError(f"kernel-bridge serve exited with {self.serve.returncode}:\n"
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"kernel-bridge serve exited with {proc.returncode}:\n"
                                    f"{self.tail('serve.log')}")
             if os.path.exists(self.socket_path):
                 try:
                     status, _ = self.api("GET", "/v1/health")
-                    if status in (200, 503):
+                    if status in ok:
                         return
                 except OSError:
                     pass
             if time.time() > deadline:
-                raise RuntimeError("kernel-bridge serve did not open its API socket in 30 s:\n"
-                                   + self.tail("serve.log"))
+                raise RuntimeError(f"kernel-bridge serve did not answer on {self.socket_path} in "
+                                   f"{timeout} s:\n" + self.tail("serve.log"))
             time.sleep(0.1)
 
     def stop_serve(self):
@@ -221,20 +250,8 @@ max_gpus = 0
     # ---- clients ----------------------------------------------------------------------------
     def api(self, method, path, body=None, timeout=60, headers=None):
         """One request to the control API over the Unix socket, as this process's user."""
-        conn = UnixHTTPConnection(self.socket_path, timeout=timeout)
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            hdrs = {"Content-Type": "application/json"} if data is not None else {}
-            hdrs.update(headers or {})
-            conn.request(method, path, body=data, headers=hdrs)
-            resp = conn.getresponse()
-            raw = resp.read()
-            ctype = resp.getheader("Content-Type", "")
-            if "json" in ctype and raw:
-                return resp.status, json.loads(raw)
-            return resp.status, raw.decode(errors="replace")
-        finally:
-            conn.close()
+        return exchange(UnixHTTPConnection(self.socket_path, timeout=timeout), method, path,
+                        body=body, headers=headers)
 
     def push_token(self, user, token=None):
         status, body = self.api("PUT", f"/v1/users/{user}/credentials",

@@ -31,10 +31,10 @@ import socket
 import subprocess
 import time
 import unittest
-import urllib.parse
 import uuid
 
 import kbtest
+from fullsite import exchange
 from kbfront import FrontSite, log
 
 SNIPPET = os.path.join(kbtest.SRC, "etc", "jupyterhub_config_snippet.py")
@@ -158,26 +158,9 @@ class Hub:
             return f.read()
 
     def request(self, method, path, body=None, headers=None, form=None, timeout=60):
-        """One HTTP request through the hub's proxy; returns (status, parsed body, headers)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.proxy_port, timeout=timeout)
-        try:
-            hdrs = dict(headers or {})
-            data = None
-            if form is not None:
-                data = urllib.parse.urlencode(form).encode()
-                hdrs["Content-Type"] = "application/x-www-form-urlencoded"
-            elif body is not None:
-                data = json.dumps(body).encode()
-                hdrs["Content-Type"] = "application/json"
-            conn.request(method, path, body=data, headers=hdrs)
-            resp = conn.getresponse()
-            raw = resp.read()
-            self.last_headers = resp.headers
-            if "json" in resp.getheader("Content-Type", "") and raw:
-                return resp.status, json.loads(raw)
-            return resp.status, raw.decode(errors="replace")
-        finally:
-            conn.close()
+        """One HTTP request through the hub's proxy; returns (status, parsed body)."""
+        return exchange(http.client.HTTPConnection("127.0.0.1", self.proxy_port, timeout=timeout),
+                        method, path, body=body, headers=headers, form=form)
 
     def api(self, method, path, body=None, timeout=60):
         """The hub's or the user's server's REST API with the test service's token."""

@@ -23,6 +23,7 @@ Shows, through the control API on the Unix socket:
 Run: /usr/bin/python3 tests/integration/test_service_lifecycle.py   (needs root; exit 77 = skipped
 where network namespaces cannot be made).
 """
+import contextlib
 import os
 import sys
 import time
@@ -58,12 +59,17 @@ def hub_connection():
             "kernel_name": "python3"}
 
 
-def client_for(conn):
+@contextlib.contextmanager
+def connected(conn):
+    """A started jupyter_client on the hub-side endpoints in `conn`; its channels stop afterwards."""
     from jupyter_client import BlockingKernelClient
     kc = BlockingKernelClient()
     kc.load_connection_info(conn)
     kc.start_channels()
-    return kc
+    try:
+        yield kc
+    finally:
+        kc.stop_channels()
 
 
 class ServiceCase(unittest.TestCase):
@@ -118,6 +124,12 @@ class ServiceCase(unittest.TestCase):
     def delete(self, kid):
         status, body = self.fs.api("DELETE", f"/v1/kernels/{kid}")
         self.assertIn(status, (200, 202, 204), body)
+
+    def end_and_wait_gone(self, kid, job_id):
+        """DELETE the kernel, then wait until its job (after the restart grace) and every process
+        of it in the compute host are gone."""
+        self.delete(kid)
+        return self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
 
     def wait_nothing_left(self, job_id, timeout):
         deadline = time.time() + timeout
@@ -180,8 +192,7 @@ class EndToEnd(ServiceCase):
                             for m in messages), messages)
         log("ready; history", states)
 
-        kc = client_for(conn)
-        try:
+        with connected(conn) as kc:
             reply = kc.kernel_info(reply=True, timeout=60)
             self.assertEqual(reply["content"]["status"], "ok")
             reply, out, _ = run_cell(kc, "import socket; x = 42; print(socket.gethostname())")
@@ -204,8 +215,6 @@ class EndToEnd(ServiceCase):
                     if time.time() > deadline:
                         raise
             self.assertEqual(out.strip(), "False")  # variables cleared
-        finally:
-            kc.stop_channels()
 
         # Shutdown: the kernel ends at once; the job after the restart grace, with nothing left.
         self.delete(kid)
@@ -225,20 +234,15 @@ class EndToEnd(ServiceCase):
         second = k["id"]
         k = self.wait_state(second, "ready", timeout=60)
         self.assertEqual(k["job"]["id"], job_id)  # no new job, no queue wait
-        kc = client_for(conn)
-        try:
+        with connected(conn) as kc:
             reply = kc.kernel_info(reply=True, timeout=60)
             self.assertEqual(reply["content"]["status"], "ok")
-        finally:
-            kc.stop_channels()
-        self.delete(second)
-        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+        self.end_and_wait_gone(second, job_id)
 
     def test_2b_link_outage_is_reconnecting_not_death(self):
         fs = self.fs
         kid, job_id, conn, _ = self.start_ready()
-        kc = client_for(conn)
-        try:
+        with connected(conn) as kc:
             reply, out, _ = run_cell(kc, "y = 'kept'; print('set')")
             self.assertEqual(out.strip(), "set")
             fs.box.link_down()  # hub ↔ login cut for 20 s
@@ -254,21 +258,17 @@ class EndToEnd(ServiceCase):
             self.assertEqual(k["job"]["id"], job_id)
             reply, out, _ = run_cell(kc, "print(y)")
             self.assertEqual(out.strip(), "kept")  # the same kernel: its state survived
-        finally:
-            kc.stop_channels()
         status, metrics = fs.api("GET", "/metrics")
         self.assertEqual(status, 200)
         self.assertIn('kb_kernels{state="ready"} 1', metrics)
         self.assertRegex(metrics, r'kb_link_reconnects_total\{site="box"\} [1-9]')
-        self.delete(kid)
-        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+        self.end_and_wait_gone(kid, job_id)
 
     def test_2c_expired_token_keeps_the_kernel_running(self):
         # The user's token expires at the site while they work (OIDC tokens live minutes to hours).
         fs = self.fs
         kid, job_id, conn, _ = self.start_ready()
-        kc = client_for(conn)
-        try:
+        with connected(conn) as kc:
             _, out, _ = run_cell(kc, "z = 42; print('set')")
             self.assertEqual(out.strip(), "set")
             fs.control("POST", "/faults", {"expire_token": fs.tokens[USER], "expire_sessions": True})
@@ -289,10 +289,7 @@ class EndToEnd(ServiceCase):
                                  "following the job again", timeout=120)
             self.assertEqual(k["state"], "ready", k)
             self.assertIsNone(k["end_cause"])
-        finally:
-            kc.stop_channels()
-        self.delete(kid)
-        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)  # the abort uses the fresh token
+        self.end_and_wait_gone(kid, job_id)  # the abort uses the fresh token
 
     def test_2d_token_refused_while_looking_for_the_agent(self):
         # The site refuses the token on the bridge's first read of the agent's discovery file (it
@@ -307,14 +304,10 @@ class EndToEnd(ServiceCase):
                             for m in messages), messages)
         self.assertTrue(any(f"accepts the token of user {USER} again" in m for m in messages),
                         messages)
-        kc = client_for(conn)
-        try:
+        with connected(conn) as kc:
             _, out, _ = run_cell(kc, "print(6 * 7)")
             self.assertEqual(out.strip(), "42")
-        finally:
-            kc.stop_channels()
-        self.delete(kid)
-        self.wait_nothing_left(job_id, timeout=GRACE_S + 40)
+        self.end_and_wait_gone(kid, job_id)
 
     def test_3_walltime_is_named(self):
         kid, job_id, _, k = self.start_ready(resources={"runtime": "12s"})
@@ -389,14 +382,10 @@ class UploadedAgent(ServiceCase):
         self.assertTrue(os.access(staged, os.X_OK), "the staged agent must be executable")
         with open(staged, "rb") as a, open(BIN, "rb") as b:
             self.assertEqual(a.read(), b.read(), "the staged agent is the bridge's own binary")
-        kc = client_for(conn)
-        try:
+        with connected(conn) as kc:
             _, out, _ = run_cell(kc, "import socket; print(socket.gethostname())")
             self.assertEqual(out.strip(), self.fs.info["hosts"]["compute"]["hostname"])
-        finally:
-            kc.stop_channels()
-        self.delete(kid)
-        self.wait_nothing_left(k["job"]["id"], timeout=GRACE_S + 40)
+        self.end_and_wait_gone(kid, k["job"]["id"])
 
 
 class HostKeyMismatch(ServiceCase):
