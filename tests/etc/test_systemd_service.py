@@ -31,6 +31,7 @@ import unittest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "integration"))
 import kbtest  # noqa: E402
+from sitebox import descendants  # noqa: E402
 
 BIN = os.path.abspath(kbtest.BIN)
 ETC = os.path.join(kbtest.SRC, "etc")
@@ -102,27 +103,15 @@ class Container:
                              + self.boot_log()[-3000:])
 
     def _find_init(self):
-        """The container's PID 1: the systemd process below our systemd-nspawn."""
-        children = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                    children.setdefault(ppid, []).append(int(d))
-                except (OSError, ValueError, IndexError):
-                    pass
-        todo = [self.proc.pid]
-        while todo:
-            pid = todo.pop()
+        """The container's PID 1: the first systemd process below our systemd-nspawn (a parent
+        comes before the children it forks)."""
+        for pid in descendants(self.proc.pid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv0 = f.read().split(b"\0")[0]
+                    if f.read().split(b"\0")[0].endswith(b"/systemd"):
+                        return pid
             except OSError:
                 continue
-            if argv0.endswith(b"/systemd") and pid != self.proc.pid:
-                return pid
-            todo.extend(children.get(pid, []))
         return None
 
     def boot_log(self):

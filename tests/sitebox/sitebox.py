@@ -108,7 +108,8 @@ def _children_map():
     return kids
 
 
-def _descendants(pid):
+def descendants(pid):
+    """PIDs of every process below pid (a parent before its children)."""
     kids = _children_map()
     out, todo = [], list(kids.get(pid, []))
     while todo:
@@ -606,7 +607,7 @@ class SiteBox:
     def sshd_sessions(self):
         """pids of the per-connection sshd processes (all descendants of the listener)."""
         pid = self.info.get("sshd_pid")
-        return _descendants(pid) if pid else []
+        return descendants(pid) if pid else []
 
     def kill_sshd_sessions(self):
         """SIGKILL every per-connection sshd process (the listener's descendants), not the listener.
@@ -623,7 +624,7 @@ class SiteBox:
         pid = self.info.get("sshd_pid")
         if not pid:
             return
-        sessions = _descendants(pid)  # collect before the listener dies and they get reparented
+        sessions = descendants(pid)  # collect before the listener dies and they get reparented
         _kill(sessions)
         if _pid_alive(pid) and self._is_our_sshd(pid):
             _kill([pid], signal.SIGTERM)
@@ -718,7 +719,7 @@ def teardown(info, sshd_popen=None):
     errors = []
     pid = info.get("sshd_pid")
     if pid:
-        sessions = _descendants(pid)
+        sessions = descendants(pid)
         _kill(sessions)
         mine = (sshd_popen is not None and sshd_popen.pid == pid) or info.get("sshd_config", "\0") in _cmdline(pid)
         if _pid_alive(pid) and mine:
