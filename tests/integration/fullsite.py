@@ -50,6 +50,15 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
+def free_port(addr="127.0.0.1"):
+    """A TCP port free on `addr` now, in this process's network namespace."""
+    s = socket.socket()
+    s.bind((addr, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def exchange(conn, method, path, body=None, headers=None, form=None):
     """One HTTP request on `conn` (closed afterwards): `body` goes as JSON, `form` as a form.
     Returns (status, the parsed JSON answer, or its text when it is not JSON)."""
@@ -132,7 +141,7 @@ class FullSite:
         with open(self.users_file, "w") as f:
             json.dump(users, f)
         login = self.info["login_addr"]
-        port = UNICORE_PORT if self.box.netns else self._free_port(login)
+        port = UNICORE_PORT if self.box.netns else free_port(login)
         job_prefix = " ".join(self.box.prefix("compute"))
         argv = [PY, UNICORE_SITE, "--users", self.users_file, "--listen", f"{login}:{port}",
                 "--site-name", "DEMO-SITE", "--state-dir", os.path.join(self.dir, "unicore"),
@@ -148,14 +157,6 @@ class FullSite:
                                f"{self.tail('unicore-site.log')}")
         self.unicore_url = line.split(" ", 1)[1]
         self.control_url = self.unicore_url.split("/DEMO-SITE/")[0] + "/_control"
-
-    @staticmethod
-    def _free_port(addr):
-        s = socket.socket()
-        s.bind((addr, 0))
-        port = s.getsockname()[1]
-        s.close()
-        return port
 
     def write_config(self, path=None, **overrides):
         """Writes the bridge's TOML for this site (the layout of etc/kernel-bridge.toml)."""

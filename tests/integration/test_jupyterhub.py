@@ -27,14 +27,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import unittest
 import uuid
 
 import kbtest
-from fullsite import exchange
+from fullsite import exchange, free_port
 from kbfront import FrontSite, log
 
 SNIPPET = os.path.join(kbtest.SRC, "etc", "jupyterhub_config_snippet.py")
@@ -87,14 +86,6 @@ c.Spawner.environment = {{"JUPYTERHUB_SINGLEUSER_APP": "notebook.notebookapp.Not
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
 """
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Hub:
