@@ -59,6 +59,19 @@ def free_port(addr="127.0.0.1"):
     return port
 
 
+def stop_gracefully(proc, timeout):
+    """SIGTERM, then SIGKILL to its whole process group if it is not gone within `timeout` s
+    (for processes started with start_new_session=True)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def exchange(conn, method, path, body=None, headers=None, form=None):
     """One HTTP request on `conn` (closed afterwards): `body` goes as JSON, `form` as a form.
     Returns (status, the parsed JSON answer, or its text when it is not JSON)."""
@@ -240,13 +253,7 @@ max_gpus = 0
             time.sleep(0.1)
 
     def stop_serve(self):
-        if self.serve and self.serve.poll() is None:
-            self.serve.send_signal(signal.SIGTERM)
-            try:
-                self.serve.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.serve.pid, signal.SIGKILL)
-                self.serve.wait()
+        stop_gracefully(self.serve, 60)
 
     # ---- clients ----------------------------------------------------------------------------
     def api(self, method, path, body=None, timeout=60, headers=None):
@@ -311,13 +318,7 @@ max_gpus = 0
 
     def down(self):
         self.stop_serve()
-        if self.unicore and self.unicore.poll() is None:
-            self.unicore.send_signal(signal.SIGTERM)
-            try:
-                self.unicore.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.unicore.pid, signal.SIGKILL)
-                self.unicore.wait()
+        stop_gracefully(self.unicore, 30)
         if self.box is not None:
             self.box.__exit__(None, None, None)
             self.box = None

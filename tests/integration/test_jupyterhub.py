@@ -26,14 +26,13 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import unittest
 import uuid
 
 import kbtest
-from fullsite import exchange, free_port
+from fullsite import exchange, free_port, stop_gracefully
 from kbfront import FrontSite, log
 
 SNIPPET = os.path.join(kbtest.SRC, "etc", "jupyterhub_config_snippet.py")
@@ -159,13 +158,7 @@ class Hub:
                             headers={"Authorization": "token " + self.service_token})
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_gracefully(self.proc, 60)
         # configurable-http-proxy runs in its own session when the hub is killed hard.
         subprocess.run(["pkill", "-f", f"configurable-http-proxy.*{self.proxy_port}"],
                        capture_output=True)
