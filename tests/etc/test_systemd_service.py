@@ -119,8 +119,11 @@ class Container:
             return f.read()
 
     def run(self, argv, check=True, input=None, timeout=120):
-        r = subprocess.run(["nsenter", "-t", str(self.init_pid), "-a", *argv], input=input,
-                           capture_output=True, text=True, timeout=timeout)
+        # Inside, the source tree and the binary are where they are bound in, whatever this
+        # process's KB_SOURCE_DIR / KB_BINARY say (a clone under /tmp is not visible there).
+        r = subprocess.run(["nsenter", "-t", str(self.init_pid), "-a", "env",
+                            "KB_SOURCE_DIR=/mnt/kb", "KB_BINARY=/usr/local/bin/kernel-bridge", *argv],
+                           input=input, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"in the container: {' '.join(argv)} exited {r.returncode}:\n"
                                  f"{r.stdout}{r.stderr}")
@@ -275,9 +278,8 @@ install -m 0640 -o root -g kernel-bridge etc/kernel-bridge.toml /etc/kernel-brid
         restarted with a configuration for them, a kernel started by jupyter_client."""
         c = self.c
         since = time.time() - 1
-        r = c.run(["env", "KB_SOURCE_DIR=/mnt/kb", "KB_BINARY=/usr/local/bin/kernel-bridge",
-                   "PYTHONDONTWRITEBYTECODE=1", "/usr/bin/python3", "/mnt/kb/tests/etc/systemd_site.py"],
-                  check=False, timeout=240)
+        r = c.run(["env", "PYTHONDONTWRITEBYTECODE=1", "/usr/bin/python3",
+                   "/mnt/kb/tests/etc/systemd_site.py"], check=False, timeout=240)
         journal = c.journal(since)
         self.assertEqual(r.returncode, 0, f"{r.stdout}\n{r.stderr[-4000:]}\njournal:\n{journal[-4000:]}")
         out = json.loads(r.stdout.strip().splitlines()[-1])
