@@ -12,6 +12,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "common/files.hpp"
+
 namespace kb::auth {
 
 Bytes random_bytes(std::size_t n) {
@@ -80,10 +82,12 @@ LinkSecret LinkSecret::read_file(const std::string& path) {
     throw SecretError("link secret file " + path +
                       " is readable or writable by other users; run: chmod 600 " + path);
   }
-  std::ifstream in(path);
-  std::stringstream content;
-  content << in.rdbuf();
-  std::string text = content.str();
+  std::string text;
+  try {
+    text = read_small_file(path, 4096);  // 64 hex characters and a newline
+  } catch (const FileReadError& e) {
+    throw SecretError("cannot read link secret file " + path + ": " + e.reason());
+  }
   while (!text.empty() && (text.back() == '\n' || text.back() == '\r' || text.back() == ' ')) {
     text.pop_back();
   }

@@ -12,6 +12,8 @@
 #include <set>
 #include <sstream>
 
+#include "common/files.hpp"
+
 namespace kb::bridge {
 namespace {
 
@@ -339,8 +341,9 @@ class ConfigReader {
 
   void read_api(const toml::table& api, ApiConfig& out) {
     check_keys(api, "[api]",
-               {"unix_socket", "tcp", "tokens_file", "admin_users", "max_body", "read_timeout",
-                "idle_timeout", "max_wait"});
+               {"unix_socket", "tcp", "tokens_file", "admin_users", "max_body", "header_timeout",
+                "read_timeout", "idle_timeout", "max_wait", "max_connections",
+                "max_connections_per_user"});
     if (auto s = string_value(api, "unix_socket", "api")) out.unix_socket = resolve_path(*s);
     if (const toml::node* tcp = api.get("tcp")) {
       if (!tcp->is_string())
@@ -366,14 +369,22 @@ class ConfigReader {
       if (*size < 1024) fail(*api.get("max_body"), "api.max_body must be at least 1K");
       out.max_body = *size;
     }
+    if (auto d = duration_value(api, "header_timeout", "api")) out.header_timeout = *d;
     if (auto d = duration_value(api, "read_timeout", "api")) out.read_timeout = *d;
     if (auto d = duration_value(api, "idle_timeout", "api")) out.idle_timeout = *d;
     if (auto d = duration_value(api, "max_wait", "api")) out.max_wait = *d;
-    for (const char* key : {"read_timeout", "idle_timeout"}) {
-      const auto value = std::string(key) == "read_timeout" ? out.read_timeout : out.idle_timeout;
-      if (value.count() == 0)
-        fail(*api.get(key), std::string("api.") + key + " must be longer than 0s");
+    for (const char* key : {"header_timeout", "read_timeout", "idle_timeout"}) {
+      const std::string k(key);
+      const auto value = k == "header_timeout" ? out.header_timeout
+                         : k == "read_timeout" ? out.read_timeout
+                                               : out.idle_timeout;
+      if (value.count() == 0 && api.get(key))
+        fail(*api.get(key), "api." + k + " must be longer than 0s");
     }
+    if (auto n = int_value(api, "max_connections", "api", 16, 100000))
+      out.max_connections = static_cast<std::size_t>(*n);
+    if (auto n = int_value(api, "max_connections_per_user", "api", 1, 100000))
+      out.max_connections_per_user = static_cast<std::size_t>(*n);
   }
 
   SiteConfig read_site(const toml::table& table) {
@@ -832,14 +843,13 @@ BridgeConfig load_config(const std::string& path, const LoadOptions& options) {
   std::error_code ec;
   fs::path absolute = fs::absolute(path, ec);
   const std::string file = ec ? path : absolute.lexically_normal().string();
-  std::ifstream in(file, std::ios::binary);
-  if (!in) {
-    throw ConfigError(file, 0,
-                      std::string("cannot read the configuration file: ") + std::strerror(errno));
+  std::string content;
+  try {
+    content = read_small_file(file, kMaxConfigBytes);
+  } catch (const FileReadError& e) {
+    throw ConfigError(file, 0, "cannot read the configuration file: " + e.reason());
   }
-  std::ostringstream content;
-  content << in.rdbuf();
-  return parse_config(content.str(), file, options);
+  return parse_config(content, file, options);
 }
 
 }  // namespace kb::bridge

@@ -95,8 +95,11 @@ struct ApiConfig {
   std::string tokens_file;
   std::vector<std::string> admin_users;  // Unix-socket users with the admin right
   std::uint64_t max_body = 1024 * 1024;
-  std::chrono::seconds read_timeout{30};
-  std::chrono::seconds idle_timeout{120};
+  std::chrono::seconds header_timeout{5};  // a new connection's request header must arrive by then
+  std::chrono::seconds read_timeout{30};   // the body, once the header is in
+  std::chrono::seconds idle_timeout{120};  // between keep-alive requests
+  std::size_t max_connections = 1024;      // per listener; the last 64 (or 1/8) kept for admins
+  std::size_t max_connections_per_user = 64;  // per uid / token user; admins exempt
   std::chrono::seconds max_wait{60};  // upper bound of a long poll (?wait=)
 };
 
@@ -112,6 +115,10 @@ struct BridgeConfig {
 
   const SiteConfig* find_site(std::string_view name) const;
 };
+
+// A configuration file larger than this is refused unread (a real one is a few KiB; the limit keeps
+// `serve --config /dev/zero`-like mistakes from eating memory).
+inline constexpr std::size_t kMaxConfigBytes = 1024 * 1024;
 
 struct LoadOptions {
   // Check that referenced files exist with safe permissions (identity, known_hosts, ca_file,

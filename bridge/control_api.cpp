@@ -14,6 +14,7 @@
 #include <boost/beast/http.hpp>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
@@ -21,7 +22,9 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "bridge/connection_limits.hpp"
 #include "bridge/http_auth.hpp"
+#include "common/text.hpp"
 
 namespace kb::bridge {
 namespace {
@@ -31,8 +34,9 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 using json = nlohmann::json;
 
-constexpr std::size_t kMaxConnections = 512;
 constexpr std::size_t kHeaderLimit = 16 * 1024;
+// What a log line or an error message quotes of a request's path, ids and headers.
+constexpr std::size_t kQuoteLimit = 96;
 constexpr auto kUserCacheTtl = std::chrono::seconds(60);
 
 // An error a request gets back: status, a sentence, and the field / limit at fault.
@@ -42,6 +46,12 @@ struct ApiError {
   std::string field;
   std::string limit;
 };
+
+// Serialises a response body. Text from a request is quoted with printable() before it gets here;
+// replacing what is still not UTF-8 keeps a serializer exception from ever ending a session.
+std::string dump_json(const json& body) {
+  return body.dump(-1, ' ', false, json::error_handler_t::replace);
+}
 
 json error_body(const ApiError& e) {
   json body{{"error", e.message}};
@@ -191,10 +201,11 @@ class ObjectReader {
   std::optional<ApiError> check_known(const std::vector<std::string>& known) const {
     for (auto it = object_.begin(); it != object_.end(); ++it) {
       if (std::find(known.begin(), known.end(), it.key()) == known.end()) {
-        std::string message = "unknown field '" + field(it.key()) + "'";
+        std::string message = "unknown field '" + printable(field(it.key()), kQuoteLimit) + "'";
         const std::string guess = closest_match(it.key(), known);
         if (!guess.empty()) message += " (did you mean '" + field(guess) + "'?)";
-        return ApiError{http::status::bad_request, message, field(it.key()), {}};
+        return ApiError{http::status::bad_request, message, printable(field(it.key()), kQuoteLimit),
+                        {}};
       }
     }
     return std::nullopt;
@@ -239,7 +250,10 @@ class ObjectReader {
     const json* j = get(key);
     if (!j) return std::nullopt;
     if (!j->is_number_integer()) return wrong_type(key, "an integer");
-    const auto value = j->get<long long>();
+    // Above LLONG_MAX only an unsigned number fits: out of range either way.
+    const bool huge = j->is_number_unsigned() &&
+                      j->get<std::uint64_t>() > static_cast<std::uint64_t>(LLONG_MAX);
+    const auto value = huge ? LLONG_MAX : j->get<long long>();
     if (value < min || value > max) {
       return ApiError{
           http::status::bad_request,
@@ -272,7 +286,9 @@ std::optional<ApiError> parse_resources(const json& j, ResourceRequest& r) {
   if (auto e = in.integer("gpus", r.gpus, 0, 1024)) return e;
   if (const json* runtime = in.get("runtime")) {
     if (runtime->is_number_integer()) {
-      if (runtime->get<long long>() <= 0 || runtime->get<long long>() > 100LL * 365 * 86400) {
+      if (runtime->is_number_unsigned() ? runtime->get<std::uint64_t>() > 100ULL * 365 * 86400
+                                        : runtime->get<long long>() <= 0 ||
+                                              runtime->get<long long>() > 100LL * 365 * 86400) {
         return ApiError{http::status::bad_request,
                         "resources.runtime must be a positive number of seconds",
                         "resources.runtime",
@@ -327,7 +343,7 @@ std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
   if (auto e = in.string("transport", transport)) return e;
   if (transport && *transport != "tcp") {
     return ApiError{http::status::unprocessable_entity,
-                    "connection.transport \"" + *transport +
+                    "connection.transport \"" + printable(*transport, kQuoteLimit) +
                         "\" is not supported; kernel-bridge serves tcp endpoints only",
                     "connection.transport",
                     {}};
@@ -339,7 +355,7 @@ std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
   net::ip::make_address(*ip, ec);
   if (ec)
     return ApiError{http::status::bad_request,
-                    "connection.ip \"" + *ip + "\" is not an IP address",
+                    "connection.ip \"" + printable(*ip, kQuoteLimit) + "\" is not an IP address",
                     "connection.ip",
                     {}};
   c.ip = *ip;
@@ -378,6 +394,30 @@ std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
     c.signature_scheme = *scheme;
   }
   return std::nullopt;
+}
+
+// application/json, in any case, with or without parameters ("; charset=utf-8"): media types are
+// case-insensitive (RFC 9110 8.3.1), and application/jsonx is another type.
+bool is_json_media_type(beast::string_view type) {
+  if (type.empty()) return true;  // no Content-Type: the body is taken as JSON
+  const auto semicolon = type.find(';');
+  beast::string_view essence = type.substr(0, semicolon);
+  while (!essence.empty() && (essence.back() == ' ' || essence.back() == '\t'))
+    essence.remove_suffix(1);
+  while (!essence.empty() && (essence.front() == ' ' || essence.front() == '\t'))
+    essence.remove_prefix(1);
+  return beast::iequals(essence, "application/json");
+}
+
+// A kernel version number (decimal digits only, fits in 64 bits).
+std::optional<std::uint64_t> parse_version(const std::string& text) {
+  if (text.empty() || text.size() > 19) return std::nullopt;
+  std::uint64_t value = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    value = value * 10 + static_cast<std::uint64_t>(c - '0');
+  }
+  return value;
 }
 
 bool is_live(const KernelView& v) {
@@ -504,13 +544,22 @@ class SessionBase {
 struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   Impl(net::io_context& io_, const BridgeConfig& config_, KernelService& kernels_,
        CredentialsStore& credentials_, BridgeMetrics& metrics_)
-      : io(io_), config(config_), kernels(kernels_), credentials(credentials_), metrics(metrics_) {}
+      : io(io_),
+        config(config_),
+        kernels(kernels_),
+        credentials(credentials_),
+        metrics(metrics_),
+        limits(ConnectionLimits::Settings{config_.api.max_connections,
+                                          config_.api.max_connections_per_user,
+                                          std::min<std::size_t>(64, config_.api.max_connections / 8),
+                                          std::min<std::size_t>(64, config_.api.max_connections)}) {}
 
   net::io_context& io;
   const BridgeConfig& config;
   KernelService& kernels;
   CredentialsStore& credentials;
   BridgeMetrics& metrics;
+  ConnectionLimits limits;
   std::optional<ApiTokens> tokens;
   std::optional<net::local::stream_protocol::acceptor> unix_acceptor;
   std::optional<net::ip::tcp::acceptor> tcp_acceptor;
@@ -523,15 +572,27 @@ struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   std::map<uid_t, std::pair<std::optional<std::string>, std::chrono::steady_clock::time_point>>
       user_cache;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_refusal_log{};
+  std::uint64_t refusals_unlogged = 0;
   bool stopped = false;
 
   void accept_unix();
   void accept_tcp();
   void resolve_user(uid_t uid, std::function<void(std::optional<std::string>)> done);
-  void handle(const Peer& peer, HttpRequest request, std::function<void(HttpResponse)> done);
+  // `session` is the connection's id (0 for requests that come from no connection, e.g. tests):
+  // the first authenticated request moves a TCP connection into its token user's budget.
+  void handle(const Peer& peer, HttpRequest request, std::function<void(HttpResponse)> done,
+              std::uint64_t session = 0);
   void route(const Peer& peer, const HttpRequest& request, const Target& target,
-             std::function<void(http::status, json, http::fields)> reply);
-  std::variant<Caller, ApiError> authenticate(const Peer& peer, const HttpRequest& request);
+             std::uint64_t session, std::function<void(http::status, json, http::fields)> reply);
+  std::variant<Caller, ApiError> authenticate(const Peer& peer, const HttpRequest& request,
+                                              std::uint64_t session);
+  // A connection refused or dropped by the limits: one warning per 10 s at most, with a count.
+  void log_refusal(const std::string& why);
+  bool is_admin_user(const std::string& user) const {
+    const auto& admins = config.api.admin_users;
+    return std::find(admins.begin(), admins.end(), user) != admins.end();
+  }
 
   bool visible(const Caller& caller, const KernelView& v) const {
     return caller.sees_all || v.owner == caller.user;
@@ -544,14 +605,17 @@ struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   json health_json() const;
 };
 
-// One connection: reads requests, hands them to the router, writes responses; keep-alive.
+// One connection: reads requests, hands them to the router, writes responses; keep-alive. Its
+// slot in the connection limits is released when it is destroyed.
 template <class Protocol>
 class Session : public SessionBase, public std::enable_shared_from_this<Session<Protocol>> {
  public:
   using Stream = beast::basic_stream<Protocol>;
 
-  Session(std::shared_ptr<ControlApi::Impl> api, typename Protocol::socket socket, Peer peer)
-      : api_(std::move(api)), stream_(std::move(socket)), peer_(std::move(peer)) {}
+  Session(std::shared_ptr<ControlApi::Impl> api, typename Protocol::socket socket, Peer peer,
+          std::uint64_t id)
+      : api_(std::move(api)), stream_(std::move(socket)), peer_(std::move(peer)), id_(id) {}
+  ~Session() override { api_->limits.release(id_); }
 
   void start() { read(); }
 
@@ -562,15 +626,24 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   }
 
  private:
+  // The header must arrive within api.header_timeout on a new connection (api.idle_timeout
+  // between keep-alive requests); the body then within api.read_timeout. A client that opens a
+  // connection and says nothing holds its slot for seconds, not minutes.
   void read() {
     parser_.emplace();
     parser_->body_limit(api_->config.api.max_body);
     parser_->header_limit(kHeaderLimit);
-    stream_.expires_after(first_ ? api_->config.api.read_timeout : api_->config.api.idle_timeout);
-    http::async_read(stream_, buffer_, *parser_,
-                     [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
-                       self->on_read(ec);
-                     });
+    stream_.expires_after(first_ ? api_->config.api.header_timeout
+                                 : api_->config.api.idle_timeout);
+    http::async_read_header(stream_, buffer_, *parser_,
+                            [self = this->shared_from_this()](beast::error_code ec, std::size_t) {
+                              if (ec || self->parser_->is_done()) return self->on_read(ec);
+                              self->stream_.expires_after(self->api_->config.api.read_timeout);
+                              http::async_read(self->stream_, self->buffer_, *self->parser_,
+                                               [self](beast::error_code ec2, std::size_t) {
+                                                 self->on_read(ec2);
+                                               });
+                            });
   }
 
   void on_read(beast::error_code ec) {
@@ -598,16 +671,18 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
       return close();
     }
     stream_.expires_never();  // the service may take its time; the response write re-arms
-    api_->handle(peer_, parser_->release(),
-                 [self = this->shared_from_this()](HttpResponse response) {
-                   self->write(std::move(response));
-                 });
+    api_->handle(
+        peer_, parser_->release(),
+        [self = this->shared_from_this()](HttpResponse response) {
+          self->write(std::move(response));
+        },
+        id_);
   }
 
   void fail(http::status status, const std::string& message) {
     HttpResponse response{status, 11};
     response.set(http::field::content_type, "application/json");
-    response.body() = json{{"error", message}}.dump() + "\n";
+    response.body() = dump_json(json{{"error", message}}) + "\n";
     response.keep_alive(false);
     response.prepare_payload();
     spdlog::info("api: {} {} {}", describe(), static_cast<int>(status), message);
@@ -635,26 +710,57 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   std::shared_ptr<ControlApi::Impl> api_;
   Stream stream_;
   Peer peer_;
+  std::uint64_t id_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::shared_ptr<HttpResponse> response_;
   bool first_ = true;
 };
 
+// Tells a connection the limits turned away why, in one small HTTP answer, without waiting: the
+// kernel's socket buffer takes it, or the client does not get it (it was flooding us anyway).
+template <class Socket>
+void refuse_connection(Socket& socket, const std::string& why) {
+  const std::string body = dump_json(json{{"error", why}}) + "\n";
+  const std::string answer =
+      "HTTP/1.1 503 Service Unavailable\r\nServer: kernel-bridge/" KB_VERSION
+      "\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 5\r\n"
+      "Content-Length: " +
+      std::to_string(body.size()) + "\r\n\r\n" + body;
+  [[maybe_unused]] ssize_t sent = ::send(socket.native_handle(), answer.data(), answer.size(),
+                                         MSG_DONTWAIT | MSG_NOSIGNAL);
+  beast::error_code ignored;
+  socket.shutdown(net::socket_base::shutdown_both, ignored);
+  socket.close(ignored);
+}
+
 template <class Protocol>
-void start_session(const std::shared_ptr<ControlApi::Impl>& api, typename Protocol::socket socket,
-                   Peer peer) {
-  // Forget sessions that have ended, and refuse beyond the cap so memory stays bounded.
+void start_session(const std::shared_ptr<ControlApi::Impl>& api, std::uint64_t id,
+                   typename Protocol::socket socket, Peer peer) {
+  // Forget sessions that have ended (their limits slot went with them).
   for (auto it = api->sessions.begin(); it != api->sessions.end();) {
     it = it->second.expired() ? api->sessions.erase(it) : std::next(it);
   }
-  if (api->sessions.size() >= kMaxConnections) {
-    spdlog::warn("api: refusing a connection: {} connections open already", api->sessions.size());
-    return;  // socket closes here
-  }
-  auto session = std::make_shared<Session<Protocol>>(api, std::move(socket), std::move(peer));
-  api->sessions.emplace(++api->next_session, session);
+  auto session = std::make_shared<Session<Protocol>>(api, std::move(socket), std::move(peer), id);
+  api->sessions.emplace(id, session);
   session->start();
+}
+
+void ControlApi::Impl::log_refusal(const std::string& why) {
+  metrics.api_connections_refused.unlabelled().inc();
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last_refusal_log < std::chrono::seconds(10)) {
+    ++refusals_unlogged;
+    return;
+  }
+  if (refusals_unlogged > 0) {
+    spdlog::warn("api: connection refused: {} ({} more refused or dropped in the last 10 s)", why,
+                 refusals_unlogged);
+  } else {
+    spdlog::warn("api: connection refused: {}", why);
+  }
+  last_refusal_log = now;
+  refusals_unlogged = 0;
 }
 
 void ControlApi::Impl::resolve_user(uid_t uid,
@@ -697,7 +803,13 @@ void ControlApi::Impl::accept_unix() {
       self->resolve_user(*peer.uid, [self, holder, peer](std::optional<std::string> name) mutable {
         if (self->stopped) return;
         peer.unix_user = std::move(name);
-        start_session<net::local::stream_protocol>(self, std::move(*holder), std::move(peer));
+        const bool admin = peer.unix_user && self->is_admin_user(*peer.unix_user);
+        const std::uint64_t id = ++self->next_session;
+        if (auto refusal = self->limits.admit_unix(id, *peer.uid, admin)) {
+          self->log_refusal(*refusal);
+          return refuse_connection(*holder, *refusal);
+        }
+        start_session<net::local::stream_protocol>(self, id, std::move(*holder), std::move(peer));
       });
     }
     self->accept_unix();
@@ -722,13 +834,32 @@ void ControlApi::Impl::accept_tcp() {
     auto remote = socket.remote_endpoint(ignored);
     peer.remote = remote.address().to_string() + ":" + std::to_string(remote.port());
     socket.set_option(net::ip::tcp::no_delay(true), ignored);
-    start_session<net::ip::tcp>(self, std::move(socket), std::move(peer));
+    const std::uint64_t id = ++self->next_session;
+    bool admitted = true;
+    for (std::uint64_t drop : self->limits.admit_tcp(id)) {
+      if (drop == id) {
+        admitted = false;
+        self->log_refusal("the TCP listener is full (api.max_connections)");
+        refuse_connection(socket, "the control API's TCP listener has api.max_connections "
+                                  "connections open; try again later");
+        continue;
+      }
+      // The oldest connection that has not shown a token yet makes room for this one.
+      self->log_refusal("dropped the oldest of " +
+                        std::to_string(self->limits.settings().max_unauthenticated) +
+                        " TCP connections without a valid token yet");
+      if (auto it = self->sessions.find(drop); it != self->sessions.end()) {
+        if (auto session = it->second.lock()) session->close();
+      }
+    }
+    if (admitted) start_session<net::ip::tcp>(self, id, std::move(socket), std::move(peer));
     self->accept_tcp();
   });
 }
 
 std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer,
-                                                              const HttpRequest& request) {
+                                                              const HttpRequest& request,
+                                                              std::uint64_t session) {
   Caller caller;
   if (peer.transport == Peer::Transport::unix_socket) {
     if (!peer.unix_user) {
@@ -767,13 +898,20 @@ std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer,
     caller.user = identity->user;
     caller.admin = identity->admin;
     caller.origin = "tcp " + peer.remote + " token of " + identity->user;
+    // A valid token moves the connection out of the small unauthenticated budget into its user's.
+    if (session != 0 && !limits.is_authenticated(session)) {
+      if (auto refusal = limits.authenticated_tcp(session, identity->user, identity->admin)) {
+        log_refusal(*refusal);
+        return ApiError{http::status::service_unavailable, *refusal, {}, "api.max_connections_per_user"};
+      }
+    }
   }
   const std::string acting(request["X-Kernel-Bridge-User"]);
   if (!acting.empty() && std::string(acting) != caller.user) {
     if (!caller.admin) {
       return ApiError{http::status::forbidden,
                       "only an admin may act for another user (X-Kernel-Bridge-User: " +
-                          std::string(acting) + ")",
+                          printable(acting, kQuoteLimit) + ")",
                       "X-Kernel-Bridge-User",
                       {}};
     }
@@ -794,7 +932,7 @@ std::variant<Caller, ApiError> ControlApi::Impl::authenticate(const Peer& peer,
 }
 
 void ControlApi::Impl::handle(const Peer& peer, HttpRequest request,
-                              std::function<void(HttpResponse)> done) {
+                              std::function<void(HttpResponse)> done, std::uint64_t session) {
   const auto t0 = std::chrono::steady_clock::now();
   const unsigned version = request.version();
   const bool keep_alive = request.keep_alive();
@@ -810,31 +948,56 @@ void ControlApi::Impl::handle(const Peer& peer, HttpRequest request,
         (variable ? (target.segments[1] == "kernels" ? std::string("{id}") : std::string("{user}"))
                   : target.segments[i]);
   }
-  if (route_label.size() > 64) route_label = "(other)";
+  // Only routes that exist get their own label; anything else a client sends shares one.
+  static const std::set<std::string> kRoutes = {
+      "/v1/health",          "/metrics",
+      "/v1/kernels",         "/v1/kernels/{id}",
+      "/v1/kernels/{id}/interrupt", "/v1/kernels/{id}/restart",
+      "/v1/users/{user}/credentials"};
+  if (!kRoutes.count(route_label)) route_label = "(other)";
+  static const std::set<std::string> kMethods = {"GET", "POST", "PUT", "DELETE", "HEAD",
+                                                 "OPTIONS", "PATCH"};
+  const std::string method_label = kMethods.count(method) ? method : std::string("(other)");
   std::string who = peer.transport == Peer::Transport::tcp
                         ? "tcp " + peer.remote
                         : (peer.unix_user ? *peer.unix_user : std::string("uid ?"));
-  // The path only: query strings are not secret here, but keep lines short and uniform.
-  std::string path(request.target().substr(0, request.target().find('?')));
+  // The path only (query strings are not secret here, but keep lines short and uniform), quoted
+  // and cut: a client decides what it holds.
+  const std::string path =
+      printable(std::string_view(request.target().data(), request.target().size())
+                    .substr(0, request.target().find('?')),
+                kQuoteLimit);
   auto self = shared_from_this();
-  auto reply = [self, done = std::move(done), version, keep_alive, method, route_label, who, path,
-                t0](http::status status, json body, http::fields extra) {
+  // Called exactly once per request; a second call (a handler that failed after replying) is
+  // logged and ignored.
+  auto replied = std::make_shared<bool>(false);
+  auto reply = [self, done = std::move(done), version, keep_alive, method, method_label,
+                route_label, who, path, t0,
+                replied](http::status status, json body, http::fields extra) {
+    if (*replied) {
+      spdlog::error("api: {} {} {}: a second answer ({}) was dropped", who, method, path,
+                    static_cast<int>(status));
+      return;
+    }
+    *replied = true;
     HttpResponse response{status, version};
     response.set(http::field::server, "kernel-bridge/" KB_VERSION);
     for (const auto& f : extra) response.set(f.name_string(), f.value());
     if (response[http::field::content_type].empty()) {
       response.set(http::field::content_type, "application/json");
-      if (status != http::status::no_content) response.body() = body.dump() + "\n";
+      if (status != http::status::no_content) response.body() = dump_json(body) + "\n";
     } else {
       response.body() = body.get<std::string>();
     }
-    response.keep_alive(keep_alive);
+    // Connection: close from a handler (e.g. a refused connection) ends the keep-alive.
+    response.keep_alive(keep_alive && !beast::iequals(response[http::field::connection], "close"));
     response.prepare_payload();
     const auto ms =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
             .count();
     spdlog::info("api: {} {} {} -> {} ({} ms)", who, method, path, static_cast<int>(status), ms);
-    self->metrics.api_requests.with({method, route_label, std::to_string(static_cast<int>(status))})
+    self->metrics.api_requests
+        .with({method_label, route_label, std::to_string(static_cast<int>(status))})
         .inc();
     done(std::move(response));
   };
@@ -844,7 +1007,24 @@ void ControlApi::Impl::handle(const Peer& peer, HttpRequest request,
         error_body({http::status::bad_request, "malformed percent-encoding in the URL", {}, {}}),
         {});
   }
-  route(peer, request, target, std::move(reply));
+  // No exception from parsing, validating or serving one request may leave here: the daemon
+  // serves every user's kernels. The request gets a 500 and the operator a log line.
+  try {
+    route(peer, request, target, session, reply);
+  } catch (const std::exception& e) {
+    self->metrics.api_internal_errors.unlabelled().inc();
+    spdlog::error("api: {} {} {}: internal error while handling the request: {}", who, method,
+                  path, printable(e.what(), 400));
+    if (!*replied) {
+      reply(http::status::internal_server_error,
+            error_body({http::status::internal_server_error,
+                        "internal error while handling the request (the bridge's log has the "
+                        "details); the bridge and its kernels go on",
+                        {},
+                        {}}),
+            {});
+    }
+  }
 }
 
 json ControlApi::Impl::health_json() const {
@@ -869,6 +1049,7 @@ json ControlApi::Impl::health_json() const {
 }
 
 void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const Target& target,
+                             std::uint64_t session,
                              std::function<void(http::status, json, http::fields)> reply) {
   const auto& seg = target.segments;
   const http::verb verb = request.method();
@@ -891,24 +1072,37 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     return reply(http::status::ok, health_json(), {});
   }
 
-  auto authenticated = authenticate(peer, request);
+  auto authenticated = authenticate(peer, request, session);
   if (auto* e = std::get_if<ApiError>(&authenticated)) {
     http::fields extra;
     if (e->status == http::status::unauthorized)
       extra.set(http::field::www_authenticate, "Bearer realm=\"kernel-bridge\"");
+    if (e->status == http::status::service_unavailable) {
+      extra.set(http::field::connection, "close");
+      extra.set(http::field::retry_after, "5");
+    }
     return error(*e, std::move(extra));
   }
   const Caller caller = std::get<Caller>(authenticated);
 
   const bool has_body_method = verb == http::verb::post || verb == http::verb::put;
-  if (has_body_method && !request.body().empty()) {
-    auto type = request[http::field::content_type];
-    if (!type.empty() && type.substr(0, 16) != "application/json") {
-      return error({http::status::unsupported_media_type,
-                    "send the body as application/json",
-                    "Content-Type",
-                    {}});
-    }
+  if (has_body_method && !request.body().empty() &&
+      !is_json_media_type(request[http::field::content_type])) {
+    return error({http::status::unsupported_media_type,
+                  "send the body as application/json",
+                  "Content-Type",
+                  {}});
+  }
+  // A query parameter a route does not know is a mistake worth hearing about (e.g. ?wiat=30s).
+  const bool kernel_route = seg.size() == 3 && seg[0] == "v1" && seg[1] == "kernels";
+  for (const auto& [key, value] : target.query) {
+    if (kernel_route && verb == http::verb::get && (key == "wait" || key == "after")) continue;
+    return error({http::status::bad_request,
+                  "unknown query parameter '" + printable(key, kQuoteLimit) + "'" +
+                      (kernel_route ? " (GET /v1/kernels/{id} takes wait and after)"
+                                    : " (this route takes none)"),
+                  printable(key, kQuoteLimit),
+                  {}});
   }
 
   if (seg == std::vector<std::string>{"metrics"}) {
@@ -934,7 +1128,9 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     auto view = kernels.get(id);
     // Another user's kernel is "not found": its existence is not revealed.
     const bool found = view && visible(caller, *view);
-    auto not_found = [&] { error({http::status::not_found, "no kernel " + id, "id", {}}); };
+    auto not_found = [&] {
+      error({http::status::not_found, "no kernel " + printable(id, kQuoteLimit), "id", {}});
+    };
     auto action_done = [this, reply, id](std::optional<ServiceError> err) {
       if (err)
         return reply(from_service_error(*err).status, error_body(from_service_error(*err)), {});
@@ -946,21 +1142,28 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
         if (!found) return not_found();
         if (view->owner == caller.user) kernels.watched(id);
         auto wait = target.query.find("wait");
-        if (wait == target.query.end()) return reply(http::status::ok, kernel_json(*view), {});
-        std::string error_text;
-        auto timeout = parse_duration(wait->second, &error_text);
-        if (!timeout) return error({http::status::bad_request, "wait: " + error_text, "wait", {}});
+        std::optional<std::chrono::seconds> timeout;
+        if (wait != target.query.end()) {
+          std::string error_text;
+          timeout = parse_duration(wait->second, &error_text);
+          if (!timeout)
+            return error(
+                {http::status::bad_request, "wait: " + printable(error_text), "wait", {}});
+        }
         std::uint64_t after = view->version;
         if (auto a = target.query.find("after"); a != target.query.end()) {
-          try {
-            std::size_t used = 0;
-            after = std::stoull(a->second, &used);
-            if (used != a->second.size()) throw std::invalid_argument("trailing");
-          } catch (const std::exception&) {
+          const auto parsed = parse_version(a->second);
+          if (!parsed)
             return error(
                 {http::status::bad_request, "after must be a kernel version number", "after", {}});
-          }
+          if (!timeout)
+            return error({http::status::bad_request,
+                          "after only means something with wait (e.g. ?wait=30s&after=4)",
+                          "after",
+                          {}});
+          after = *parsed;
         }
+        if (!timeout) return reply(http::status::ok, kernel_json(*view), {});
         const auto limit = std::min<std::chrono::seconds>(*timeout, config.api.max_wait);
         return wait_for_change(id, after, limit, caller, reply);
       }
@@ -1034,7 +1237,15 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     std::optional<Clock::time_point> expires;
     if (const json* e = in.get("expires_at")) {
       if (e->is_number()) {
-        expires = Clock::time_point(std::chrono::seconds(e->get<long long>()));
+        // Unix seconds within the years 1970..9999: beyond that it is not a time.
+        constexpr double kMaxUnixSeconds = 253402300799.0;
+        const double seconds = e->get<double>();
+        if (!(seconds >= 0 && seconds <= kMaxUnixSeconds))
+          return error({http::status::bad_request,
+                        "expires_at must be Unix seconds between 0 and 253402300799, or RFC 3339",
+                        "expires_at",
+                        {}});
+        expires = Clock::time_point(std::chrono::seconds(static_cast<long long>(seconds)));
       } else if (e->is_string()) {
         expires = parse_time_utc(e->get<std::string>());
         if (!expires)
@@ -1058,7 +1269,9 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
 
   error({http::status::not_found,
          "no such route: " + std::string(request.method_string()) + " " +
-             std::string(request.target().substr(0, request.target().find('?'))) +
+             printable(std::string_view(request.target().data(), request.target().size())
+                           .substr(0, request.target().find('?')),
+                       kQuoteLimit) +
              " (see docs/control-api.md)",
          {},
          {}});
@@ -1073,6 +1286,12 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
   } catch (const json::parse_error& e) {
     return error({http::status::bad_request,
                   "the body is not valid JSON (at byte " + std::to_string(e.byte) + ")",
+                  {},
+                  {}});
+  } catch (const json::exception& e) {
+    // E.g. a number too large for a double (1e400): valid JSON text, but no value we can hold.
+    return error({http::status::bad_request,
+                  "the body holds a number out of range (" + printable(e.what()) + ")",
                   {},
                   {}});
   }
@@ -1095,7 +1314,7 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
       list += (list.empty() ? "" : ", ") + s.name;
       names.push_back(s.name);
     }
-    std::string message = "unknown site \"" + *site_name + "\"";
+    std::string message = "unknown site \"" + printable(*site_name, kQuoteLimit) + "\"";
     const std::string guess = closest_match(*site_name, names);
     message +=
         guess.empty() ? " (configured sites: " + list + ")" : " (did you mean \"" + guess + "\"?)";
@@ -1146,7 +1365,7 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
       std::string list;
       for (const auto& [n, argv] : site->kernels) list += (list.empty() ? "" : ", ") + n;
       return error({http::status::unprocessable_entity,
-                    "site " + site->name + " has no kernel \"" + chosen +
+                    "site " + site->name + " has no kernel \"" + printable(chosen, kQuoteLimit) +
                         "\" (configured: " + (list.empty() ? "none" : list) + ")",
                     "kernel",
                     {}});
@@ -1176,8 +1395,9 @@ void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& te
     for (auto it = tags->begin(); it != tags->end(); ++it) {
       if (!it.value().is_string()) {
         return error({http::status::bad_request,
-                      "tags." + it.key() + " must be a string, not " + type_of(it.value()),
-                      "tags." + it.key(),
+                      "tags." + printable(it.key(), kQuoteLimit) + " must be a string, not " +
+                          type_of(it.value()),
+                      "tags." + printable(it.key(), kQuoteLimit),
                       {}});
       }
       request.tags[it.key()] = it.value().get<std::string>();
@@ -1220,7 +1440,7 @@ void ControlApi::Impl::wait_for_change(
   auto view = kernels.get(id);
   if (!view || !visible(caller, *view)) {
     return reply(http::status::not_found,
-                 error_body({http::status::not_found, "no kernel " + id, "id", {}}), {});
+                 error_body({http::status::not_found, "no kernel " + printable(id, kQuoteLimit), "id", {}}), {});
   }
   if (view->version > after || view->state == KernelState::ended || timeout.count() == 0) {
     return reply(http::status::ok, kernel_json(*view), {});
@@ -1249,7 +1469,7 @@ void ControlApi::Impl::wait_for_change(
       wait->reply(http::status::ok, kernel_json(*now), {});
     else
       wait->reply(http::status::not_found,
-                  error_body({http::status::not_found, "no kernel " + id, "id", {}}), {});
+                  error_body({http::status::not_found, "no kernel " + printable(id, kQuoteLimit), "id", {}}), {});
   };
   wait->listener = kernels.subscribe([id, after, finish](const KernelView& changed) {
     if (changed.id == id && changed.version > after) finish();

@@ -14,6 +14,7 @@
 #include "bridge/cli_client.hpp"
 #include "bridge/config.hpp"
 #include "bridge/lifecycle_backend.hpp"
+#include "common/files.hpp"
 #include "tunnel/ssh_connection.hpp"
 #include "unicore/http_engine.hpp"
 
@@ -60,10 +61,13 @@ unicore::HttpRequest base_request(const SiteConfig& site, const std::string& url
 
 std::string read_token(const DoctorOptions& options, std::string* source) {
   if (!options.token_file.empty()) {
-    std::ifstream in(options.token_file);
-    if (!in) throw std::runtime_error("cannot read the token file " + options.token_file);
     std::string token;
-    std::getline(in, token);
+    try {
+      token = read_small_file(options.token_file, 1024 * 1024);
+    } catch (const FileReadError& e) {
+      throw std::runtime_error("cannot read the token file " + options.token_file + ": " + e.reason());
+    }
+    token = token.substr(0, token.find('\n'));
     while (!token.empty() && (token.back() == '\r' || token.back() == ' ')) token.pop_back();
     *source = options.token_file;
     return token;

@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "auth/secret.hpp"
+#include "common/files.hpp"
 #include "bridge/config.hpp"
 
 namespace kb::bridge {
@@ -25,6 +26,8 @@ std::array<std::uint8_t, 32> sha256(std::string_view text) {
 }
 
 constexpr std::size_t kMinTokenLength = 32;
+// Thousands of tokens fit; a larger file is a mistake (e.g. the wrong path).
+constexpr std::size_t kMaxTokensFileBytes = 4 * 1024 * 1024;
 
 }  // namespace
 
@@ -42,13 +45,12 @@ ApiTokens ApiTokens::load(const std::string& path) {
                       std::string("the API tokens file is accessible by group or others (mode ") +
                           mode + "); run: chmod 600 " + path);
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw ConfigError(path, 0,
-                      std::string("cannot read the API tokens file: ") + std::strerror(errno));
-  std::ostringstream content;
-  content << in.rdbuf();
-  std::string text = content.str();
+  std::string text;
+  try {
+    text = read_small_file(path, kMaxTokensFileBytes);
+  } catch (const FileReadError& e) {
+    throw ConfigError(path, 0, "cannot read the API tokens file: " + e.reason());
+  }
   ApiTokens tokens = parse(text, path);
   OPENSSL_cleanse(text.data(), text.size());  // the text held every token in clear
   return tokens;

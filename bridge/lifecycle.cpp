@@ -375,9 +375,13 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   if (!reuse) {
     for (const auto& a : allocations_) {
       if (a->torn_down || !overlaps(*a)) continue;
+      // Another user's kernel is not named: its id is theirs to know (as GET says 404 for it).
       return fail(ServiceErrorKind::conflict,
-                  "another kernel already uses hub ports of this request (" + a->log_id +
-                      "); choose other ports",
+                  a->owner == caller.user
+                      ? "another kernel of yours already uses hub ports of this request (" +
+                            a->log_id + "); choose other ports"
+                      : std::string("hub ports of this request are in use by another user's "
+                                    "kernel; choose other ports"),
                   "connection");
     }
   }

@@ -312,6 +312,13 @@ BridgeMetrics::BridgeMetrics(MetricsRegistry& r)
       api_requests(r.counter("kb_api_requests_total",
                              "Control API requests, by method, route and HTTP status.",
                              {"method", "route", "code"})),
+      api_connections_refused(
+          r.counter("kb_api_connections_refused_total",
+                    "Control API connections refused or dropped by the connection limits.", {})),
+      api_internal_errors(r.counter(
+          "kb_api_internal_errors_total",
+          "Unexpected failures while handling a request or an event (answered 500 or logged).",
+          {})),
       up_since(r.gauge("kb_start_time_seconds",
                        "Start time of the bridge, seconds since the Unix epoch.")) {}
 

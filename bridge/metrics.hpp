@@ -134,6 +134,8 @@ struct BridgeMetrics {
   HistogramFamily& unicore_latency;  // kb_unicore_request_duration_seconds{site,method}
   CounterFamily& unicore_errors;     // kb_unicore_request_errors_total{site,kind}
   CounterFamily& api_requests;       // kb_api_requests_total{method,route,code}
+  CounterFamily& api_connections_refused;  // kb_api_connections_refused_total (limits)
+  CounterFamily& api_internal_errors;      // kb_api_internal_errors_total (500s, handler faults)
   GaugeFamily& up_since;             // kb_start_time_seconds (unix time)
 };
 

@@ -3,6 +3,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <csignal>
@@ -21,6 +22,7 @@
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
+#include "common/text.hpp"
 #include "tunnel/ssh_connection.hpp"
 
 namespace kb::bridge {
@@ -56,6 +58,28 @@ std::shared_ptr<const std::string> read_agent(const SiteConfig& site) {
   std::ostringstream bytes;
   bytes << in.rdbuf();
   return std::make_shared<const std::string>(bytes.str());
+}
+
+// Connections to the control API and each kernel's sockets are file descriptors: raise the soft
+// limit towards the hard one (systemd's default soft limit is 1024), so that the connection
+// limits, not EMFILE, decide who is turned away.
+void raise_descriptor_limit(const BridgeConfig& config) {
+  struct rlimit limit {};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+  const rlim_t wanted = std::min<rlim_t>(limit.rlim_max, 65536);
+  if (limit.rlim_cur < wanted) {
+    const rlim_t before = limit.rlim_cur;
+    limit.rlim_cur = wanted;
+    if (::setrlimit(RLIMIT_NOFILE, &limit) == 0) {
+      spdlog::debug("open-file limit raised from {} to {}", before, wanted);
+    }
+  }
+  const rlim_t needed = 2 * config.api.max_connections + 256;
+  if (limit.rlim_cur < needed) {
+    spdlog::warn("the open-file limit ({}) is below what api.max_connections needs for both "
+                 "listeners ({}); raise LimitNOFILE",
+                 limit.rlim_cur, needed);
+  }
 }
 
 }  // namespace
@@ -161,7 +185,19 @@ int run_serve(const ServeOptions& options) {
   wait_signal();
   ::signal(SIGPIPE, SIG_IGN);
 
-  io.run();
+  raise_descriptor_limit(config);
+  // Last line of defence: a handler that throws (a bug) must not take every user's kernels with
+  // it. Asio lets run() be called again after an exception; the fault is logged and counted.
+  for (;;) {
+    try {
+      io.run();
+      break;
+    } catch (const std::exception& e) {
+      metrics.api_internal_errors.unlabelled().inc();
+      spdlog::critical("internal error in an event handler, the bridge goes on: {}",
+                       printable(e.what(), 400));
+    }
+  }
 
   api.reset();
   lifecycle.reset();

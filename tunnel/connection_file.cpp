@@ -15,6 +15,8 @@
 #include <sstream>
 #include <vector>
 
+#include "common/files.hpp"
+
 namespace kb::tunnel {
 
 namespace {
@@ -130,14 +132,13 @@ ConnectionInfo parse_connection_info(const nlohmann::json& j, const std::string&
 }
 
 ConnectionInfo read_connection_file(const std::string& path, ParseOptions options) {
-  std::ifstream in(path);
-  if (!in) {
-    throw ConnectionFileError("cannot read connection file " + path + ": " +
-                              std::strerror(errno));
+  std::string content;
+  try {
+    content = read_small_file(path, 64 * 1024);  // Jupyter writes a few hundred bytes
+  } catch (const FileReadError& e) {
+    throw ConnectionFileError("cannot read connection file " + path + ": " + e.reason());
   }
-  std::stringstream content;
-  content << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(content.str(), nullptr, /*allow_exceptions=*/false);
+  nlohmann::json j = nlohmann::json::parse(content, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) fail(path, "is not valid JSON");
   return parse_connection_info(j, path, options);
 }

@@ -203,6 +203,15 @@ Result<std::string> UnicoreClient::file_url(const std::string& storage, const st
   for (unsigned char c : p) {
     if (c < 0x20 || c == 0x7f) return invalid_argument("file path contains a control character");
   }
+  // ".." would be normalised away by the server or a proxy (RFC 3986 5.2.4) and the request, with
+  // the user's token, would then reach a resource outside the job's storage: refuse it here.
+  for (std::size_t start = 0; start <= p.size();) {
+    const std::size_t end = std::min(p.find('/', start), p.size());
+    const std::string_view segment(p.data() + start, end - start);
+    if (segment == "..")
+      return invalid_argument("file path '" + p + "' leaves the job's working directory ('..')");
+    start = end + 1;
+  }
   return base + "/files/" + percent_encode(p, /*keep_slash=*/true);
 }
 

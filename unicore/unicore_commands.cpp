@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "bridge/commands.hpp"
+#include "common/files.hpp"
 #include "unicore/client.hpp"
 
 namespace kb::unicore {
@@ -54,9 +55,12 @@ std::string read_secret_file(const std::string& path, const char* what) {
                  "chmod 600 it\n",
                  what, path.c_str());
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) usage_error(std::string("cannot read the ") + what + " file " + path);
-  std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string s;
+  try {
+    s = read_small_file(path, 1024 * 1024);
+  } catch (const FileReadError& e) {
+    usage_error(std::string("cannot read the ") + what + " file " + path + ": " + e.reason());
+  }
   while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.pop_back();
   if (s.empty()) usage_error(std::string("the ") + what + " file " + path + " is empty");
   return s;
@@ -256,7 +260,18 @@ void cmd_details(const CliOptions& o, const std::string& id) {
     return;
   }
   if (!d.available) {
-    std::cout << "no batch system details yet (the job has not reached the batch system)\n";
+    // Why there are none depends on where the job is: not yet in the batch system, or out of it.
+    JobInfo j = s.job_info(id);
+    if (is_terminal(j.status)) {
+      std::cout << "no batch system details: the job has ended (" << to_string(j.status)
+                << (j.termination_time.empty() ? "" : " at " + j.termination_time)
+                << ") and the site reports none for it\n";
+    } else if (j.status == JobStatus::running) {
+      std::cout << "no batch system details: the site does not report them for this job\n";
+    } else {
+      std::cout << "no batch system details yet (the job is " << to_string(j.status)
+                << " and has not reached the batch system)\n";
+    }
     return;
   }
   std::cout << "batch id:    " << d.batch_job_id << "\n"

@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -180,6 +181,30 @@ TEST(Config, LoadReportsAMissingFile) {
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
     EXPECT_EQ(std::string(e.what()), "/nonexistent/kernel-bridge.toml: cannot read the configuration file: No such file or directory");
+  }
+}
+
+// Issue 15: `config check` / `serve` on /dev/zero read forever, on a FIFO blocked forever, and a
+// directory was reported as "missing table [bridge]". Each is refused at once, naming what it is.
+TEST(Config, LoadRefusesWhatIsNotASmallRegularFile) {
+  test::TempDir dir;
+  const std::string fifo = dir.file("fifo.toml");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const std::string big = dir.file("big.toml");
+  dir.write("big.toml", "# " + std::string(kMaxConfigBytes, 'x') + "\n", 0644);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"/dev/zero", "it is a character device, not a regular file"},
+      {fifo, "it is a FIFO (named pipe), not a regular file"},
+      {dir.path(), "it is a directory, not a regular file"},
+      {big, "it is larger than 1 MiB; is it the right file?"},
+  };
+  for (const auto& [path, reason] : cases) {
+    try {
+      load_config(path);
+      ADD_FAILURE() << path << ": expected ConfigError";
+    } catch (const ConfigError& e) {
+      EXPECT_EQ(std::string(e.what()), path + ": cannot read the configuration file: " + reason);
+    }
   }
 }
 

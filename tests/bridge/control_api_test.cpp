@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -19,6 +20,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <atomic>
 #include <filesystem>
 #include <future>
 #include <nlohmann/json.hpp>
@@ -26,6 +28,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/text.hpp"
 #include "tests/bridge/fake_kernel_service.hpp"
 #include "tests/bridge/temp_dir.hpp"
 
@@ -199,6 +202,61 @@ class ControlApiTest : public ::testing::Test {
   Reply unix_request(http::verb verb, const std::string& target, const std::string& body = "",
                      std::map<std::string, std::string> headers = {}) {
     return unix_requests({make(verb, target, body, headers)}).at(0);
+  }
+
+  // Sends bytes as they are (no HTTP library in between) over a new connection and returns all
+  // the server answers until it closes; the request should say "Connection: close".
+  std::string raw(const std::string& bytes, bool over_tcp) {
+    const std::string path = config_.api.unix_socket;
+    const auto port = tcp_port_;
+    std::packaged_task<std::string()> task([bytes, over_tcp, path, port] {
+      net::io_context client;
+      beast::error_code ec;
+      std::string answer;
+      char buf[4096];
+      auto exchange_raw = [&](auto& socket) {
+        timeval guard{30, 0};
+        ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &guard, sizeof guard);
+        net::write(socket, net::buffer(bytes), ec);
+        for (;;) {
+          std::size_t n = socket.read_some(net::buffer(buf), ec);
+          if (ec) break;
+          answer.append(buf, n);
+        }
+      };
+      if (over_tcp) {
+        net::ip::tcp::socket socket(client);
+        socket.connect({net::ip::make_address("127.0.0.1"), port});
+        exchange_raw(socket);
+      } else {
+        net::local::stream_protocol::socket socket(client);
+        socket.connect(net::local::stream_protocol::endpoint(path));
+        exchange_raw(socket);
+      }
+      return answer;
+    });
+    auto future = task.get_future();
+    std::thread thread(std::move(task));
+    std::string answer = run_until(future);
+    thread.join();
+    return answer;
+  }
+  // The JSON body of a raw answer (what follows the blank line), or a discarded value.
+  static json body_of(const std::string& answer) {
+    const auto start = answer.find("\r\n\r\n");
+    if (start == std::string::npos) return json(json::value_t::discarded);
+    return json::parse(answer.substr(start + 4), nullptr, false);
+  }
+  // One request over either transport: Unix as this process's user, TCP with alice's token.
+  std::string request_both(bool over_tcp, const std::string& method, const std::string& target,
+                           const std::string& body = "", const std::string& extra_headers = "") {
+    std::string text = method + " " + target + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n";
+    if (over_tcp) text += "Authorization: Bearer " + kAliceToken + "\r\n";
+    text += extra_headers;
+    if (!body.empty())
+      text += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+              "\r\n";
+    return raw(text + "\r\n" + body, over_tcp);
   }
 
   std::string create_as(const std::string& token, int base_port = 40000) {
@@ -568,6 +626,7 @@ TEST_F(ControlApiTest, GarbageIsAnsweredWith400AndTheServerStaysUp) {
 // api.read_timeout instead of holding a connection forever.
 TEST_F(ControlApiTest, SilentOrSlowClientsAreDisconnected) {
   BridgeConfig quick = config_;
+  quick.api.header_timeout = std::chrono::seconds(1);
   quick.api.read_timeout = std::chrono::seconds(1);
   quick.api.unix_socket = dir_.file("run/quick.sock");
   quick.api.tcp.reset();
@@ -787,6 +846,177 @@ TEST_F(ControlApiTest, StaleSocketIsReplacedButALiveOneIsNot) {
   ControlApi third(io_, config_, service_, credentials_, metrics_);
   EXPECT_THROW(third.start(), std::runtime_error);
   EXPECT_TRUE(std::filesystem::is_regular_file(config_.api.unix_socket));
+}
+
+// Issue 15: requests that used to end the daemon (an exception escaping the handler). Each is sent
+// over the real Unix socket and the real TCP listener; the API must answer and keep serving.
+TEST_F(ControlApiTest, OverflowingNumbersAre400AndTheApiGoesOn) {
+  json nodes = kernel_request();
+  const std::string digits(5001, '9');
+  std::string huge_nodes = nodes.dump();
+  huge_nodes.replace(huge_nodes.find("{}"), 2, "{\"nodes\": " + digits + "}");
+  const std::string huge_integer = "{\"site\": \"demo\", \"lease\": 18446744073709551616}";
+  for (bool over_tcp : {false, true}) {
+    SCOPED_TRACE(over_tcp ? "tcp" : "unix");
+    for (const std::string& body : {std::string("1e400"), huge_nodes, huge_integer,
+                                    std::string("[-1e400]")}) {
+      const std::string answer = request_both(over_tcp, "POST", "/v1/kernels", body);
+      EXPECT_THAT(answer, HasSubstr("HTTP/1.1 400")) << body.substr(0, 60);
+      EXPECT_TRUE(body_of(answer).contains("error")) << answer.substr(0, 300);
+    }
+    const std::string expiry =
+        request_both(over_tcp, "PUT", "/v1/users/" + std::string(over_tcp ? "alice" : current_user()) +
+                                          "/credentials",
+                     "{\"token\": \"abc\", \"expires_at\": 1e300}");
+    EXPECT_THAT(expiry, HasSubstr("HTTP/1.1 400"));
+    EXPECT_THAT(expiry, HasSubstr("expires_at"));
+  }
+  EXPECT_EQ(unix_request(http::verb::get, "/v1/health").status, 200);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels", kAliceToken).status, 200);
+  EXPECT_THAT(log_.str(), ::testing::Not(HasSubstr("internal error")));
+}
+
+TEST_F(ControlApiTest, InvalidUtf8InPathsAndHeadersIsQuotedNotFatal) {
+  struct Case {
+    std::string method, target, headers;
+    int status;
+    std::string quoted;  // how the message shows the bad byte
+  };
+  const std::vector<Case> cases = {
+      {"GET", "/v1/kernels/%ff", "", 404, "\\xff"},
+      {"DELETE", "/v1/kernels/%c3%28", "", 404, "\\xc3("},
+      {"GET", "/v1/\xff\xfe", "", 404, "\\xff\\xfe"},
+      {"POST", "/v1/kernels/%ff/interrupt", "", 404, "\\xff"},
+      {"GET", "/v1/kernels", "X-Kernel-Bridge-User: \xff\xfe\r\n", 403, "\\xff\\xfe"},
+  };
+  for (bool over_tcp : {false, true}) {
+    for (const auto& c : cases) {
+      SCOPED_TRACE((over_tcp ? "tcp " : "unix ") + c.method + " " + printable(c.target));
+      const std::string answer = request_both(over_tcp, c.method, c.target, "", c.headers);
+      EXPECT_THAT(answer, HasSubstr("HTTP/1.1 " + std::to_string(c.status)));
+      const json body = body_of(answer);
+      ASSERT_TRUE(body.is_object()) << answer;
+      // The byte is quoted, not echoed: the body is valid JSON and names it.
+      EXPECT_THAT(body["error"].get<std::string>(), HasSubstr(c.quoted));
+    }
+  }
+  EXPECT_EQ(unix_request(http::verb::get, "/v1/health").status, 200);
+  EXPECT_THAT(log_.str(), ::testing::Not(HasSubstr("internal error")));
+}
+
+// The class, not the instances: whatever a handler throws becomes a 500 for that request only.
+TEST_F(ControlApiTest, AFailingHandlerIs500AndTheApiGoesOn) {
+  service_.list_throws = true;
+  for (bool over_tcp : {false, true}) {
+    const std::string answer = request_both(over_tcp, "GET", "/v1/kernels");
+    EXPECT_THAT(answer, HasSubstr("HTTP/1.1 500"));
+    EXPECT_THAT(body_of(answer)["error"].get<std::string>(), HasSubstr("internal error"));
+  }
+  service_.list_throws = false;
+  EXPECT_EQ(unix_request(http::verb::get, "/v1/kernels").status, 200);
+  EXPECT_THAT(log_.str(), HasSubstr("fake: list() failed"));
+  EXPECT_THAT(metrics_.registry.render(), HasSubstr("kb_api_internal_errors_total 2"));
+}
+
+TEST_F(ControlApiTest, MediaTypesAreCaseInsensitiveAndExact) {
+  auto post_with = [&](const std::string& type, int base) {
+    json body = kernel_request();
+    body["connection"] = connection_file(base);
+    const std::string text = body.dump();
+    return raw("POST /v1/kernels HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: " +
+                   type + "\r\nContent-Length: " + std::to_string(text.size()) + "\r\n\r\n" + text,
+               false);
+  };
+  EXPECT_THAT(post_with("APPLICATION/JSON", 41000), HasSubstr("HTTP/1.1 201"));
+  EXPECT_THAT(post_with("application/json; charset=utf-8", 41010), HasSubstr("HTTP/1.1 201"));
+  EXPECT_THAT(post_with("application/jsonx", 41020), HasSubstr("HTTP/1.1 415"));
+  EXPECT_THAT(post_with("text/plain", 41030), HasSubstr("HTTP/1.1 415"));
+}
+
+TEST_F(ControlApiTest, BadOrUnknownQueryParametersAre400) {
+  const std::string id = create_as(kAliceToken);
+  for (const std::string& query :
+       {"?wait=abc", "?wait=", "?after=3", "?wait=1s&after=x", "?wiat=30s"}) {
+    Reply r = tcp(http::verb::get, "/v1/kernels/" + id + query, kAliceToken);
+    EXPECT_EQ(r.status, 400) << query << " " << r.raw;
+  }
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels?wait=abc", kAliceToken).status, 400);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/kernels/" + id + "?wait=0s&after=0", kAliceToken).status,
+            200);
+}
+
+TEST_F(ControlApiTest, LongIdsAreCutInLogsAndErrors) {
+  const std::string id(10000, 'k');
+  Reply r = tcp(http::verb::get, "/v1/kernels/" + id, kAliceToken);
+  EXPECT_EQ(r.status, 404);
+  EXPECT_LT(r.raw.size(), 400u);
+  EXPECT_THAT(r.raw, HasSubstr("10000 bytes"));
+  std::istringstream lines(log_.str());
+  for (std::string line; std::getline(lines, line);) EXPECT_LT(line.size(), 600u) << line;
+}
+
+// Issue 15: 1000 idle TCP connections without a token used to take every slot, Unix callers
+// included. Now the flood holds at most max_unauthenticated slots, the oldest make room for new
+// ones, and the Unix socket and token holders are served throughout.
+TEST_F(ControlApiTest, IdleTcpFloodLocksOutNobody) {
+  rlimit limit{};
+  ::getrlimit(RLIMIT_NOFILE, &limit);
+  limit.rlim_cur = std::min<rlim_t>(limit.rlim_max, 8192);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &limit), 0);
+  const auto port = tcp_port_;
+  std::promise<void> opened, release;
+  auto opened_future = opened.get_future();
+  auto release_future = release.get_future().share();
+  std::atomic<int> closed_by_server{0};
+  std::thread flood([&, port, release_future] {
+    net::io_context client;
+    std::vector<std::unique_ptr<net::ip::tcp::socket>> sockets;
+    for (int i = 0; i < 1000; ++i) {
+      auto s = std::make_unique<net::ip::tcp::socket>(client);
+      beast::error_code ec;
+      s->connect({net::ip::make_address("127.0.0.1"), port}, ec);
+      if (!ec) sockets.push_back(std::move(s));
+    }
+    opened.set_value();
+    release_future.wait();
+    for (auto& s : sockets) {
+      char byte;
+      if (::recv(s->native_handle(), &byte, 1, MSG_DONTWAIT) == 0) ++closed_by_server;
+    }
+  });
+  run_until(opened_future);
+  // Let the server accept the backlog (it drops the oldest unauthenticated beyond 64).
+  for (int i = 0; i < 50; ++i) io_.run_for(std::chrono::milliseconds(20));
+  for (int round = 0; round < 5; ++round) {
+    EXPECT_EQ(unix_request(http::verb::get, "/v1/health").status, 200);
+    EXPECT_EQ(unix_request(http::verb::get, "/v1/kernels").status, 200);
+    EXPECT_EQ(tcp(http::verb::get, "/v1/kernels", kAliceToken).status, 200);
+  }
+  release.set_value();
+  flood.join();
+  EXPECT_GE(closed_by_server.load(), 1000 - 64 - 1);
+  EXPECT_THAT(metrics_.registry.render(), HasSubstr("kb_api_connections_refused_total"));
+  EXPECT_THAT(log_.str(), HasSubstr("TCP connections without a valid token yet"));
+}
+
+// One local user holding many connections reaches its own cap (a 503 naming the limit); the
+// connections it closes are counted back.
+TEST_F(ControlApiTest, OneUserCannotTakeTheUnixSocket) {
+  const std::string path = config_.api.unix_socket;
+  std::vector<std::unique_ptr<net::local::stream_protocol::socket>> held;
+  net::io_context client;
+  for (std::size_t i = 0; i < config_.api.max_connections_per_user; ++i) {
+    auto s = std::make_unique<net::local::stream_protocol::socket>(client);
+    s->connect(net::local::stream_protocol::endpoint(path));
+    held.push_back(std::move(s));
+  }
+  for (int i = 0; i < 20; ++i) io_.run_for(std::chrono::milliseconds(10));
+  const std::string refused = raw("GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n", false);
+  EXPECT_THAT(refused, HasSubstr("HTTP/1.1 503"));
+  EXPECT_THAT(refused, HasSubstr("api.max_connections_per_user"));
+  held.clear();
+  for (int i = 0; i < 20; ++i) io_.run_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(unix_request(http::verb::get, "/v1/health").status, 200);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // FakeKernelService: an in-memory KernelService for the control API's tests. It records what the
 // API asked for and lets a test move kernels through states. Test-only; io_context thread only.
 #include <map>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,8 @@ class FakeKernelService : public KernelService {
   }
 
   std::vector<KernelView> list() const override {
+    // A handler that fails unexpectedly (a bug the control API must survive).
+    if (list_throws) throw std::runtime_error("fake: list() failed");
     std::vector<KernelView> out;
     for (const auto& [id, v] : kernels_) out.push_back(v);
     return out;
@@ -90,6 +93,7 @@ class FakeKernelService : public KernelService {
 
   std::vector<Call> calls;
   std::optional<ServiceError> next_create_error;
+  bool list_throws = false;
   std::optional<ServiceError> next_action_error;
   std::optional<KernelRequest> last_request;
   std::map<std::string, int> watches;  // watched() calls by kernel id

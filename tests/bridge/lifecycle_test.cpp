@@ -430,6 +430,20 @@ TEST_F(LifecycleTest, PortsOfALiveKernelAreAConflict) {
   EXPECT_EQ(std::get<ServiceError>(v).kind, ServiceErrorKind::conflict);
 }
 
+// Issue 15: the conflict names the kernel only to its owner; to anyone else it is not there.
+TEST_F(LifecycleTest, APortConflictNamesTheKernelOnlyToItsOwner) {
+  const std::string mine = ready_kernel(request(50000));
+  credentials.set("bob", "tok-bob", std::nullopt);
+  auto theirs = create(request(50003, "other"), Caller{"bob", false, false, "test bob"});
+  ASSERT_TRUE(std::holds_alternative<ServiceError>(theirs));
+  EXPECT_EQ(std::get<ServiceError>(theirs).kind, ServiceErrorKind::conflict);
+  EXPECT_EQ(std::get<ServiceError>(theirs).message.find(mine), std::string::npos);
+  EXPECT_NE(std::get<ServiceError>(theirs).message.find("another user's kernel"), std::string::npos);
+  auto own = create(request(50003, "other"));
+  ASSERT_TRUE(std::holds_alternative<ServiceError>(own));
+  EXPECT_NE(std::get<ServiceError>(own).message.find(mine), std::string::npos);
+}
+
 // ---- ends and their reasons -------------------------------------------------------------------
 
 TEST_F(LifecycleTest, RefusedTokenEndsWithCredentialsRefusedNamingTheSite) {

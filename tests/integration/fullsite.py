@@ -103,7 +103,8 @@ class FullSite:
 
     def __init__(self, state_dir=None, queue_delay=1.0, users=("root", "alice", "bob"),
                  site_name="box", restart_grace="20s", serve=True, extra_site_toml="",
-                 log_level="debug", admin_users=(), agent_mode="installed", loopback=None):
+                 log_level="debug", admin_users=(), agent_mode="installed", loopback=None,
+                 extra_api_toml=""):
         self.own_dir = state_dir is None
         self.dir = state_dir or tempfile.mkdtemp(prefix="kb-full-")
         os.makedirs(self.dir, exist_ok=True)
@@ -116,6 +117,7 @@ class FullSite:
         self.extra_site_toml = extra_site_toml
         self.log_level = log_level
         self.admin_users = list(admin_users)
+        self.extra_api_toml = extra_api_toml  # more [api] keys, e.g. a TCP listener
         self.agent_mode = agent_mode  # "installed" (BIN on the site) or "upload" (staged per job)
         self.loopback = loopback  # SiteBox's choice: None = namespaces where possible
         self.box = None
@@ -192,6 +194,7 @@ restart_grace = {toml_str(self.restart_grace)}
 [api]
 unix_socket = {toml_str(self.socket_path)}
 admin_users = {json.dumps(self.admin_users)}
+{self.extra_api_toml}
 
 [[site]]
 name = {toml_str(self.site_name)}

@@ -136,6 +136,44 @@ TEST_F(CliTest, FailedJobShowsTheReason) {
       << st.out;
 }
 
+// Issue 15: a job that ended without reaching the batch system was reported as "has not reached
+// the batch system" yet; the message now says it has ended. And `cat` refuses paths with "..",
+// which the server would normalise to a resource outside the job's storage.
+TEST_F(CliTest, DetailsOfAnEndedJobAndPathsOutsideTheStorage) {
+  site.reset();
+  testing::SiteOptions slow;
+  slow.queue_delay = 60;
+  site = std::make_unique<TestSite>(slow);
+  token_file = site->dir() + "/token";
+  std::ofstream(token_file) << "tok-alice\n";
+  std::filesystem::permissions(token_file, std::filesystem::perms::owner_read |
+                                               std::filesystem::perms::owner_write);
+  CliRun s = run(common() + "submit --executable 'echo never'");
+  ASSERT_EQ(s.code, 0) << s.err;
+  const std::string job = s.out.substr(0, s.out.find('\n'));
+  CliRun queued = run(common() + "details '" + job + "'");
+  ASSERT_EQ(queued.code, 0) << queued.err;
+  EXPECT_NE(queued.out.find("has not reached the batch system"), std::string::npos) << queued.out;
+  ASSERT_EQ(run(common() + "abort '" + job + "'").code, 0);
+  CliRun ended;
+  for (int i = 0; i < 100; ++i) {
+    ended = run(common() + "details '" + job + "'");
+    if (ended.out.find("has ended") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_NE(ended.out.find("no batch system details: the job has ended (FAILED"),
+            std::string::npos)
+      << ended.out;
+  for (const char* path : {"../../../etc/passwd", "a/../../x", ".."}) {
+    CliRun cat = run(common() + "cat '" + job + "' '" + path + "'");
+    EXPECT_EQ(cat.code, 2) << path << ": " << cat.out;
+    EXPECT_NE(cat.err.find("leaves the job's working directory"), std::string::npos) << cat.err;
+  }
+  // Nothing was asked of the site for them.
+  for (const auto& request : site->take_requests())
+    EXPECT_EQ(request.value("path", "").find("passwd"), std::string::npos) << request.dump();
+}
+
 TEST_F(CliTest, RemoteErrorsExitOneUsageErrorsExitTwo) {
   std::ofstream(token_file) << "tok-wrong\n";
   CliRun refused = run(common() + "info");
