@@ -245,7 +245,11 @@ std::string MetricsRegistry::render() const {
 
   std::lock_guard lock(mutex_);
   std::string out;
-  for (const auto& [name, entry] : entries_) {
+  for (const auto& item : entries_) {
+    // Not a structured binding: lambdas below use the name, and clang (the fuzz build) does not
+    // let a lambda capture a structured binding before C++20's P1091 is implemented.
+    const std::string& name = item.first;
+    const Entry& entry = item.second;
     switch (entry.type) {
       case Entry::Type::counter: {
         out += "# HELP " + name + " " + escape_help(entry.counter->help()) + "\n";
