@@ -1,6 +1,8 @@
 // The tunnel library's subcommands: `kernel-bridge agent` (compute node) and `kernel-bridge tunnel`
-// (standalone hub side, used by tests and benchmarks before the daemon exists). The contract both
-// follow is docs/agent.md and the CLI contract in the integration tests (tests/integration).
+// (standalone hub side for tests and benchmarks: the same tunnel::HubKernel the daemon drives, plus
+// what only a command needs — connection files read and rewritten, events and stats as JSON lines
+// on stdout). The contract both follow is docs/agent.md and the CLI contract in the integration
+// tests (tests/integration).
 #include "bridge/commands.hpp"
 #include "common/overloaded.hpp"
 #include "tunnel/agent.hpp"
