@@ -9,6 +9,9 @@
 
 #include "auth/secret.hpp"
 #include "bridge/metrics.hpp"
+#include "common/overloaded.hpp"
+#include "tunnel/kernel_process.hpp"
+#include "tunnel/link_session.hpp"
 
 namespace kb::bridge {
 
@@ -40,30 +43,6 @@ std::string replace_all(std::string text, const std::string& from, const std::st
     pos += to.size();
   }
   return text;
-}
-
-std::string signal_name(int signal) {
-  switch (signal) {
-    case 1: return "SIGHUP";
-    case 2: return "SIGINT";
-    case 3: return "SIGQUIT";
-    case 6: return "SIGABRT";
-    case 9: return "SIGKILL";
-    case 11: return "SIGSEGV";
-    case 15: return "SIGTERM";
-    default: return "signal " + std::to_string(signal);
-  }
-}
-
-std::optional<int> signal_number(const std::string& name) {
-  static const std::pair<const char*, int> names[] = {
-      {"SIGHUP", 1}, {"SIGINT", 2},  {"SIGQUIT", 3},  {"SIGILL", 4},  {"SIGABRT", 6},
-      {"SIGBUS", 7}, {"SIGFPE", 8},  {"SIGKILL", 9},  {"SIGUSR1", 10}, {"SIGSEGV", 11},
-      {"SIGUSR2", 12}, {"SIGPIPE", 13}, {"SIGALRM", 14}, {"SIGTERM", 15}};
-  for (const auto& [n, v] : names) {
-    if (name == n) return v;
-  }
-  return std::nullopt;
 }
 
 bool is_walltime_message(const std::string& message) {
@@ -476,10 +455,9 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   spec.site = site;
   spec.connection = hub;
   spec.secret = secret;
-  spec.scratch_dir = options_.scratch_dir;
   std::weak_ptr<Allocation> weak = alloc;
   std::weak_ptr<bool> alive = alive_;
-  alloc->link = links_(spec, [this, weak, alive](const nlohmann::json& event) {
+  alloc->link = links_(spec, [this, weak, alive](const LinkEvent& event) {
     if (alive.expired()) return;
     auto a = weak.lock();
     if (!a) return;
@@ -1107,116 +1085,118 @@ void KernelLifecycle::on_job_end(const AllocPtr& alloc, const unicore::JobInfo& 
 // ------------------------------------------------------------------------------------------------
 // The link
 
-void KernelLifecycle::on_link_event(const AllocPtr& alloc, const nlohmann::json& event) {
-  const std::string type = event.value("event", std::string());
+void KernelLifecycle::on_link_event(const AllocPtr& alloc, const LinkEvent& event) {
+  namespace hub_event = tunnel::hub_event;
   Kernel* k = attached(alloc);
-  if (type == "listening") return;
-  if (type == "link_up") {
-    alloc->link_up = true;
-    note_site(alloc->site->name, "ssh", true, "");
-    if (alloc->ever_up) {
-      if (metrics_) metrics_->link_reconnects.with({alloc->site->name}).inc();
-      if (k) {
-        ++k->view.link_reconnects;
-        progress(*k, "link to the agent re-established");
-      }
-    } else if (k) {
-      progress(*k, "link to the agent is up; the kernel is starting");
-    }
-    alloc->ever_up = true;
-    if (k && alloc->kernel_running &&
-        (k->view.state == KernelState::reconnecting || k->view.state == KernelState::connecting)) {
-      set_state(*k, KernelState::ready);
-    }
-    return;
-  }
-  if (type == "link_down") {
-    alloc->link_up = false;
-    std::string reason = event.value("reason", std::string());
-    alloc->last_link_error = reason;
-    if (alloc->torn_down) return;
-    if (k && k->view.state == KernelState::ready) {
-      set_state(*k, KernelState::reconnecting);
-    }
-    if (k) progress(*k, "link to the agent lost (" + reason + "); reconnecting");
-    return;
-  }
-  if (type == "kernel_started") {
-    bool was_restart = alloc->restart_pending || event.value("restart", false);
-    alloc->restart_pending = false;
-    alloc->kernel_running = true;
-    alloc->kernel_started_once = true;
-    alloc->connect_timer.cancel();
-    if (!k) return;
-    progress(*k, std::string(was_restart ? "kernel restarted" : "kernel started") + " (pid " +
-                     std::to_string(event.value("pid", 0)) + ") on " +
-                     (alloc->node.empty() ? std::string("the compute node") : alloc->node));
-    if (alloc->link_up) set_state(*k, KernelState::ready);
-    return;
-  }
-  if (type == "kernel_exited") {
-    alloc->kernel_running = false;
-    std::optional<int> code, signal;
-    if (event.contains("code") && event["code"].is_number_integer()) code = event["code"].get<int>();
-    std::string signal_text;
-    if (event.contains("signal") && event["signal"].is_string()) {
-      signal_text = event["signal"].get<std::string>();
-      signal = signal_number(signal_text);
-    }
-    std::string how = code ? "with code " + std::to_string(*code)
-                           : !signal_text.empty() ? "by " + signal_text : std::string("");
-    if (alloc->restart_pending) {
-      if (k) progress(*k, "the previous kernel exited (" + how + "); the new one is starting");
-      return;
-    }
-    if (alloc->agent_terminating || alloc->torn_down) return;  // the job's end says why
-    if (!k) return;
-    std::string reason = "the kernel exited " + how;
-    if (signal && !code) reason = "the kernel was killed by " + (signal_text.empty() ? signal_name(*signal) : signal_text);
-    if (code && *code != 0) reason += "; its output is in job " + alloc->job_id + "'s stderr";
-    end_kernel(*k, EndCause::kernel_exited, reason, code, signal);
-    return;
-  }
-  if (type == "agent_terminating") {
-    alloc->agent_terminating = true;
-    if (k) progress(*k, "the agent is terminating: " + event.value("reason", std::string()));
-    // The job's final status says why (walltime, cancelled): ask now rather than at the next poll.
-    if (!alloc->job_terminal && alloc->watcher) watch(alloc);
-    return;
-  }
-  if (type == "ssh_refused") {
-    std::string message = event.value("message", std::string());
-    alloc->link_dead = true;
-    alloc->last_link_error = message;
-    note_site(alloc->site->name, "ssh", false, message);
-    if (event.value("cause", std::string()) == "host_key_mismatch") {
-      return end_attached(alloc, EndCause::host_key_mismatch,
-                          message + ". The login host's key does not match the site's known_hosts (" +
-                              alloc->site->known_hosts +
-                              "): ask the site for its host key fingerprint and update the file; "
-                              "nothing was sent over the refused connection.");
-    }
-    return end_attached(alloc, EndCause::link_failed,
-                        message + ". Check the site's ssh_user and ssh_identity.");
-  }
-  if (type == "error") {
-    std::string message = event.value("message", std::string());
-    alloc->last_link_error = message;
-    if (k) progress(*k, message);
-    return;
-  }
-  if (type == "closed") {
-    alloc->link_up = false;
-    alloc->link_dead = true;
-    if (alloc->torn_down || !k) return;
-    if (alloc->agent_terminating || alloc->job_terminal) {
-      if (!alloc->job_terminal && alloc->watcher) watch(alloc);  // its end says why
-      return;
-    }
-    end_attached(alloc, EndCause::link_failed,
-                 "the link to the agent closed: " + event.value("reason", std::string()));
-    return;
-  }
+  std::visit(
+      kb::Overloaded{
+          [](const hub_event::Listening&) {},
+          [&](const hub_event::LinkUp&) {
+            alloc->link_up = true;
+            note_site(alloc->site->name, "ssh", true, "");
+            if (alloc->ever_up) {
+              if (metrics_) metrics_->link_reconnects.with({alloc->site->name}).inc();
+              if (k) {
+                ++k->view.link_reconnects;
+                progress(*k, "link to the agent re-established");
+              }
+            } else if (k) {
+              progress(*k, "link to the agent is up; the kernel is starting");
+            }
+            alloc->ever_up = true;
+            if (k && alloc->kernel_running &&
+                (k->view.state == KernelState::reconnecting ||
+                 k->view.state == KernelState::connecting)) {
+              set_state(*k, KernelState::ready);
+            }
+          },
+          [&](const hub_event::LinkDown& down) {
+            alloc->link_up = false;
+            alloc->last_link_error = down.reason;
+            if (alloc->torn_down) return;
+            if (k && k->view.state == KernelState::ready) {
+              set_state(*k, KernelState::reconnecting);
+            }
+            if (k) progress(*k, "link to the agent lost (" + down.reason + "); reconnecting");
+          },
+          [&](const hub_event::KernelStarted& started) {
+            bool was_restart = alloc->restart_pending || started.restart;
+            alloc->restart_pending = false;
+            alloc->kernel_running = true;
+            alloc->kernel_started_once = true;
+            alloc->connect_timer.cancel();
+            if (!k) return;
+            progress(*k, std::string(was_restart ? "kernel restarted" : "kernel started") +
+                             " (pid " + std::to_string(started.pid) + ") on " +
+                             (alloc->node.empty() ? std::string("the compute node") : alloc->node));
+            if (alloc->link_up) set_state(*k, KernelState::ready);
+          },
+          [&](const hub_event::KernelExited& exited) {
+            alloc->kernel_running = false;
+            // Signal names are for people; the view keeps the number.
+            std::string signal =
+                exited.signal ? tunnel::ProcessExit::signal_name(*exited.signal) : std::string();
+            std::string how = exited.code ? "with code " + std::to_string(*exited.code)
+                              : exited.signal ? "by " + signal
+                                              : std::string("");
+            if (alloc->restart_pending) {
+              if (k) {
+                progress(*k, "the previous kernel exited (" + how + "); the new one is starting");
+              }
+              return;
+            }
+            if (alloc->agent_terminating || alloc->torn_down) return;  // the job's end says why
+            if (!k) return;
+            std::string reason = "the kernel exited " + how;
+            if (exited.signal && !exited.code) reason = "the kernel was killed by " + signal;
+            if (exited.code && *exited.code != 0) {
+              reason += "; its output is in job " + alloc->job_id + "'s stderr";
+            }
+            end_kernel(*k, EndCause::kernel_exited, reason, exited.code, exited.signal);
+          },
+          [&](const hub_event::AgentTerminating& terminating) {
+            alloc->agent_terminating = true;
+            if (k) progress(*k, "the agent is terminating: " + terminating.reason);
+            // The job's final status says why (walltime, cancelled): ask now rather than at the
+            // next poll.
+            if (!alloc->job_terminal && alloc->watcher) watch(alloc);
+          },
+          [&](const SshRefused& refused) {
+            alloc->link_dead = true;
+            alloc->last_link_error = refused.message;
+            note_site(alloc->site->name, "ssh", false, refused.message);
+            switch (refused.cause) {
+              case SshRefused::Cause::host_key_mismatch:
+                return end_attached(
+                    alloc, EndCause::host_key_mismatch,
+                    refused.message +
+                        ". The login host's key does not match the site's known_hosts (" +
+                        alloc->site->known_hosts +
+                        "): ask the site for its host key fingerprint and update the file; nothing "
+                        "was sent over the refused connection.");
+              case SshRefused::Cause::identity_refused:
+                return end_attached(
+                    alloc, EndCause::link_failed,
+                    refused.message + ". Check the site's ssh_user and ssh_identity.");
+            }
+          },
+          [&](const hub_event::Error& error) {
+            alloc->last_link_error = error.message;
+            if (k) progress(*k, error.message);
+          },
+          [&](const hub_event::Closed& closed) {
+            alloc->link_up = false;
+            alloc->link_dead = true;
+            if (alloc->torn_down || !k) return;
+            if (alloc->agent_terminating || alloc->job_terminal) {
+              if (!alloc->job_terminal && alloc->watcher) watch(alloc);  // its end says why
+              return;
+            }
+            end_attached(alloc, EndCause::link_failed,
+                         "the link to the agent closed: " + closed.reason);
+          },
+      },
+      event);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1224,15 +1204,15 @@ void KernelLifecycle::on_link_event(const AllocPtr& alloc, const nlohmann::json&
 
 void KernelLifecycle::sample_traffic(Allocation& alloc) {
   if (!metrics_ || !alloc.link) return;
-  static const char* names[] = {"shell", "iopub", "stdin", "control", "hb"};
   LinkTraffic now = alloc.link->traffic();
-  for (std::size_t i = 0; i < 5; ++i) {
+  for (std::size_t i = 0; i < tunnel::kChannelKinds; ++i) {
+    const char* channel = tunnel::to_string(tunnel::kAllChannelKinds[i]);
     if (now.to_kernel[i] > alloc.sampled.to_kernel[i]) {
-      metrics_->channel_bytes.with({names[i], "to_kernel"})
+      metrics_->channel_bytes.with({channel, "to_kernel"})
           .inc(static_cast<double>(now.to_kernel[i] - alloc.sampled.to_kernel[i]));
     }
     if (now.from_kernel[i] > alloc.sampled.from_kernel[i]) {
-      metrics_->channel_bytes.with({names[i], "from_kernel"})
+      metrics_->channel_bytes.with({channel, "from_kernel"})
           .inc(static_cast<double>(now.from_kernel[i] - alloc.sampled.from_kernel[i]));
     }
   }

@@ -8,7 +8,7 @@
 // starts a fresh kernel in the running job. Any other end releases the allocation at once (link
 // closed, job aborted), as does the end of the grace.
 // Thread model: construct, call and destroy on the io_context's thread; every callback and listener
-// runs there. Nothing blocks except writing one small 0600 file while a kernel's listeners bind.
+// runs there. Nothing blocks.
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
@@ -59,7 +59,6 @@ struct LifecycleOptions {
   std::chrono::milliseconds tick{5000};  // metrics sampling and pruning of ended kernels
   unicore::WatchPolicy watch;
   std::size_t max_progress = 64;
-  std::string scratch_dir;  // private (0700) dir for transient connection files; required
   // Per site (name): the agent executable's bytes, for sites whose agent is uploaded with the job.
   std::map<std::string, std::shared_ptr<const std::string>> agent_uploads;
 };
@@ -150,7 +149,7 @@ class KernelLifecycle final : public KernelService {
                                               std::chrono::milliseconds::max());
   void token_accepted(const AllocPtr& alloc, int& refusals, const std::string& resuming);
   void on_discovery(const AllocPtr& alloc, const std::string& bytes);
-  void on_link_event(const AllocPtr& alloc, const nlohmann::json& event);
+  void on_link_event(const AllocPtr& alloc, const LinkEvent& event);
   void fail_unicore(const AllocPtr& alloc, const unicore::UnicoreError& error,
                     const std::string& doing);
   void park(const AllocPtr& alloc);

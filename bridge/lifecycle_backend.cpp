@@ -1,10 +1,8 @@
 #include "bridge/lifecycle_backend.hpp"
 
 #include <spdlog/spdlog.h>
-#include <unistd.h>
 
 #include <chrono>
-#include <filesystem>
 
 #include "bridge/metrics.hpp"
 #include "tunnel/connection_file.hpp"
@@ -143,7 +141,6 @@ class SshKernelLink final : public KernelLink {
   }
 
   std::array<std::uint16_t, 5> listen() override {
-    namespace fs = std::filesystem;
     tunnel::ConnectionInfo info;
     const HubConnection& c = spec_.connection;
     info.ip = c.ip;
@@ -155,11 +152,8 @@ class SshKernelLink final : public KernelLink {
     info.port(tunnel::ChannelKind::stdin_) = c.stdin_port;
     info.port(tunnel::ChannelKind::control) = c.control_port;
     info.port(tunnel::ChannelKind::hb) = c.hb_port;
-    // HubKernel reads its endpoints from a connection file: one exists (0600, in a 0700
-    // directory) only while start() reads it.
-    std::string file = (fs::path(spec_.scratch_dir) / (spec_.kernel_id + ".json")).string();
     tunnel::HubKernel::Options options;
-    options.connection_file = file;
+    options.connection = std::move(info);
     options.bind_address = c.ip.empty() ? "127.0.0.1" : c.ip;
     options.agent = "the agent of kernel " + spec_.kernel_id;
     options.secret = spec_.secret;
@@ -176,24 +170,21 @@ class SshKernelLink final : public KernelLink {
       }
       open_channel(std::move(done));
     };
-    hub_ = tunnel::HubKernel::create(io_, options, provider, [weak](nlohmann::json event) {
-      auto shared = weak.lock();
-      if (shared && shared->events) shared->events(event);
-    });
-    std::error_code ec;
+    hub_ = tunnel::HubKernel::create(
+        io_, std::move(options), provider, [weak](const tunnel::HubEvent& event) {
+          auto shared = weak.lock();
+          if (!shared || !shared->events) return;
+          shared->events(std::visit([](const auto& e) -> LinkEvent { return e; }, event));
+        });
+    std::array<std::uint16_t, tunnel::kChannelKinds> bound{};
     try {
-      tunnel::write_connection_file(file, info);
+      bound = hub_->listen().ports;
       hub_->start();
     } catch (const std::exception& e) {
-      fs::remove(file, ec);
       hub_.reset();
       throw LinkListenError(e.what());
     }
-    fs::remove(file, ec);
-    const auto& bound = hub_->connection();
-    return {bound.port(tunnel::ChannelKind::shell), bound.port(tunnel::ChannelKind::iopub),
-            bound.port(tunnel::ChannelKind::stdin_), bound.port(tunnel::ChannelKind::control),
-            bound.port(tunnel::ChannelKind::hb)};
+    return bound;
   }
 
   void connect(const AgentAddress& agent) override {
@@ -224,13 +215,10 @@ class SshKernelLink final : public KernelLink {
   LinkTraffic traffic() const override {
     LinkTraffic t;
     if (!hub_) return t;
-    auto s = hub_->stats();
-    static const char* names[] = {"shell", "iopub", "stdin", "control", "hb"};
-    for (std::size_t i = 0; i < 5; ++i) {
-      if (s.contains("stream_bytes_out")) t.to_kernel[i] = s["stream_bytes_out"].value(names[i], 0ULL);
-      if (s.contains("stream_bytes_in")) t.from_kernel[i] = s["stream_bytes_in"].value(names[i], 0ULL);
-    }
-    t.resumes = s.value("resumes", 0ULL);
+    const auto link = hub_->stats().link;
+    t.to_kernel = link.stream_bytes_out;
+    t.from_kernel = link.stream_bytes_in;
+    t.resumes = link.resumes;
     return t;
   }
 
@@ -279,9 +267,9 @@ class SshKernelLink final : public KernelLink {
           }
           bool permanent = tunnel::is_permanent_ssh_error(ec);
           if (permanent && shared->events) {
-            shared->events({{"event", "ssh_refused"},
-                            {"cause", host_key_error(ec) ? "host_key_mismatch" : "ssh_refused"},
-                            {"message", message}});
+            shared->events(SshRefused{host_key_error(ec) ? SshRefused::Cause::host_key_mismatch
+                                                         : SshRefused::Cause::identity_refused,
+                                      message});
           }
           if (!permanent && spec_.site->login_hosts.size() > 1 &&
               ec == make_error_code(tunnel::SshError::connect_failed)) {

@@ -15,10 +15,12 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <variant>
 
 #include "auth/secret.hpp"
 #include "bridge/config.hpp"
 #include "bridge/kernel_service.hpp"
+#include "tunnel/hub_kernel.hpp"
 #include "tunnel/ssh_connection.hpp"
 #include "unicore/credentials.hpp"
 #include "unicore/job_description.hpp"
@@ -38,6 +40,7 @@ struct BridgeMetrics;
 tunnel::SshOptions site_ssh_options(const SiteConfig& site, const HostPort& login);
 
 // One site's UNICORE server, reduced to what a kernel's job needs. Job arguments are job URLs.
+// Called by KernelLifecycle on the io_context's thread; callbacks run there.
 class JobBackend {
  public:
   template <class T>
@@ -79,23 +82,33 @@ struct AgentAddress {
   std::string hostname;  // the compute node's name (for people)
 };
 
-// What a KernelLink reports; `event` is one of listening, link_up, link_down, kernel_started,
-// kernel_exited, agent_terminating, error, closed (as tunnel::HubKernel emits them), plus
-// ssh_refused {"cause": "host_key_mismatch"|"ssh_refused", "message"} when the login host's key or
-// our identity was refused — retrying cannot help then.
-using LinkEventSink = std::function<void(const nlohmann::json& event)>;
+// The login host's key, or our identity (refused or unreadable), stopped the SSH connection:
+// retrying cannot help.
+struct SshRefused {
+  enum class Cause { host_key_mismatch, identity_refused };
+  Cause cause = Cause::identity_refused;
+  std::string message;  // libssh's, naming the host (and the key's fingerprint)
+};
+
+// What a KernelLink reports: tunnel::HubKernel's events as it reports them, plus SshRefused.
+using LinkEvent =
+    std::variant<tunnel::hub_event::Listening, tunnel::hub_event::LinkUp,
+                 tunnel::hub_event::LinkDown, tunnel::hub_event::KernelStarted,
+                 tunnel::hub_event::KernelExited, tunnel::hub_event::AgentTerminating,
+                 tunnel::hub_event::Error, tunnel::hub_event::Closed, SshRefused>;
+using LinkEventSink = std::function<void(const LinkEvent& event)>;
 
 struct LinkSpec {
   std::string kernel_id;       // for logs
   const SiteConfig* site = nullptr;
   HubConnection connection;    // hub-side endpoints and the Jupyter key
   kb::auth::LinkSecret secret;
-  std::string scratch_dir;     // private (0700) directory for the moment a connection file exists
 };
 
+// Bytes the kernel's streams carried, from the link's counters.
 struct LinkTraffic {
-  std::array<std::uint64_t, 5> to_kernel{};    // by channel: shell, iopub, stdin, control, hb
-  std::array<std::uint64_t, 5> from_kernel{};
+  std::array<std::uint64_t, tunnel::kChannelKinds> to_kernel{};  // indexed by tunnel::ChannelKind
+  std::array<std::uint64_t, tunnel::kChannelKinds> from_kernel{};
   std::uint64_t resumes = 0;
 };
 
@@ -106,6 +119,7 @@ struct LinkListenError : std::runtime_error {
 
 // The hub-side end of one kernel: five listeners that accept at once, and a link to the agent
 // that is established once the agent's address is known and re-established after every drop.
+// Called by KernelLifecycle on the io_context's thread; its events arrive there too.
 class KernelLink {
  public:
   virtual ~KernelLink() = default;

@@ -4,11 +4,9 @@
 #include <boost/asio/signal_set.hpp>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 
 #include <csignal>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -28,25 +26,6 @@
 namespace kb::bridge {
 
 namespace {
-
-namespace fs = std::filesystem;
-
-// The private directory for transient connection files: <state_dir>/run, mode 0700.
-std::string make_scratch_dir(const std::string& state_dir) {
-  fs::path dir = fs::path(state_dir) / "run";
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) {
-    throw std::runtime_error("cannot create " + dir.string() + ": " + ec.message() +
-                             " (check bridge.state_dir and its permissions)");
-  }
-  if (::chmod(dir.c_str(), 0700) != 0) {
-    throw std::runtime_error("cannot make " + dir.string() + " private (chmod 0700)");
-  }
-  // Left-overs of a bridge that was killed hold Jupyter keys: remove them.
-  for (const auto& entry : fs::directory_iterator(dir, ec)) fs::remove(entry.path(), ec);
-  return dir.string();
-}
 
 std::shared_ptr<const std::string> read_agent(const SiteConfig& site) {
   std::string path = site.agent.path.empty() ? std::string("/proc/self/exe") : site.agent.path;
@@ -99,7 +78,6 @@ int run_serve(const ServeOptions& options) {
 
   LifecycleOptions lifecycle_options;
   try {
-    lifecycle_options.scratch_dir = make_scratch_dir(config.state_dir);
     for (const auto& site : config.sites) {
       if (site.agent.mode == AgentConfig::Mode::upload) {
         lifecycle_options.agent_uploads[site.name] = read_agent(site);

@@ -40,17 +40,6 @@ std::string local_hostname() {
   return name;
 }
 
-const char* kind_name(ChannelKind kind) {
-  switch (kind) {
-    case ChannelKind::shell: return "shell";
-    case ChannelKind::iopub: return "iopub";
-    case ChannelKind::stdin_: return "stdin";
-    case ChannelKind::control: return "control";
-    case ChannelKind::hb: return "hb";
-  }
-  return "unknown";
-}
-
 std::string substitute(const std::string& arg, const std::string& connection_file) {
   static const std::string placeholder = "{connection_file}";
   std::string out = arg;
@@ -523,7 +512,7 @@ void Agent::try_connect(std::uint32_t id) {
           auto socket = std::move(p.socket);
           pending_.erase(it);
           spdlog::debug("[{}] stream {} ({}) connected to the kernel's port {}", log_id_, id,
-                        kind_name(p.kind), port);
+                        to_string(p.kind), port);
           session_->attach_stream(id, std::move(socket));
           return;
         }
@@ -535,7 +524,7 @@ void Agent::try_connect(std::uint32_t id) {
           return;
         }
         refuse(id, std::string("the kernel does not accept connections on its ") +
-                       kind_name(p.kind) + " port " + std::to_string(port) + ": " + ec.message());
+                       to_string(p.kind) + " port " + std::to_string(port) + ": " + ec.message());
       });
 }
 
@@ -555,7 +544,7 @@ void Agent::retry_later(std::uint32_t id) {
 void Agent::refuse(std::uint32_t id, const std::string& reason) {
   auto it = pending_.find(id);
   if (it == pending_.end()) return;
-  spdlog::info("[{}] stream {} ({}) refused: {}", log_id_, id, kind_name(it->second->kind), reason);
+  spdlog::info("[{}] stream {} ({}) refused: {}", log_id_, id, to_string(it->second->kind), reason);
   pending_.erase(it);
   if (session_) session_->refuse_stream(id, reason);
 }

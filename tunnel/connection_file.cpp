@@ -21,10 +21,6 @@ namespace kb::tunnel {
 
 namespace {
 
-constexpr std::array<ChannelKind, kChannelKinds> kAllKinds{
-    ChannelKind::shell, ChannelKind::iopub, ChannelKind::stdin_, ChannelKind::control,
-    ChannelKind::hb};
-
 [[noreturn]] void fail(const std::string& source, const std::string& what) {
   throw ConnectionFileError("connection file " + source + ": " + what);
 }
@@ -63,7 +59,7 @@ nlohmann::json ConnectionInfo::to_json() const {
   nlohmann::json j = extra.is_object() ? extra : nlohmann::json::object();
   j["ip"] = ip;
   j["transport"] = transport;
-  for (ChannelKind kind : kAllKinds) j[port_field(kind)] = port(kind);
+  for (ChannelKind kind : kAllChannelKinds) j[port_field(kind)] = port(kind);
   j["key"] = key;
   j["signature_scheme"] = signature_scheme;
   j["kernel_name"] = kernel_name;
@@ -87,7 +83,7 @@ ConnectionInfo parse_connection_info(const nlohmann::json& j, const std::string&
   if (info.ip.empty()) fail(source, "field \"ip\" is empty; use an address such as 127.0.0.1");
 
   std::set<int> seen;
-  for (ChannelKind kind : kAllKinds) {
+  for (ChannelKind kind : kAllChannelKinds) {
     const char* field = port_field(kind);
     auto it = j.find(field);
     if (it == j.end()) fail(source, std::string("missing field \"") + field + "\"");

@@ -1,5 +1,6 @@
 #include "tunnel/hub_kernel.hpp"
 
+#include "tunnel/kernel_process.hpp"
 #include "tunnel/tcp_transport.hpp"
 
 #include <boost/asio/connect.hpp>
@@ -13,25 +14,6 @@ namespace kb::tunnel {
 
 namespace asio = boost::asio;
 using boost::system::error_code;
-
-namespace {
-
-constexpr std::array<ChannelKind, kChannelKinds> kAllKinds{
-    ChannelKind::shell, ChannelKind::iopub, ChannelKind::stdin_, ChannelKind::control,
-    ChannelKind::hb};
-
-const char* channel_name(ChannelKind kind) {
-  switch (kind) {
-    case ChannelKind::shell: return "shell";
-    case ChannelKind::iopub: return "iopub";
-    case ChannelKind::stdin_: return "stdin";
-    case ChannelKind::control: return "control";
-    case ChannelKind::hb: return "hb";
-  }
-  return "unknown";
-}
-
-}  // namespace
 
 TransportProvider make_direct_provider(asio::io_context& io, std::string host, std::uint16_t port,
                                        std::chrono::milliseconds timeout) {
@@ -111,29 +93,21 @@ HubKernel::~HubKernel() {
   if (session_) session_->close("bridge stopped");
 }
 
-void HubKernel::emit(nlohmann::json event) {
-  event["kernel"] = options_.index;
-  if (events_) events_(std::move(event));
+void HubKernel::emit(const HubEvent& event) {
+  if (events_) events_(event);
 }
 
-void HubKernel::start() {
-  info_ = read_connection_file(options_.connection_file, ParseOptions{.allow_zero_ports = true});
+const ConnectionInfo& HubKernel::listen() {
+  ConnectionInfo& info = options_.connection;
   error_code ec;
   auto address = asio::ip::make_address(options_.bind_address, ec);
   if (ec) {
     throw HubKernelError("--bind " + options_.bind_address + " is not an IP address");
   }
-  if (!address.is_unspecified() && info_.ip != options_.bind_address &&
-      !(info_.ip == "localhost" && address.is_loopback())) {
-    spdlog::warn("[{}] connection file {} says ip {} but the listeners bind {}: clients using the "
-                 "file may not reach them",
-                 log_id_, options_.connection_file, info_.ip, options_.bind_address);
-  }
-  bool chose = false;
-  for (ChannelKind kind : kAllKinds) {
+  for (ChannelKind kind : kAllChannelKinds) {
     auto i = static_cast<std::size_t>(kind);
     auto& acceptor = acceptors_[i].emplace(io_);
-    asio::ip::tcp::endpoint endpoint(address, info_.port(kind));
+    asio::ip::tcp::endpoint endpoint(address, info.port(kind));
     acceptor.open(endpoint.protocol(), ec);
     // Jupyter restarts a kernel on the same ports; a connection in TIME_WAIT must not block that.
     if (!ec) acceptor.set_option(asio::socket_base::reuse_address(true), ec);
@@ -141,16 +115,11 @@ void HubKernel::start() {
     if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
     if (ec) {
       throw HubKernelError("kernel " + std::to_string(options_.index) + ": cannot listen on " +
-                           options_.bind_address + ":" + std::to_string(info_.port(kind)) +
-                           " for its " + channel_name(kind) + " channel (" +
-                           options_.connection_file + "): " + ec.message());
+                           options_.bind_address + ":" + std::to_string(info.port(kind)) +
+                           " for its " + to_string(kind) + " channel: " + ec.message());
     }
-    if (info_.port(kind) == 0) {
-      info_.port(kind) = acceptor.local_endpoint().port();
-      chose = true;
-    }
+    if (info.port(kind) == 0) info.port(kind) = acceptor.local_endpoint().port();
   }
-  if (chose) write_connection_file(options_.connection_file, info_);
 
   LinkSession::Handlers handlers;
   std::weak_ptr<HubKernel> weak = weak_from_this();
@@ -166,21 +135,25 @@ void HubKernel::start() {
     std::string message = "link to the agent at " + self->options_.agent +
                           " refused (authentication or handshake failed): " + reason;
     spdlog::warn("[{}] {}", self->log_id_, message);
-    self->emit({{"event", "error"}, {"message", message}});
+    self->emit(hub_event::Error{message});
     self->schedule_retry(reason);
   };
   auto link_options = options_.link;
   if (link_options.log_id.empty()) link_options.log_id = log_id_;
   session_ = LinkSession::create(io_, LinkSession::Role::bridge, options_.secret, link_options,
                                  std::move(handlers));
+  return info;
+}
 
-  nlohmann::json ports = nlohmann::json::object();
-  for (ChannelKind kind : kAllKinds) ports[channel_name(kind)] = info_.port(kind);
+void HubKernel::start() {
+  if (!session_) throw HubKernelError("kernel " + std::to_string(options_.index) +
+                                      ": start() before listen(): call listen() first");
+  const ConnectionInfo& info = options_.connection;
   spdlog::info("[{}] listening on {} (shell {} iopub {} stdin {} control {} hb {}); agent {}",
-               log_id_, options_.bind_address, info_.port(ChannelKind::shell),
-               info_.port(ChannelKind::iopub), info_.port(ChannelKind::stdin_),
-               info_.port(ChannelKind::control), info_.port(ChannelKind::hb), options_.agent);
-  emit({{"event", "listening"}, {"ports", ports}});
+               log_id_, options_.bind_address, info.port(ChannelKind::shell),
+               info.port(ChannelKind::iopub), info.port(ChannelKind::stdin_),
+               info.port(ChannelKind::control), info.port(ChannelKind::hb), options_.agent);
+  emit(hub_event::Listening{info.ports});
   for (std::size_t i = 0; i < kChannelKinds; ++i) accept_next(i);
   request_transport();
 }
@@ -191,12 +164,12 @@ void HubKernel::accept_next(std::size_t i) {
   acceptors_[i]->async_accept([weak, i](const error_code& ec, asio::ip::tcp::socket socket) {
     auto self = weak.lock();
     if (!self || self->closed_ || ec == asio::error::operation_aborted) return;
-    auto kind = kAllKinds[i];
+    auto kind = kAllChannelKinds[i];
     if (ec) {
       bool exhausted = ec == asio::error::no_descriptors || ec.value() == ENFILE;
       auto delay = std::chrono::milliseconds(exhausted ? 500 : 50);
       spdlog::warn("[{}] accept on the {} port failed: {}; retrying in {} ms", self->log_id_,
-                   channel_name(kind), ec.message(), delay.count());
+                   to_string(kind), ec.message(), delay.count());
       auto& timer = self->accept_retry_[i];
       if (!timer) timer = std::make_unique<asio::steady_timer>(self->io_);
       timer->expires_after(delay);
@@ -208,9 +181,9 @@ void HubKernel::accept_next(std::size_t i) {
     std::uint32_t id = self->session_->add_local_stream(kind, std::move(socket));
     if (id == 0) {
       spdlog::warn("[{}] {} connection refused by the link (closed or too many streams)",
-                   self->log_id_, channel_name(kind));
+                   self->log_id_, to_string(kind));
     } else {
-      spdlog::debug("[{}] {} connection accepted as stream {}", self->log_id_, channel_name(kind),
+      spdlog::debug("[{}] {} connection accepted as stream {}", self->log_id_, to_string(kind),
                     id);
     }
     self->accept_next(i);
@@ -232,7 +205,7 @@ void HubKernel::request_transport() {
         self->failed_permanently_ = true;
         spdlog::error("[{}] giving up on the agent at {}: {}", self->log_id_, self->options_.agent,
                       result.message);
-        self->emit({{"event", "error"}, {"message", result.message}});
+        self->emit(hub_event::Error{result.message});
         return;
       }
       spdlog::warn("[{}] {}", self->log_id_, result.message);
@@ -271,13 +244,14 @@ void HubKernel::on_link_state(LinkState state, const std::string& reason) {
       return;
     case LinkState::up:
       spdlog::info("[{}] link up (agent {})", log_id_, options_.agent);
-      emit({{"event", "link_up"}});
+      emit(hub_event::LinkUp{});
       if (!start_sent_) {
         start_sent_ = true;
+        const ConnectionInfo& info = options_.connection;
         session_->send_control({{"type", "start_kernel"},
-                                {"key", info_.key},
-                                {"signature_scheme", info_.signature_scheme},
-                                {"kernel_name", info_.kernel_name}});
+                                {"key", info.key},
+                                {"signature_scheme", info.signature_scheme},
+                                {"kernel_name", info.kernel_name}});
       }
       // Keep the backoff until the link has proven stable, so a flapping link is not hammered.
       retry_timer_.cancel();
@@ -291,7 +265,7 @@ void HubKernel::on_link_state(LinkState state, const std::string& reason) {
       return;
     case LinkState::down:
       spdlog::warn("[{}] link down: {}", log_id_, reason);
-      emit({{"event", "link_down"}, {"reason", reason}});
+      emit(hub_event::LinkDown{reason});
       if (agent_terminating_) {
         close("the agent terminated (" + reason + ")");
         return;
@@ -309,21 +283,40 @@ void HubKernel::on_link_state(LinkState state, const std::string& reason) {
   }
 }
 
+// The agent's messages are JSON (docs/agent.md); from here on they are typed. A field of the
+// wrong type reads as absent.
 void HubKernel::on_control(const nlohmann::json& m) {
-  std::string type = m.is_object() ? m.value("type", std::string()) : std::string();
+  auto text = [&m](const char* field) {
+    auto it = m.find(field);
+    return it != m.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  auto integer = [&m](const char* field) -> std::optional<int> {
+    auto it = m.find(field);
+    if (it == m.end() || !it->is_number_integer()) return std::nullopt;
+    return it->get<int>();
+  };
+  std::string type = m.is_object() ? text("type") : std::string();
   if (type == "kernel_started") {
-    emit({{"event", "kernel_started"},
-          {"pid", m.value("pid", 0)},
-          {"restart", m.value("restart", false)}});
+    auto restart = m.find("restart");
+    bool is_restart = restart != m.end() && restart->is_boolean() && restart->get<bool>();
+    emit(hub_event::KernelStarted{integer("pid").value_or(0), is_restart});
   } else if (type == "kernel_exited") {
-    emit({{"event", "kernel_exited"},
-          {"code", m.contains("code") ? m["code"] : nlohmann::json()},
-          {"signal", m.contains("signal") ? m["signal"] : nlohmann::json()}});
+    hub_event::KernelExited exited{integer("code"), std::nullopt};
+    std::string signal = text("signal");
+    if (!signal.empty()) {
+      exited.signal = ProcessExit::signal_number(signal);
+      if (!exited.signal) {
+        spdlog::warn("[{}] the agent reported the kernel killed by \"{}\", which is not a signal "
+                     "name; reported without a signal",
+                     log_id_, signal);
+      }
+    }
+    emit(exited);
   } else if (type == "agent_terminating") {
     agent_terminating_ = true;
-    emit({{"event", "agent_terminating"}, {"reason", m.value("reason", std::string())}});
+    emit(hub_event::AgentTerminating{text("reason")});
   } else if (type == "error") {
-    emit({{"event", "error"}, {"message", "agent: " + m.value("message", std::string())}});
+    emit(hub_event::Error{"agent: " + text("message")});
   } else {
     spdlog::warn("[{}] unknown control message from the agent ignored: {}", log_id_,
                  type.empty() ? std::string("(no type)") : type);
@@ -332,7 +325,7 @@ void HubKernel::on_control(const nlohmann::json& m) {
 
 void HubKernel::interrupt() {
   if (closed_) {
-    emit({{"event", "error"}, {"message", "interrupt: this kernel's link is closed"}});
+    emit(hub_event::Error{"interrupt: this kernel's link is closed"});
     return;
   }
   session_->send_control({{"type", "interrupt"}});
@@ -340,7 +333,7 @@ void HubKernel::interrupt() {
 
 void HubKernel::restart() {
   if (closed_) {
-    emit({{"event", "error"}, {"message", "restart: this kernel's link is closed"}});
+    emit(hub_event::Error{"restart: this kernel's link is closed"});
     return;
   }
   session_->send_control({{"type", "restart_kernel"}});
@@ -392,7 +385,7 @@ void HubKernel::close(const std::string& reason) {
     if (timer) timer->cancel();
   }
   spdlog::info("[{}] closed: {}", log_id_, reason);
-  emit({{"event", "closed"}, {"reason", reason}});
+  emit(hub_event::Closed{reason});
   if (session_ && session_->state() != LinkState::closed) session_->close(reason);
   finish_shutdown();
 }
@@ -403,30 +396,15 @@ void HubKernel::finish_shutdown() {
   if (done) done();
 }
 
-nlohmann::json HubKernel::stats() const {
-  nlohmann::json j = {{"kernel", options_.index}, {"agent", options_.agent}};
-  if (!session_) return j;
-  auto s = session_->stats();
-  j["state"] = closed_ ? "closed" : to_string(session_->state());
-  j["bytes_in"] = s.bytes_in;
-  j["bytes_out"] = s.bytes_out;
-  j["frames_in"] = s.frames_in;
-  j["frames_out"] = s.frames_out;
-  j["resumes"] = s.resumes;
-  j["retransmitted_bytes"] = s.retransmitted_bytes;
-  j["auth_failures"] = s.auth_failures;
-  j["streams"] = s.streams;
-  j["streams_opened"] = s.streams_opened;
-  j["replay_bytes"] = s.replay_bytes;
-  j["attempts"] = attempts_;
-  nlohmann::json out = nlohmann::json::object(), in = nlohmann::json::object();
-  for (ChannelKind kind : kAllKinds) {
-    out[channel_name(kind)] = s.stream_bytes_out[static_cast<std::size_t>(kind)];
-    in[channel_name(kind)] = s.stream_bytes_in[static_cast<std::size_t>(kind)];
+HubKernelStats HubKernel::stats() const {
+  HubKernelStats s;
+  s.attempts = attempts_;
+  if (session_) {
+    s.link = session_->stats();
+    s.state = session_->state();
   }
-  j["stream_bytes_out"] = out;
-  j["stream_bytes_in"] = in;
-  return j;
+  if (closed_) s.state = LinkState::closed;
+  return s;
 }
 
 }  // namespace kb::tunnel

@@ -4,7 +4,9 @@
 // kernel's LinkSession, its bytes held until the link is up — and a link to the kernel's agent
 // obtained from a transport provider (an SSH direct-tcpip channel, or plain TCP with --direct),
 // asked for again with backoff + jitter whenever the link goes down. After the first link_up it
-// sends start_kernel with the key from the connection file; agent events are forwarded.
+// sends start_kernel with the key from its ConnectionInfo; the agent's reports come back as typed
+// HubEvents. An in-process API: the daemon (bridge/lifecycle_backend.cpp) and the `tunnel` command
+// (tunnel/tunnel_commands.cpp, which owns the connection file and the JSON on stdout) drive it.
 // Thread model: create, call and destroy it only on the thread that runs its io_context; every
 // callback runs there.
 #include "tunnel/connection_file.hpp"
@@ -18,18 +20,67 @@
 
 #include <array>
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <variant>
 
 namespace kb::tunnel {
 
-// Thrown by HubKernel::start at start-up (listeners cannot bind, file cannot be rewritten).
+// Thrown by HubKernel::listen at start-up (bad bind address, a listener cannot bind).
 struct HubKernelError : std::runtime_error {
   using std::runtime_error::runtime_error;
+};
+
+// What a HubKernel reports, in the order it happens. Secrets never appear in an event.
+namespace hub_event {
+// The five listeners accept; `ports` are the bound ones, indexed by ChannelKind.
+struct Listening {
+  std::array<std::uint16_t, kChannelKinds> ports{};
+};
+// A transport to the agent authenticated (first time or after a drop).
+struct LinkUp {};
+// The transport was lost; the kernel keeps its listeners and tries again.
+struct LinkDown {
+  std::string reason;
+};
+// The agent started the kernel (`restart`: a fresh one after restart()).
+struct KernelStarted {
+  int pid = 0;
+  bool restart = false;
+};
+// The kernel process ended: by exit(code) or killed by a signal number (at most one is set).
+struct KernelExited {
+  std::optional<int> code;
+  std::optional<int> signal;
+};
+// The agent is exiting (its job ends); the link closes after this.
+struct AgentTerminating {
+  std::string reason;
+};
+// Something a person should read (agent refused us, agent-side error, command on a closed link).
+struct Error {
+  std::string message;
+};
+// Final: listeners closed, link closed, no more events.
+struct Closed {
+  std::string reason;
+};
+}  // namespace hub_event
+
+using HubEvent = std::variant<hub_event::Listening, hub_event::LinkUp, hub_event::LinkDown,
+                              hub_event::KernelStarted, hub_event::KernelExited,
+                              hub_event::AgentTerminating, hub_event::Error, hub_event::Closed>;
+
+// A snapshot of one HubKernel's link (HubKernel::stats).
+struct HubKernelStats {
+  LinkState state = LinkState::connecting;  // LinkState::closed once the kernel is closed
+  LinkSession::Stats link;                  // all zero before listen()
+  std::uint64_t attempts = 0;               // transports asked of the provider
 };
 
 // Obtains a candidate transport to the agent. `permanent` in the result means retrying cannot help
@@ -50,8 +101,10 @@ TransportProvider make_direct_provider(boost::asio::io_context& io, std::string 
 class HubKernel : public std::enable_shared_from_this<HubKernel> {
  public:
   struct Options {
-    int index = 0;                   // "kernel" in events, "k<index>" in logs
-    std::string connection_file;     // Jupyter's connection file (ports 0: chosen and rewritten)
+    int index = 0;                   // "kernel <index>" in errors, "k<index>" in logs
+    // The hub-side endpoints and the Jupyter key sent to the agent in start_kernel. A port 0 is
+    // chosen by listen(). Never logged.
+    ConnectionInfo connection;
     std::string bind_address = "127.0.0.1";
     std::string agent;               // "host:port", for logs and events
     kb::auth::LinkSecret secret;
@@ -60,8 +113,7 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
     // How long a shutdown waits for the agent to confirm (kernel killed, link closed).
     std::chrono::milliseconds shutdown_timeout{15000};
   };
-  // Every event as a JSON object ({"event": ..., "kernel": index, ...}), for the tunnel's stdout.
-  using EventSink = std::function<void(nlohmann::json)>;
+  using EventSink = std::function<void(const HubEvent&)>;
 
   static std::shared_ptr<HubKernel> create(boost::asio::io_context& io, Options options,
                                            TransportProvider provider, EventSink events);
@@ -69,9 +121,12 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   HubKernel(const HubKernel&) = delete;
   HubKernel& operator=(const HubKernel&) = delete;
 
-  // Reads the connection file, binds the five listeners (throws HubKernelError or
-  // ConnectionFileError), rewrites the file if ports were chosen, emits "listening", starts
-  // accepting and asks the provider for the first transport.
+  // Binds the five listeners (throws HubKernelError naming the port) and returns the connection
+  // info with the bound ports (chosen ones where 0 was given), so a caller that keeps a
+  // connection file can rewrite it before anyone is told the kernel listens. Call once.
+  const ConnectionInfo& listen();
+  // After listen(): reports Listening, starts accepting and asks the provider for the first
+  // transport.
   void start();
 
   // Commands to the agent (reliable: queued while the link is down).
@@ -86,13 +141,12 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   bool closed() const { return closed_; }
   // A permanent failure (e.g. host key refused) happened; the kernel is not being retried.
   bool failed_permanently() const { return failed_permanently_; }
-  const ConnectionInfo& connection() const { return info_; }
-  nlohmann::json stats() const;
+  HubKernelStats stats() const;
 
  private:
   HubKernel(boost::asio::io_context& io, Options options, TransportProvider provider,
             EventSink events);
-  void emit(nlohmann::json event);
+  void emit(const HubEvent& event);
   void accept_next(std::size_t kind);
   void request_transport();
   void schedule_retry(const std::string& why);
@@ -105,7 +159,6 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   TransportProvider provider_;
   EventSink events_;
   std::string log_id_;
-  ConnectionInfo info_;
   std::array<std::optional<boost::asio::ip::tcp::acceptor>, kChannelKinds> acceptors_;
   std::array<std::unique_ptr<boost::asio::steady_timer>, kChannelKinds> accept_retry_;
   std::shared_ptr<LinkSession> session_;

@@ -27,6 +27,9 @@ struct ProcessExit {
   std::string describe() const;
   // "SIGKILL" etc. for a signal number; "SIG<n>" for unknown ones.
   static std::string signal_name(int signal);
+  // The inverse of signal_name ("SIGKILL" -> 9, "SIG40" -> 40); nullopt for anything else. For the
+  // one place a signal arrives as a name: the agent's kernel_exited message.
+  static std::optional<int> signal_number(const std::string& name);
 };
 
 class KernelProcess {

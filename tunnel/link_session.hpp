@@ -24,6 +24,11 @@ namespace kb::tunnel {
 // The five Jupyter channels. The numeric values are on the wire (OPEN frame).
 enum class ChannelKind : std::uint8_t { shell = 0, iopub = 1, stdin_ = 2, control = 3, hb = 4 };
 inline constexpr std::size_t kChannelKinds = 5;
+// Every kind, in wire order (also the index order of per-channel arrays).
+inline constexpr std::array<ChannelKind, kChannelKinds> kAllChannelKinds{
+    ChannelKind::shell, ChannelKind::iopub, ChannelKind::stdin_, ChannelKind::control,
+    ChannelKind::hb};
+// "shell", "iopub", "stdin", "control", "hb": the one spelling, in logs, events and metrics.
 const char* to_string(ChannelKind kind);
 
 // connecting: no transport authenticated yet; up: a transport is live; down: the transport was

@@ -1,12 +1,18 @@
 // The tunnel library's subcommands: `kernel-bridge agent` (compute node) and `kernel-bridge tunnel`
-// (standalone hub side, used by tests and benchmarks before the daemon exists). The contract both
-// follow is docs/agent.md and the CLI contract in the integration tests (tests/integration).
+// (standalone hub side for tests and benchmarks: the same tunnel::HubKernel the daemon drives, plus
+// what only a command needs — connection files read and rewritten, events and stats as JSON lines
+// on stdout). The contract both follow is docs/agent.md and the CLI contract in the integration
+// tests (tests/integration).
 #include "bridge/commands.hpp"
+#include "common/overloaded.hpp"
 #include "tunnel/agent.hpp"
+#include "tunnel/connection_file.hpp"
 #include "tunnel/hub_kernel.hpp"
+#include "tunnel/kernel_process.hpp"
 #include "tunnel/ssh_connection.hpp"
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/address.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/read_until.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -233,6 +239,90 @@ void print_event(const nlohmann::json& event) {
   std::fflush(stdout);
 }
 
+// A kernel's event as the line the tunnel prints: {"event": name, "kernel": index, ...}. This is
+// the tunnel's output contract (tests/integration, bench/tunnel and the --help footer rely on it).
+nlohmann::json event_json(int kernel, const HubEvent& event) {
+  namespace e = hub_event;
+  nlohmann::json j = std::visit(
+      kb::Overloaded{
+          [](const e::Listening& l) {
+            nlohmann::json ports = nlohmann::json::object();
+            for (ChannelKind kind : kAllChannelKinds) {
+              ports[to_string(kind)] = l.ports[static_cast<std::size_t>(kind)];
+            }
+            return nlohmann::json{{"event", "listening"}, {"ports", ports}};
+          },
+          [](const e::LinkUp&) { return nlohmann::json{{"event", "link_up"}}; },
+          [](const e::LinkDown& d) {
+            return nlohmann::json{{"event", "link_down"}, {"reason", d.reason}};
+          },
+          [](const e::KernelStarted& s) {
+            return nlohmann::json{
+                {"event", "kernel_started"}, {"pid", s.pid}, {"restart", s.restart}};
+          },
+          [](const e::KernelExited& x) {
+            return nlohmann::json{
+                {"event", "kernel_exited"},
+                {"code", x.code ? nlohmann::json(*x.code) : nlohmann::json()},
+                {"signal", x.signal ? nlohmann::json(ProcessExit::signal_name(*x.signal))
+                                    : nlohmann::json()}};
+          },
+          [](const e::AgentTerminating& t) {
+            return nlohmann::json{{"event", "agent_terminating"}, {"reason", t.reason}};
+          },
+          [](const e::Error& r) {
+            return nlohmann::json{{"event", "error"}, {"message", r.message}};
+          },
+          [](const e::Closed& c) {
+            return nlohmann::json{{"event", "closed"}, {"reason", c.reason}};
+          },
+      },
+      event);
+  j["kernel"] = kernel;
+  return j;
+}
+
+// A kernel's entry in the "stats" line.
+nlohmann::json stats_json(int kernel, const std::string& agent, const HubKernelStats& stats) {
+  const LinkSession::Stats& s = stats.link;
+  nlohmann::json j = {{"kernel", kernel}, {"agent", agent}};
+  j["state"] = to_string(stats.state);
+  j["bytes_in"] = s.bytes_in;
+  j["bytes_out"] = s.bytes_out;
+  j["frames_in"] = s.frames_in;
+  j["frames_out"] = s.frames_out;
+  j["resumes"] = s.resumes;
+  j["retransmitted_bytes"] = s.retransmitted_bytes;
+  j["auth_failures"] = s.auth_failures;
+  j["streams"] = s.streams;
+  j["streams_opened"] = s.streams_opened;
+  j["replay_bytes"] = s.replay_bytes;
+  j["attempts"] = stats.attempts;
+  nlohmann::json out = nlohmann::json::object(), in = nlohmann::json::object();
+  for (ChannelKind kind : kAllChannelKinds) {
+    out[to_string(kind)] = s.stream_bytes_out[static_cast<std::size_t>(kind)];
+    in[to_string(kind)] = s.stream_bytes_in[static_cast<std::size_t>(kind)];
+  }
+  j["stream_bytes_out"] = out;
+  j["stream_bytes_in"] = in;
+  return j;
+}
+
+// Reads a kernel's connection file (ports 0 allowed: chosen by the listeners). Throws
+// ConnectionFileError naming the file and the field.
+ConnectionInfo read_hub_connection_file(const std::string& path, const std::string& bind) {
+  ConnectionInfo info = read_connection_file(path, ParseOptions{.allow_zero_ports = true});
+  error_code ec;
+  auto address = asio::ip::make_address(bind, ec);
+  if (!ec && !address.is_unspecified() && info.ip != bind &&
+      !(info.ip == "localhost" && address.is_loopback())) {
+    spdlog::warn("tunnel: connection file {} says ip {} but the listeners bind {}: clients using "
+                 "the file may not reach them",
+                 path, info.ip, bind);
+  }
+  return info;
+}
+
 class TunnelRunner {
  public:
   TunnelRunner(const TunnelArgs& args, std::vector<KernelSpec> specs)
@@ -276,7 +366,6 @@ class TunnelRunner {
       const KernelSpec& spec = specs_[i];
       HubKernel::Options o;
       o.index = static_cast<int>(i);
-      o.connection_file = spec.connection_file;
       o.bind_address = args_.bind;
       o.agent = spec.agent;
       o.backoff_max = std::max(o.backoff_min, seconds_option(args_.reconnect_max));
@@ -304,13 +393,26 @@ class TunnelRunner {
               });
         };
       }
-      auto kernel = HubKernel::create(io_, std::move(o), std::move(provider), print_event);
+      int index = o.index;
+      std::shared_ptr<HubKernel> kernel;
       try {
+        o.connection = read_hub_connection_file(spec.connection_file, args_.bind);
+        bool choose = false;
+        for (auto port : o.connection.ports) choose |= port == 0;
+        kernel = HubKernel::create(
+            io_, std::move(o), std::move(provider),
+            [index](const HubEvent& e) { print_event(event_json(index, e)); });
+        const ConnectionInfo& bound = kernel->listen();
+        // The file names the chosen ports before "listening" is printed: whoever reads that line
+        // may read the file at once.
+        if (choose) write_connection_file(spec.connection_file, bound);
         kernel->start();
+      } catch (const HubKernelError& e) {
+        start_failed(std::string(e.what()) + " (ports from " + spec.connection_file +
+                     "; stop the program that holds the port, or set it to 0 there to let the "
+                     "tunnel choose one)");
       } catch (const std::exception& e) {
-        std::fprintf(stderr, "kernel-bridge tunnel: %s\n", e.what());
-        for (auto& k : kernels_) k->close("start-up failed");
-        throw kb::ExitStatus{2};
+        start_failed(e.what());
       }
       kernels_.push_back(std::move(kernel));
     }
@@ -327,6 +429,12 @@ class TunnelRunner {
   }
 
  private:
+  [[noreturn]] void start_failed(const std::string& message) {
+    std::fprintf(stderr, "kernel-bridge tunnel: %s\n", message.c_str());
+    for (auto& k : kernels_) k->close("start-up failed");
+    throw kb::ExitStatus{2};
+  }
+
   void wait_signal() {
     signals_.async_wait([this](const error_code& ec, int sig) {
       if (ec) return;
@@ -387,7 +495,9 @@ class TunnelRunner {
     }
     if (verb == "stats") {
       nlohmann::json kernels = nlohmann::json::array();
-      for (auto& k : kernels_) kernels.push_back(k->stats());
+      for (std::size_t i = 0; i < kernels_.size(); ++i) {
+        kernels.push_back(stats_json(static_cast<int>(i), specs_[i].agent, kernels_[i]->stats()));
+      }
       nlohmann::json e = {{"event", "stats"}, {"kernels", kernels}};
       if (ssh_) {
         auto c = ssh_->counters();

@@ -3,6 +3,7 @@
 // (FakeLink: records the lifecycle's commands; the test emits the agent's events). The real
 // io_context runs the JobWatcher's timers (short intervals); nothing here asserts on time.
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
@@ -26,6 +27,7 @@ namespace kb::bridge {
 namespace {
 
 namespace asio = boost::asio;
+namespace hub_event = tunnel::hub_event;
 using unicore::ErrorKind;
 using unicore::JobStatus;
 using unicore::Result;
@@ -141,7 +143,7 @@ struct LinkRecord {
   int interrupts = 0, restarts = 0, shutdowns = 0;
 
   // An agent event, as the real link reports it (never after the link is gone).
-  void emit(nlohmann::json event) {
+  void emit(const LinkEvent& event) {
     if (!destroyed) sink(event);
   }
 };
@@ -231,7 +233,6 @@ class LifecycleTest : public ::testing::Test {
     o.watch.queued_initial = o.watch.queued_max = std::chrono::milliseconds(2);
     o.watch.running_initial = o.watch.running_max = std::chrono::milliseconds(2);
     o.watch.error_initial = o.watch.error_max = std::chrono::milliseconds(2);
-    o.scratch_dir = "/tmp";
     o.rewatch_initial = o.rewatch_max = std::chrono::milliseconds(20);
     lifecycle = std::make_unique<KernelLifecycle>(
         io, config, credentials, &metrics, std::map<std::string, JobBackend*>{{"demo", &jobs}},
@@ -308,8 +309,8 @@ class LifecycleTest : public ::testing::Test {
     j.files[kDiscoveryFile] = R"({"host": "10.0.0.6", "port": 40123, "pid": 7, "hostname": "cn0042"})";
     run_until_state(id, KernelState::connecting);
     LinkRecord& l = *links.links.back();
-    l.emit({{"event", "link_up"}});
-    l.emit({{"event", "kernel_started"}, {"pid", 99}, {"restart", false}});
+    l.emit(hub_event::LinkUp{});
+    l.emit(hub_event::KernelStarted{.pid = 99, .restart = false});
     run_until_state(id, KernelState::ready);
     return id;
   }
@@ -391,7 +392,6 @@ TEST_F(LifecycleTest, JobCarriesSecretPrivatelyTagsAndResourcesAndRunsTheAgent) 
 TEST_F(LifecycleTest, UploadedAgentIsStagedBeforeTheJobStarts) {
   config.sites[0].agent.mode = AgentConfig::Mode::upload;
   LifecycleOptions o;
-  o.scratch_dir = "/tmp";
   o.agent_uploads["demo"] = std::make_shared<const std::string>("\x7f" "ELF fake agent");
   o.watch.starting_initial = o.watch.starting_max = std::chrono::milliseconds(2);
   lifecycle = std::make_unique<KernelLifecycle>(
@@ -483,8 +483,8 @@ TEST_F(LifecycleTest, FailedJobEndsWithTheSitesStatusMessageVerbatim) {
 
 TEST_F(LifecycleTest, WalltimeIsNamedWhenTheAgentTerminatesAndTheJobHitItsLimit) {
   std::string id = ready_kernel(request());
-  link().emit({{"event", "agent_terminating"}, {"reason", "SIGTERM received (allocation ending)"}});
-  link().emit({{"event", "kernel_exited"}, {"code", nullptr}, {"signal", "SIGTERM"}});
+  link().emit(hub_event::AgentTerminating{"SIGTERM received (allocation ending)"});
+  link().emit(hub_event::KernelExited{.code = std::nullopt, .signal = SIGTERM});
   jobs.job().status = JobStatus::failed;
   jobs.job().status_message =
       "Batch job 4711 was terminated by the batch system: state TIMEOUT, CANCELLED DUE TO TIME "
@@ -547,8 +547,8 @@ TEST_F(LifecycleTest, ARefusedDiscoveryReadWaitsForAFreshToken) {
   run_until_state(id, KernelState::connecting);
   EXPECT_EQ(jobs.download_tokens_seen.back(), "tok-fresh");
   EXPECT_TRUE(has_progress(view(id), "accepts the token of user alice again"));
-  link().emit({{"event", "link_up"}});
-  link().emit({{"event", "kernel_started"}, {"pid", 99}, {"restart", false}});
+  link().emit(hub_event::LinkUp{});
+  link().emit(hub_event::KernelStarted{.pid = 99, .restart = false});
   run_until_state(id, KernelState::ready);
 }
 
@@ -586,9 +586,8 @@ TEST_F(LifecycleTest, HostKeyRefusalEndsWithTheFingerprintMessageAndAbortsTheJob
   jobs.job().status = JobStatus::running;
   jobs.job().files[kDiscoveryFile] = R"({"host": "10.0.0.6", "port": 40123})";
   run_until_state(id, KernelState::connecting);
-  link().emit({{"event", "ssh_refused"},
-               {"cause", "host_key_mismatch"},
-               {"message", "host key of login.example:22 changed: SHA256:abc is not in known_hosts"}});
+  link().emit(SshRefused{SshRefused::Cause::host_key_mismatch,
+                         "host key of login.example:22 changed: SHA256:abc is not in known_hosts"});
   run_until_state(id, KernelState::ended);
   EXPECT_EQ(view(id).end_cause, EndCause::host_key_mismatch);
   EXPECT_NE(view(id).reason.find("SHA256:abc"), std::string::npos);
@@ -599,7 +598,7 @@ TEST_F(LifecycleTest, HostKeyRefusalEndsWithTheFingerprintMessageAndAbortsTheJob
 TEST_F(LifecycleTest, KernelExitEndsWithCodeAndTheJobIsAbortedAfterTheGrace) {
   make(std::chrono::seconds(0));  // no grace: released at once
   std::string id = ready_kernel(request());
-  link().emit({{"event", "kernel_exited"}, {"code", 3}, {"signal", nullptr}});
+  link().emit(hub_event::KernelExited{.code = 3, .signal = std::nullopt});
   run_until_state(id, KernelState::ended);
   EXPECT_EQ(view(id).end_cause, EndCause::kernel_exited);
   EXPECT_EQ(view(id).exit_code, 3);
@@ -608,14 +607,41 @@ TEST_F(LifecycleTest, KernelExitEndsWithCodeAndTheJobIsAbortedAfterTheGrace) {
   EXPECT_EQ(lifecycle->live_allocations(), 0u);
 }
 
+TEST_F(LifecycleTest, KernelKilledBySignalEndsNamingTheSignal) {
+  make(std::chrono::seconds(0));
+  std::string id = ready_kernel(request());
+  link().emit(hub_event::KernelExited{.code = std::nullopt, .signal = SIGKILL});
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::kernel_exited);
+  EXPECT_EQ(view(id).exit_signal, SIGKILL);
+  EXPECT_FALSE(view(id).exit_code.has_value());
+  EXPECT_EQ(view(id).reason, "the kernel was killed by SIGKILL");
+}
+
+TEST_F(LifecycleTest, RefusedIdentityEndsTheKernelNamingWhatToCheck) {
+  std::string id = create_ok(request());
+  run_until([&] { return jobs.order.size() == 1; });
+  jobs.job().status = JobStatus::running;
+  jobs.job().files[kDiscoveryFile] = R"({"host": "10.0.0.6", "port": 40123})";
+  run_until_state(id, KernelState::connecting);
+  link().emit(SshRefused{SshRefused::Cause::identity_refused,
+                         "svc@login.example:22: authentication denied (publickey)"});
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::link_failed);
+  EXPECT_NE(view(id).reason.find("authentication denied"), std::string::npos) << view(id).reason;
+  EXPECT_NE(view(id).reason.find("Check the site's ssh_user and ssh_identity"), std::string::npos)
+      << view(id).reason;
+  run_until([&] { return jobs.job().aborts == 1; });
+}
+
 // ---- link drops and restarts --------------------------------------------------------------------
 
 TEST_F(LifecycleTest, LinkDownIsReconnectingNotDeath) {
   std::string id = ready_kernel(request());
-  link().emit({{"event", "link_down"}, {"reason", "SSH connection lost"}});
+  link().emit(hub_event::LinkDown{"SSH connection lost"});
   run_until_state(id, KernelState::reconnecting);
   EXPECT_EQ(view(id).end_cause, EndCause::none);
-  link().emit({{"event", "link_up"}});
+  link().emit(hub_event::LinkUp{});
   run_until_state(id, KernelState::ready);
   EXPECT_EQ(view(id).link_reconnects, 1u);
   EXPECT_EQ(jobs.job().aborts, 0);
@@ -629,8 +655,8 @@ TEST_F(LifecycleTest, RestartAsksTheAgentAndKeepsTheJob) {
   EXPECT_FALSE(r->has_value());
   EXPECT_EQ(link().restarts, 1);
   // The old kernel's exit during a restart is not the kernel's end.
-  link().emit({{"event", "kernel_exited"}, {"code", nullptr}, {"signal", "SIGTERM"}});
-  link().emit({{"event", "kernel_started"}, {"pid", 100}, {"restart", true}});
+  link().emit(hub_event::KernelExited{.code = std::nullopt, .signal = SIGTERM});
+  link().emit(hub_event::KernelStarted{.pid = 100, .restart = true});
   run_until([&] { return has_progress(view(id), "kernel restarted (pid 100)"); });
   EXPECT_EQ(view(id).state, KernelState::ready);
   EXPECT_EQ(view(id).restarts, 1);
@@ -652,8 +678,8 @@ TEST_F(LifecycleTest, JupyterRestartReusesTheAllocationWithinTheGrace) {
   EXPECT_EQ(jobs.order.size(), 1u);  // no new job
   EXPECT_EQ(links.links.size(), 1u);  // the same hub-side listeners
   EXPECT_EQ(link().restarts, 1);
-  link().emit({{"event", "kernel_exited"}, {"code", nullptr}, {"signal", "SIGTERM"}});
-  link().emit({{"event", "kernel_started"}, {"pid", 101}, {"restart", true}});
+  link().emit(hub_event::KernelExited{.code = std::nullopt, .signal = SIGTERM});
+  link().emit(hub_event::KernelStarted{.pid = 101, .restart = true});
   run_until_state(second, KernelState::ready);
 }
 
@@ -750,8 +776,8 @@ TEST_F(LifecycleTest, MetricsCountKernelsByState) {
   std::string id = ready_kernel(request());
   EXPECT_EQ(metrics.kernels.with({"ready"}).value(), 1.0);
   EXPECT_EQ(metrics.kernels.with({"queued"}).value(), 0.0);
-  link().emit({{"event", "link_down"}, {"reason", "x"}});
-  link().emit({{"event", "link_up"}});
+  link().emit(hub_event::LinkDown{"x"});
+  link().emit(hub_event::LinkUp{});
   run_until([&] { return view(id).link_reconnects == 1; });
   EXPECT_EQ(metrics.link_reconnects.with({"demo"}).value(), 1.0);
 }

@@ -1,13 +1,15 @@
-// Tests tunnel/hub_kernel.* end to end over direct TCP on 127.0.0.1: a HubKernel in this process,
-// the real `kernel-bridge agent` ($KB_BINARY) as a subprocess, and a fake "kernel" (a small Python
-// script that listens on the five ports of the connection file the agent wrote, greets each
-// connection with "<channel> <pid>\n" and echoes bytes). Shows what a Jupyter user relies on:
+// Tests tunnel/hub_kernel.* end to end over direct TCP on 127.0.0.1: a HubKernel in this process
+// (given its ConnectionInfo and reporting typed events, as the daemon drives it), the real
+// `kernel-bridge agent` ($KB_BINARY) as a subprocess, and a fake "kernel" (a small Python script
+// that listens on the five ports of the connection file the agent wrote, greets each connection
+// with "<channel> <pid>\n" and echoes bytes). Shows what a Jupyter user relies on:
 // start_kernel starts the kernel with the right key in a 0600 connection file on 127.0.0.1 only,
 // bytes flow both ways per channel, interrupt delivers SIGINT, restart gives a new kernel process
 // (old connections closed, new ones reach it), shutdown ends the agent; SIGTERM to the agent is
 // reported and stops the kernel.
 #include "tunnel/hub_kernel.hpp"
 
+#include "common/overloaded.hpp"
 #include "tests/tunnel/spawn.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -120,12 +122,6 @@ class HubKernelTest : public ::testing::Test {
     secret_ = kb::auth::LinkSecret::generate();
     secret_.write_file(dir_ + "/link.secret");
     key_ = kb::auth::to_hex(kb::auth::random_bytes(16));
-    nlohmann::json cf = {{"ip", "127.0.0.1"},  {"transport", "tcp"},    {"shell_port", 0},
-                         {"iopub_port", 0},     {"stdin_port", 0},      {"control_port", 0},
-                         {"hb_port", 0},        {"key", key_},          {"signature_scheme", "hmac-sha256"},
-                         {"kernel_name", "fake"}};
-    std::ofstream(dir_ + "/hub.json") << cf.dump();
-    fs::permissions(dir_ + "/hub.json", fs::perms::owner_read | fs::perms::owner_write);
     start_agent();
   }
 
@@ -184,29 +180,32 @@ class HubKernelTest : public ::testing::Test {
   void start_hub() {
     HubKernel::Options o;
     o.index = 0;
-    o.connection_file = dir_ + "/hub.json";
+    o.connection.key = key_;  // ports 0: chosen by listen()
+    o.connection.kernel_name = "fake";
     o.agent = "127.0.0.1:" + std::to_string(discovery_["port"].get<int>());
     o.secret = secret_;
     auto provider = make_direct_provider(io_, "127.0.0.1", discovery_["port"].get<std::uint16_t>());
-    kernel_ = HubKernel::create(io_, o, provider, [this](nlohmann::json e) {
+    kernel_ = HubKernel::create(io_, o, provider, [this](const HubEvent& e) {
       std::lock_guard lock(mu_);
-      events_.push_back(std::move(e));
+      events_.push_back(e);
       cv_.notify_all();
     });
-    kernel_->start();  // before the loop runs: start-up errors surface here as exceptions
+    // Before the loop runs: start-up errors surface here as exceptions.
+    hub_ = kernel_->listen();
+    kernel_->start();
     io_thread_ = std::thread([this] { io_.run(); });
   }
 
-  // Waits for the `count`-th event named `name`; returns it (null on timeout).
-  nlohmann::json wait_event(const std::string& name, std::size_t count = 1,
-                            std::chrono::seconds limit = 60s) {
+  // Waits for the `count`-th event of type E; returns it (nullopt on timeout).
+  template <class E>
+  std::optional<E> wait_event(std::size_t count = 1, std::chrono::seconds limit = 60s) {
     std::unique_lock lock(mu_);
-    nlohmann::json found;
+    std::optional<E> found;
     cv_.wait_for(lock, limit, [&] {
       std::size_t n = 0;
       for (auto& e : events_) {
-        if (e["event"] == name && ++n == count) {
-          found = e;
+        if (auto* hit = std::get_if<E>(&e); hit && ++n == count) {
+          found = *hit;
           return true;
         }
       }
@@ -215,16 +214,37 @@ class HubKernelTest : public ::testing::Test {
     return found;
   }
 
+  // The events so far, one per line, for failure messages.
   std::string events_text() {
     std::lock_guard lock(mu_);
     std::string s;
-    for (auto& e : events_) s += e.dump() + "\n";
+    for (auto& e : events_) {
+      s += std::visit(
+               kb::Overloaded{
+                   [](const hub_event::Listening&) { return std::string("listening"); },
+                   [](const hub_event::LinkUp&) { return std::string("link_up"); },
+                   [](const hub_event::LinkDown& d) { return "link_down: " + d.reason; },
+                   [](const hub_event::KernelStarted& k) {
+                     return "kernel_started: pid " + std::to_string(k.pid) +
+                            (k.restart ? " (restart)" : "");
+                   },
+                   [](const hub_event::KernelExited& x) {
+                     return "kernel_exited: code " + (x.code ? std::to_string(*x.code) : "-") +
+                            " signal " + (x.signal ? std::to_string(*x.signal) : "-");
+                   },
+                   [](const hub_event::AgentTerminating& t) {
+                     return "agent_terminating: " + t.reason;
+                   },
+                   [](const hub_event::Error& r) { return "error: " + r.message; },
+                   [](const hub_event::Closed& c) { return "closed: " + c.reason; },
+               },
+               e) +
+           "\n";
+    }
     return s;
   }
 
-  std::uint16_t hub_port(const char* channel) {
-    return read_connection_file(dir_ + "/hub.json").port(kind_of(channel));
-  }
+  std::uint16_t hub_port(const char* channel) { return hub_.port(kind_of(channel)); }
 
   static ChannelKind kind_of(const std::string& channel) {
     if (channel == "shell") return ChannelKind::shell;
@@ -278,7 +298,8 @@ class HubKernelTest : public ::testing::Test {
   std::shared_ptr<HubKernel> kernel_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<nlohmann::json> events_;
+  std::vector<HubEvent> events_;
+  ConnectionInfo hub_;  // as listen() returned it: the bound hub-side ports
   std::string dir_, state_, key_;
   kb::auth::LinkSecret secret_;
   pid_t agent_pid_ = -1;
@@ -288,15 +309,18 @@ class HubKernelTest : public ::testing::Test {
 TEST_F(HubKernelTest, KernelLifecycleAndRelayThroughTheAgent) {
   // Clients may connect before the link is up: the listeners exist once start() returns.
   start_hub();
-  auto listening = wait_event("listening");
-  ASSERT_FALSE(listening.is_null());
-  EXPECT_NE(hub_port("shell"), 0) << "the hub connection file was not rewritten with chosen ports";
-  EXPECT_EQ(listening["ports"]["hb"], hub_port("hb"));
+  auto listening = wait_event<hub_event::Listening>();
+  ASSERT_TRUE(listening);
+  for (auto kind : kAllChannelKinds) {
+    EXPECT_NE(hub_.port(kind), 0) << "no port was chosen for the " << to_string(kind) << " channel";
+    EXPECT_EQ(listening->ports[static_cast<std::size_t>(kind)], hub_.port(kind)) << to_string(kind);
+    EXPECT_EQ(listeners_on(hub_.port(kind)).size(), 1u) << "nothing listens on " << hub_.port(kind);
+  }
 
-  auto started = wait_event("kernel_started");
-  ASSERT_FALSE(started.is_null()) << events_text() << agent_log();
-  EXPECT_EQ(started["restart"], false);
-  int first_pid = started["pid"];
+  auto started = wait_event<hub_event::KernelStarted>();
+  ASSERT_TRUE(started) << events_text() << agent_log();
+  EXPECT_FALSE(started->restart);
+  int first_pid = started->pid;
   ASSERT_TRUE(wait_for([&] { return fs::exists(state_ + "/kernel-" + std::to_string(first_pid) +
                                                 ".json"); }))
       << agent_log();
@@ -343,13 +367,14 @@ TEST_F(HubKernelTest, KernelLifecycleAndRelayThroughTheAgent) {
   // Restart: the old kernel is reported gone, a new process starts; old connections are closed,
   // new ones reach the new kernel.
   asio::post(io_, [this] { kernel_->restart(); });
-  auto exited = wait_event("kernel_exited");
-  ASSERT_FALSE(exited.is_null()) << events_text();
-  EXPECT_EQ(exited["signal"], "SIGTERM");
-  auto restarted = wait_event("kernel_started", 2);
-  ASSERT_FALSE(restarted.is_null()) << events_text() << agent_log();
-  EXPECT_EQ(restarted["restart"], true);
-  int second_pid = restarted["pid"];
+  auto exited = wait_event<hub_event::KernelExited>();
+  ASSERT_TRUE(exited) << events_text();
+  EXPECT_EQ(exited->signal, SIGTERM);
+  EXPECT_FALSE(exited->code);
+  auto restarted = wait_event<hub_event::KernelStarted>(2);
+  ASSERT_TRUE(restarted) << events_text() << agent_log();
+  EXPECT_TRUE(restarted->restart);
+  int second_pid = restarted->pid;
   EXPECT_NE(second_pid, first_pid);
   boost::system::error_code ec;
   char byte;
@@ -364,10 +389,10 @@ TEST_F(HubKernelTest, KernelLifecycleAndRelayThroughTheAgent) {
   std::atomic<bool> done{false};
   asio::post(io_, [this, &done] { kernel_->shutdown([&done] { done = true; }); });
   ASSERT_TRUE(wait_for([&] { return done.load(); })) << events_text();
-  auto closed = wait_event("closed");
-  ASSERT_FALSE(closed.is_null());
+  auto closed = wait_event<hub_event::Closed>();
+  ASSERT_TRUE(closed);
   // The second kernel's end was reported before the link closed.
-  EXPECT_FALSE(wait_event("kernel_exited", 2, 1s).is_null()) << events_text();
+  EXPECT_TRUE(wait_event<hub_event::KernelExited>(2, 1s)) << events_text();
   int status = 0;
   ASSERT_EQ(::waitpid(agent_pid_, &status, 0), agent_pid_);
   agent_pid_ = -1;
@@ -379,18 +404,18 @@ TEST_F(HubKernelTest, KernelLifecycleAndRelayThroughTheAgent) {
 
 TEST_F(HubKernelTest, SigtermToTheAgentIsReportedAndStopsTheKernel) {
   start_hub();
-  auto started = wait_event("kernel_started");
-  ASSERT_FALSE(started.is_null()) << events_text() << agent_log();
-  int pid = started["pid"];
+  auto started = wait_event<hub_event::KernelStarted>();
+  ASSERT_TRUE(started) << events_text() << agent_log();
+  int pid = started->pid;
   ASSERT_TRUE(wait_for([&] { return fs::exists(state_ + "/kernel-" + std::to_string(pid) +
                                                 ".json"); }));
   ::kill(agent_pid_, SIGTERM);
-  auto terminating = wait_event("agent_terminating");
-  ASSERT_FALSE(terminating.is_null()) << events_text() << agent_log();
-  EXPECT_NE(terminating["reason"].get<std::string>().find("SIGTERM"), std::string::npos);
-  auto exited = wait_event("kernel_exited");
-  ASSERT_FALSE(exited.is_null()) << events_text();
-  ASSERT_FALSE(wait_event("closed").is_null()) << events_text();
+  auto terminating = wait_event<hub_event::AgentTerminating>();
+  ASSERT_TRUE(terminating) << events_text() << agent_log();
+  EXPECT_NE(terminating->reason.find("SIGTERM"), std::string::npos) << terminating->reason;
+  auto exited = wait_event<hub_event::KernelExited>();
+  ASSERT_TRUE(exited) << events_text();
+  ASSERT_TRUE(wait_event<hub_event::Closed>()) << events_text();
   int status = 0;
   ASSERT_EQ(::waitpid(agent_pid_, &status, 0), agent_pid_);
   agent_pid_ = -1;
@@ -402,9 +427,9 @@ TEST_F(HubKernelTest, SigtermToTheAgentIsReportedAndStopsTheKernel) {
 TEST_F(HubKernelTest, WrongSecretIsRefusedAndNoKernelStarts) {
   secret_ = kb::auth::LinkSecret::generate();  // not the agent's
   start_hub();
-  auto error = wait_event("error");
-  ASSERT_FALSE(error.is_null()) << events_text();
-  EXPECT_NE(error["message"].get<std::string>().find("auth"), std::string::npos) << error;
+  auto error = wait_event<hub_event::Error>();
+  ASSERT_TRUE(error) << events_text();
+  EXPECT_NE(error->message.find("auth"), std::string::npos) << error->message;
   // A client connecting meanwhile gets nothing (no greeting from any kernel).
   asio::io_context cio;
   asio::ip::tcp::socket s(cio);
@@ -415,8 +440,8 @@ TEST_F(HubKernelTest, WrongSecretIsRefusedAndNoKernelStarts) {
   std::this_thread::sleep_for(500ms);
   s.read_some(asio::buffer(&byte, 1), ec);
   EXPECT_EQ(ec, asio::error::would_block);
-  EXPECT_TRUE(wait_event("link_up", 1, 1s).is_null());
-  EXPECT_TRUE(wait_event("kernel_started", 1, 1s).is_null());
+  EXPECT_FALSE(wait_event<hub_event::LinkUp>(1, 1s));
+  EXPECT_FALSE(wait_event<hub_event::KernelStarted>(1, 1s));
   EXPECT_TRUE(fs::is_empty(state_)) << "a kernel was started for an unauthenticated bridge";
 }
 

@@ -90,6 +90,23 @@ TEST_F(KernelProcessTest, ReportsTheKillingSignal) {
   EXPECT_EQ(exit->describe(), "killed by SIGKILL");
 }
 
+// The agent reports a kernel's signal by name and the bridge needs the number back: every signal
+// survives the round trip, and what is not a signal name is refused.
+TEST(ProcessExitTest, SignalNamesRoundTrip) {
+  EXPECT_EQ(ProcessExit::signal_name(SIGTERM), "SIGTERM");
+  EXPECT_EQ(ProcessExit::signal_number("SIGTERM"), SIGTERM);
+  EXPECT_EQ(ProcessExit::signal_number("SIGKILL"), SIGKILL);
+  for (int signal = 1; signal < NSIG; ++signal) {
+    EXPECT_EQ(ProcessExit::signal_number(ProcessExit::signal_name(signal)), signal)
+        << ProcessExit::signal_name(signal);
+  }
+  EXPECT_EQ(ProcessExit::signal_number("SIGNOPE"), std::nullopt);
+  EXPECT_EQ(ProcessExit::signal_number("TERM"), std::nullopt);
+  EXPECT_EQ(ProcessExit::signal_number("SIG"), std::nullopt);
+  EXPECT_EQ(ProcessExit::signal_number(""), std::nullopt);
+  EXPECT_EQ(ProcessExit::signal_number("SIG" + std::to_string(NSIG)), std::nullopt);
+}
+
 TEST_F(KernelProcessTest, SubstitutedArgvAndPathSearch) {
   KernelProcess kernel(io_, "t");
   std::optional<ProcessExit> exit;
