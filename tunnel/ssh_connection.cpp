@@ -24,8 +24,8 @@
 //    when called again, every other call merely consumes the previous reply without sending. We
 //    look at the packet counter to tell and call it a second time when nothing went out.
 #include "tunnel/ssh_connection.hpp"
-#include "tunnel/tcp_transport.hpp"
 #include "common/backoff.hpp"
+#include "tunnel/tcp_transport.hpp"
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
