@@ -143,8 +143,8 @@ unicore::JobDescription build_job_description(const JobPlan& plan) {
 // State
 
 struct KernelLifecycle::Allocation {
-  explicit Allocation(asio::io_context& io)
-      : discovery_timer(io), connect_timer(io), grace_timer(io), rewatch_timer(io) {}
+  explicit Allocation(kb::Clock& clock)
+      : discovery_timer(clock), connect_timer(clock), grace_timer(clock), rewatch_timer(clock) {}
 
   std::string log_id;  // the first kernel's id
   std::string owner;
@@ -163,11 +163,11 @@ struct KernelLifecycle::Allocation {
   bool link_up = false, ever_up = false, kernel_running = false, kernel_started_once = false;
   bool agent_terminating = false, restart_pending = false, link_dead = false;
   bool aborted_by_us = false, torn_down = false;
-  asio::steady_timer discovery_timer, connect_timer, grace_timer, rewatch_timer;
+  kb::ClockTimer discovery_timer, connect_timer, grace_timer, rewatch_timer;
   int refused_watches = 0;    // polls of the job refused in a row (the user's token expired)
   int refused_discovery = 0;  // reads of the discovery file refused in a row
   std::chrono::milliseconds discovery_delay{0};
-  std::chrono::steady_clock::time_point running_since{};
+  kb::Clock::time_point running_since{};
   std::string kernel_id;  // the kernel using the allocation now; empty while parked
   std::string last_link_error;
   LinkTraffic sampled;  // traffic already counted in the metrics
@@ -176,9 +176,10 @@ struct KernelLifecycle::Allocation {
 struct KernelLifecycle::Kernel {
   KernelView view;
   AllocPtr alloc;  // while attached
-  Clock::time_point ended_at{};
+  // On clock_ (steady, and the tests' fake time), unlike the view's wall-clock timestamps.
+  kb::Clock::time_point ended_at{};
   std::chrono::seconds lease{0};  // KernelRequest::lease
-  Clock::time_point last_watch{};
+  kb::Clock::time_point last_watch{};
 };
 
 KernelLifecycle::KernelLifecycle(asio::io_context& io, const BridgeConfig& config,
@@ -192,7 +193,9 @@ KernelLifecycle::KernelLifecycle(asio::io_context& io, const BridgeConfig& confi
       backends_(std::move(backends)),
       links_(std::move(links)),
       options_(std::move(options)),
-      tick_timer_(io) {
+      real_clock_(options_.clock ? nullptr : std::make_unique<kb::AsioClock>(io)),
+      clock_(options_.clock ? *options_.clock : *real_clock_),
+      tick_timer_(clock_) {
   for (const auto& site : config_.sites) {
     site_health_[site.name]["unicore"] = {"site " + site.name + ": unicore " + site.unicore_url, true,
                                           ""};
@@ -390,7 +393,7 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   k.view.created_at = Clock::now();
   k.view.hub_ip = hub.ip;
   k.lease = request.lease;
-  k.last_watch = k.view.created_at;
+  k.last_watch = clock_.now();
 
   if (reuse) {
     reuse->grace_timer.cancel();
@@ -439,7 +442,7 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
     return;
   }
 
-  auto alloc = std::make_shared<Allocation>(io_);
+  auto alloc = std::make_shared<Allocation>(clock_);
   alloc->log_id = id;
   alloc->owner = caller.user;
   alloc->site = site;
@@ -605,7 +608,7 @@ void KernelLifecycle::end_kernel(Kernel& k, EndCause cause, std::string reason,
   k.view.reason = std::move(reason);
   k.view.exit_code = code;
   k.view.exit_signal = signal;
-  k.ended_at = Clock::now();
+  k.ended_at = clock_.now();
   if (alloc) {
     sample_traffic(*alloc);
     alloc->kernel_id.clear();
@@ -636,9 +639,8 @@ void KernelLifecycle::park(const AllocPtr& alloc) {
                alloc->log_id, alloc->job_id, options_.restart_grace.count());
   std::weak_ptr<Allocation> weak = alloc;
   std::weak_ptr<bool> alive = alive_;
-  alloc->grace_timer.expires_after(options_.restart_grace);
-  alloc->grace_timer.async_wait([this, weak, alive](const boost::system::error_code& ec) {
-    if (ec || alive.expired()) return;
+  alloc->grace_timer.wait(options_.restart_grace, [this, weak, alive] {
+    if (alive.expired()) return;
     auto a = weak.lock();
     if (!a || !a->kernel_id.empty()) return;
     teardown(a, "no kernel reused it within the restart grace");
@@ -782,7 +784,7 @@ void KernelLifecycle::watch(const AllocPtr& alloc) {
     if (a && !alive.expired()) on_job_error(a, e, fatal);
   };
   if (alloc->watcher) alloc->watcher->stop();
-  alloc->watcher = unicore::JobWatcher::create(std::move(poll), unicore::make_asio_watch_timer(io_),
+  alloc->watcher = unicore::JobWatcher::create(std::move(poll), clock_.make_timer(),
                                                std::move(handlers), options_.watch);
   alloc->watcher->start();
 }
@@ -822,7 +824,7 @@ void KernelLifecycle::on_job_change(const AllocPtr& alloc, const unicore::JobInf
 }
 
 void KernelLifecycle::on_running(const AllocPtr& alloc, const unicore::JobInfo& info) {
-  alloc->running_since = std::chrono::steady_clock::now();
+  alloc->running_since = clock_.now();
   if (alloc->working_dir.empty() || !info.working_directory.empty()) {
     alloc->working_dir = alloc->backend->working_directory(alloc->job_url, &info);
   }
@@ -874,7 +876,7 @@ void KernelLifecycle::poll_discovery(const AllocPtr& alloc) {
 }
 
 void KernelLifecycle::retry_discovery(const AllocPtr& alloc) {
-  if (std::chrono::steady_clock::now() - alloc->running_since > options_.discovery_timeout) {
+  if (clock_.now() - alloc->running_since > options_.discovery_timeout) {
     return end_attached(alloc, EndCause::link_failed,
                         "the agent did not write its discovery file (" + std::string(kDiscoveryFile) +
                             ") within " + std::to_string(options_.discovery_timeout.count()) +
@@ -892,9 +894,8 @@ void KernelLifecycle::retry_discovery(const AllocPtr& alloc) {
 void KernelLifecycle::poll_discovery_after(const AllocPtr& alloc, std::chrono::milliseconds delay) {
   std::weak_ptr<Allocation> weak = alloc;
   std::weak_ptr<bool> alive = alive_;
-  alloc->discovery_timer.expires_after(delay);
-  alloc->discovery_timer.async_wait([this, weak, alive](const boost::system::error_code& ec) {
-    if (ec || alive.expired()) return;
+  alloc->discovery_timer.wait(delay, [this, weak, alive] {
+    if (alive.expired()) return;
     if (auto a = weak.lock()) poll_discovery(a);
   });
 }
@@ -906,7 +907,7 @@ void KernelLifecycle::poll_discovery_after(const AllocPtr& alloc, std::chrono::m
 // (the agent, never reached, ends the job itself after its no-bridge time).
 void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error) {
   const auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(
-      std::chrono::steady_clock::now() - alloc->running_since);
+      clock_.now() - alloc->running_since);
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                         options_.discovery_timeout) - elapsed;
   const std::string situation = "the bridge looked for the agent of job " + alloc->job_id;
@@ -995,9 +996,8 @@ void KernelLifecycle::on_discovery(const AllocPtr& alloc, const std::string& byt
   }
   std::weak_ptr<Allocation> weak = alloc;
   std::weak_ptr<bool> alive = alive_;
-  alloc->connect_timer.expires_after(options_.connect_timeout);
-  alloc->connect_timer.async_wait([this, weak, alive](const boost::system::error_code& ec) {
-    if (ec || alive.expired()) return;
+  alloc->connect_timer.wait(options_.connect_timeout, [this, weak, alive] {
+    if (alive.expired()) return;
     auto a = weak.lock();
     if (!a || a->torn_down || a->kernel_started_once) return;
     end_attached(a, EndCause::link_failed,
@@ -1029,9 +1029,8 @@ void KernelLifecycle::on_job_error(const AllocPtr& alloc, const unicore::Unicore
         "the kernel keeps running, but the bridge cannot see the job's status until JupyterHub "
         "pushes a fresh token (log in again)");
     std::weak_ptr<bool> alive = alive_;
-    alloc->rewatch_timer.expires_after(delay);
-    alloc->rewatch_timer.async_wait([this, alloc, alive](const boost::system::error_code& ec) {
-      if (ec || alive.expired() || alloc->torn_down || alloc->job_terminal) return;
+    alloc->rewatch_timer.wait(delay, [this, alloc, alive] {
+      if (alive.expired() || alloc->torn_down || alloc->job_terminal) return;
       watch(alloc);
     });
     return;
@@ -1220,11 +1219,11 @@ void KernelLifecycle::sample_traffic(Allocation& alloc) {
 }
 
 void KernelLifecycle::watched(std::string_view id) {
-  if (Kernel* k = find(id)) k->last_watch = Clock::now();
+  if (Kernel* k = find(id)) k->last_watch = clock_.now();
 }
 
 void KernelLifecycle::expire_leases() {
-  const auto now = Clock::now();
+  const auto now = clock_.now();
   std::vector<std::string> expired;
   for (const auto& [id, k] : kernels_) {
     if (live(k.view.state) && k.lease.count() > 0 && now - k.last_watch > k.lease) {
@@ -1251,7 +1250,7 @@ void KernelLifecycle::expire_leases() {
 void KernelLifecycle::tick() {
   for (auto& alloc : allocations_) sample_traffic(*alloc);
   expire_leases();
-  auto now = Clock::now();
+  auto now = clock_.now();
   bool pruned = false;
   for (auto it = kernels_.begin(); it != kernels_.end();) {
     if (!live(it->second.view.state) && now - it->second.ended_at > options_.ended_retention) {
@@ -1263,9 +1262,8 @@ void KernelLifecycle::tick() {
   }
   if (pruned) update_state_gauges();
   std::weak_ptr<bool> alive = alive_;
-  tick_timer_.expires_after(options_.tick);
-  tick_timer_.async_wait([this, alive](const boost::system::error_code& ec) {
-    if (!ec && !alive.expired()) tick();
+  tick_timer_.wait(options_.tick, [this, alive] {
+    if (!alive.expired()) tick();
   });
 }
 
@@ -1292,10 +1290,10 @@ void KernelLifecycle::shutdown(std::function<void()> done) {
     if (d) d();
     return;
   }
-  shutdown_timer_ = std::make_unique<asio::steady_timer>(io_, options_.shutdown_timeout);
+  shutdown_timer_ = clock_.make_timer();
   std::weak_ptr<bool> alive = alive_;
-  shutdown_timer_->async_wait([this, alive](const boost::system::error_code& ec) {
-    if (ec || alive.expired() || !shutdown_done_) return;
+  shutdown_timer_->wait(options_.shutdown_timeout, [this, alive] {
+    if (alive.expired() || !shutdown_done_) return;
     for (const auto& a : allocations_) {
       spdlog::error("[{}] job {} on site {} did not confirm its end within {} s; check it "
                     "(kernel-bridge unicore status {})",

@@ -10,7 +10,6 @@
 // Thread model: construct, call and destroy on the io_context's thread; every callback and listener
 // runs there. Nothing blocks.
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -25,6 +24,7 @@
 #include "bridge/credentials_store.hpp"
 #include "bridge/kernel_service.hpp"
 #include "bridge/lifecycle_backend.hpp"
+#include "common/clock.hpp"
 #include "unicore/job_watcher.hpp"
 
 namespace kb::bridge {
@@ -61,6 +61,9 @@ struct LifecycleOptions {
   std::size_t max_progress = 64;
   // Per site (name): the agent executable's bytes, for sites whose agent is uploaded with the job.
   std::map<std::string, std::shared_ptr<const std::string>> agent_uploads;
+  // Time for every timer, timeout, lease and grace (job polling included); must outlive the
+  // lifecycle. Null: real time on the io_context. Tests pass a kb::ManualClock.
+  kb::Clock* clock = nullptr;
 };
 
 // The job a kernel's allocation runs (pure; exposed for tests and `kernel-bridge doctor`).
@@ -170,10 +173,12 @@ class KernelLifecycle final : public KernelService {
   std::map<std::string, Kernel, std::less<>> kernels_;
   std::vector<AllocPtr> allocations_;  // attached, parked, or being torn down
   std::map<std::string, std::map<std::string, HealthCheck>> site_health_;
-  boost::asio::steady_timer tick_timer_;
+  std::unique_ptr<kb::Clock> real_clock_;  // when options_.clock is null
+  kb::Clock& clock_;
+  kb::ClockTimer tick_timer_;
   bool shutting_down_ = false;
   std::function<void()> shutdown_done_;
-  std::unique_ptr<boost::asio::steady_timer> shutdown_timer_;
+  std::unique_ptr<kb::Timer> shutdown_timer_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 

@@ -87,7 +87,8 @@ HubKernel::HubKernel(asio::io_context& io, Options options, TransportProvider pr
       retry_timer_(io),
       stable_timer_(io),
       shutdown_timer_(io),
-      rng_(std::random_device{}()) {}
+      backoff_({options_.backoff_min, options_.backoff_max, 2.0, kb::Jitter::equal},
+               kb::backoff_seed()) {}
 
 HubKernel::~HubKernel() {
   if (session_) session_->close("bridge stopped");
@@ -220,12 +221,8 @@ void HubKernel::request_transport() {
 
 void HubKernel::schedule_retry(const std::string& why) {
   if (closed_ || failed_permanently_ || retry_scheduled_) return;
-  backoff_ = backoff_.count() == 0 ? options_.backoff_min
-                                   : std::min(backoff_ * 2, options_.backoff_max);
   // Half fixed, half random: retries of many kernels spread out and never come back-to-back.
-  auto half = backoff_.count() / 2;
-  std::uniform_int_distribution<long long> jitter(0, std::max<long long>(half, 0));
-  auto delay = std::chrono::milliseconds(half + jitter(rng_));
+  auto delay = backoff_.next();
   retry_scheduled_ = true;
   spdlog::info("[{}] next attempt to reach the agent in {} ms ({})", log_id_, delay.count(), why);
   std::weak_ptr<HubKernel> weak = weak_from_this();
@@ -259,7 +256,7 @@ void HubKernel::on_link_state(LinkState state, const std::string& reason) {
       stable_timer_.async_wait([weak = weak_from_this()](const error_code& ec) {
         auto self = weak.lock();
         if (!ec && self && self->session_->state() == LinkState::up) {
-          self->backoff_ = std::chrono::milliseconds(0);
+          self->backoff_.reset();
         }
       });
       return;
@@ -270,7 +267,7 @@ void HubKernel::on_link_state(LinkState state, const std::string& reason) {
         close("the agent terminated (" + reason + ")");
         return;
       }
-      if (backoff_.count() == 0) {
+      if (backoff_.steps() == 0) {
         request_transport();  // a first drop after a stable period: try again at once
       } else {
         schedule_retry(reason);

@@ -9,6 +9,7 @@
 // (tunnel/tunnel_commands.cpp, which owns the connection file and the JSON on stdout) drive it.
 // Thread model: create, call and destroy it only on the thread that runs its io_context; every
 // callback runs there.
+#include "common/backoff.hpp"
 #include "tunnel/connection_file.hpp"
 #include "tunnel/link_session.hpp"
 #include "tunnel/transport.hpp"
@@ -24,7 +25,6 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <random>
 #include <stdexcept>
 #include <string>
 #include <variant>
@@ -165,7 +165,7 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   boost::asio::steady_timer retry_timer_;
   boost::asio::steady_timer stable_timer_;
   boost::asio::steady_timer shutdown_timer_;
-  std::chrono::milliseconds backoff_{0};
+  kb::Backoff backoff_;  // no steps taken: the link was stable, the next drop retries at once
   bool attempt_in_flight_ = false;
   bool retry_scheduled_ = false;
   bool start_sent_ = false;
@@ -175,7 +175,6 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   bool shutting_down_ = false;
   std::function<void()> shutdown_done_;
   std::uint64_t attempts_ = 0;
-  std::minstd_rand rng_;
 };
 
 }  // namespace kb::tunnel

@@ -4,13 +4,13 @@
 
 #include <algorithm>
 #include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <cstring>
 #include <deque>
 #include <optional>
 #include <unordered_map>
 
+#include "common/clock.hpp"
 #include "tunnel/frame.hpp"
 #include "tunnel/link_handshake.hpp"
 #include "tunnel/link_replay.hpp"
@@ -21,7 +21,7 @@ namespace kb::tunnel {
 namespace asio = boost::asio;
 using asio::ip::tcp;
 using frame::FrameType;
-using Clock = std::chrono::steady_clock;
+using Clock = kb::Clock;
 
 const char* to_string(ChannelKind kind) {
   switch (kind) {
@@ -119,7 +119,7 @@ struct LinkStream {
 using StreamPtr = std::shared_ptr<LinkStream>;
 
 struct TransportSlot {
-  TransportSlot(asio::io_context& io, ByteTransportPtr t) : transport(std::move(t)), timer(io) {
+  TransportSlot(kb::Clock& clock, ByteTransportPtr t) : transport(std::move(t)), timer(clock) {
     name = transport->describe();
   }
   enum class Phase { handshaking, resuming, live, dead };
@@ -135,7 +135,7 @@ struct TransportSlot {
   ReplayBuffer::Chunk chunk;          // replayed frames in flight
   bool write_in_flight = false;
   bool close_after_write = false;
-  asio::steady_timer timer;  // handshake timeout, then goodbye timeout
+  kb::ClockTimer timer;  // handshake timeout, then goodbye timeout
 };
 using SlotPtr = std::shared_ptr<TransportSlot>;
 
@@ -149,8 +149,10 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
         opts_(std::move(options)),
         handlers_(std::move(handlers)),
         replay_(std::max<std::size_t>(64 * 1024, 4 * (opts_.max_chunk + frame::kHeaderSize))),
-        ack_timer_(io),
-        tick_timer_(io) {
+        real_clock_(opts_.clock ? nullptr : std::make_unique<kb::AsioClock>(io)),
+        clock_(opts_.clock ? *opts_.clock : *real_clock_),
+        ack_timer_(clock_),
+        tick_timer_(clock_) {
     opts_.max_chunk = std::clamp<std::size_t>(opts_.max_chunk, 1, frame::kMaxDataPayload);
     opts_.stream_window = std::clamp<std::size_t>(opts_.stream_window, 1024, 1u << 30);
     opts_.replay_limit = std::max<std::size_t>(opts_.replay_limit, 2 * opts_.max_chunk);
@@ -246,7 +248,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       transport->close();
       return;
     }
-    auto slot = std::make_shared<TransportSlot>(io_, std::move(transport));
+    auto slot = std::make_shared<TransportSlot>(clock_, std::move(transport));
     const auto nonce = kb::auth::random_bytes(frame::kNonceSize);
     slot->handshake = std::make_unique<LinkHandshake>(
         role_ == LinkSession::Role::bridge ? LinkHandshake::Role::bridge
@@ -254,10 +256,9 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
         secret_.bytes, self_id_, peer_id_, static_cast<std::uint32_t>(opts_.stream_window), nonce);
     candidates_.push_back(slot);
     spdlog::info("{} authenticating transport {}", log_, slot->name);
-    slot->timer.expires_after(opts_.handshake_timeout);
-    slot->timer.async_wait([weak = weak_from_this(), slot](boost::system::error_code ec) {
+    slot->timer.wait(opts_.handshake_timeout, [weak = weak_from_this(), slot] {
       auto self = weak.lock();
-      if (ec || !self) return;
+      if (!self) return;
       if (slot->phase == TransportSlot::Phase::handshaking ||
           slot->phase == TransportSlot::Phase::resuming) {
         self->candidate_failed(slot,
@@ -515,7 +516,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       const auto& c = slot->chunk;
       if (c.first_seq <= high_water_seq_) count_retransmitted(c);
       high_water_seq_ = std::max(high_water_seq_, c.last_seq);
-      if (replay_.acked() == c.first_seq - 1) unacked_since_ = Clock::now();
+      if (replay_.acked() == c.first_seq - 1) unacked_since_ = clock_.now();
       buf = asio::buffer(c.data, c.size);
       stats_.bytes_out += c.size;
       stats_.frames_out += c.frames;
@@ -573,7 +574,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     if (state_ == LinkState::closed) return;  // only a farewell write may still be pending
     slot->decoder.commit(n);
     stats_.bytes_in += n;
-    last_rx_ = Clock::now();
+    last_rx_ = clock_.now();
     frame::DecodedFrame f;
     std::string err;
     while (slot->phase != TransportSlot::Phase::dead) {
@@ -724,8 +725,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     const bool first = !ever_up_;
     ever_up_ = true;
     if (!first) ++stats_.resumes;
-    last_rx_ = Clock::now();
-    unacked_since_ = Clock::now();
+    last_rx_ = clock_.now();
+    unacked_since_ = clock_.now();
     const std::string reason = first ? "authenticated on " + slot->name
                                      : "resumed on " + slot->name + " (peer had frames up to " +
                                            std::to_string(point) + ", retransmitting " +
@@ -773,7 +774,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
           }
           if (a > replay_.acked()) {
             replay_.ack(a);
-            unacked_since_ = Clock::now();
+            unacked_since_ = clock_.now();
           }
           return;
         }
@@ -816,12 +817,11 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
       send_ack(slot);
     } else if (!ack_timer_armed_) {
       ack_timer_armed_ = true;
-      ack_timer_.expires_after(opts_.ack_delay);
-      ack_timer_.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+      // Cancelled only when the session closes, after which nothing re-arms it.
+      ack_timer_.wait(opts_.ack_delay, [weak = weak_from_this()] {
         auto self = weak.lock();
         if (!self) return;
         self->ack_timer_armed_ = false;
-        if (ec) return;
         if (self->current_ && self->current_->phase == TransportSlot::Phase::live) {
           self->send_ack(self->current_);
         }
@@ -968,10 +968,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
                         text_bytes(reason, frame::kMaxReasonLength));
     slot->close_after_write = true;
     // Bounded wait for a peer that does not read.
-    slot->timer.expires_after(std::chrono::seconds(1));
-    slot->timer.async_wait([weak = weak_from_this(), slot](boost::system::error_code ec) {
-      auto self = weak.lock();
-      if (!ec && self) self->retire(slot);
+    slot->timer.wait(std::chrono::seconds(1), [weak = weak_from_this(), slot] {
+      if (auto self = weak.lock()) self->retire(slot);
     });
     if (slot->phase == TransportSlot::Phase::live) slot->phase = TransportSlot::Phase::resuming;
     write_next(slot);
@@ -1019,10 +1017,9 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
   void schedule_tick() {
     const auto period = std::max<std::chrono::milliseconds>(opts_.liveness_timeout / 6,
                                                             std::chrono::milliseconds(5));
-    tick_timer_.expires_after(period);
-    tick_timer_.async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+    tick_timer_.wait(period, [weak = weak_from_this()] {
       auto self = weak.lock();
-      if (ec || !self || self->state_ == LinkState::closed) return;
+      if (!self || self->state_ == LinkState::closed) return;
       self->tick();
       self->schedule_tick();
     });
@@ -1031,7 +1028,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
   void tick() {
     if (replay_.bytes() == 0) replay_.trim();
     if (!current_ || current_->phase != TransportSlot::Phase::live) return;
-    const auto now = Clock::now();
+    const auto now = clock_.now();
     const auto timeout = opts_.liveness_timeout;
     auto ms = [](auto d) {
       return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
@@ -1078,8 +1075,10 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
   std::size_t recv_unacked_bytes_ = 0;
   std::size_t ack_threshold_;
   bool ack_timer_armed_ = false;
-  asio::steady_timer ack_timer_;
-  asio::steady_timer tick_timer_;
+  std::unique_ptr<kb::Clock> real_clock_;  // when opts_.clock is null
+  kb::Clock& clock_;
+  kb::ClockTimer ack_timer_;
+  kb::ClockTimer tick_timer_;
   Clock::time_point last_rx_{}, unacked_since_{};
   bool ping_outstanding_ = false;
   std::uint64_t ping_counter_ = 0;

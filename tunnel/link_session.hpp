@@ -17,6 +17,7 @@
 #include <string>
 
 #include "auth/secret.hpp"
+#include "common/clock.hpp"
 #include "tunnel/transport.hpp"
 
 namespace kb::tunnel {
@@ -64,6 +65,9 @@ class LinkSession : public std::enable_shared_from_this<LinkSession> {
     // once when a quarter of the replay limit is unacknowledged).
     std::chrono::milliseconds ack_delay{5};
     std::string log_id;  // kernel id for logs
+    // Time for the handshake, goodbye, ack and liveness timers; must outlive the session. Null:
+    // real time on the io_context. Tests may pass a kb::ManualClock.
+    kb::Clock* clock = nullptr;
   };
 
   struct Handlers {

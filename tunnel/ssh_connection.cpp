@@ -24,6 +24,7 @@
 //    when called again, every other call merely consumes the previous reply without sending. We
 //    look at the packet counter to tell and call it a second time when nothing went out.
 #include "tunnel/ssh_connection.hpp"
+#include "common/backoff.hpp"
 #include "tunnel/tcp_transport.hpp"
 
 #include <boost/asio/connect.hpp>
@@ -40,10 +41,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <deque>
-#include <random>
 #include <vector>
 
 namespace kb::tunnel {
@@ -237,7 +236,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
         connect_timer(io),
         backoff_timer(io),
         keepalive_timer(io),
-        rng(std::random_device{}()) {
+        backoff({opt.backoff_min, opt.backoff_max, 2.0, kb::Jitter::full}, kb::backoff_seed()) {
     label = opt.user + "@" + opt.host + ":" + std::to_string(opt.port);
   }
 
@@ -276,7 +275,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
   std::deque<std::shared_ptr<OpenRequest>> waiting;  // not yet sent to sshd
   std::vector<std::shared_ptr<OpenRequest>> opening;  // sent, waiting for sshd's answer
   std::map<uint64_t, std::shared_ptr<ChannelState>> channels;
-  std::mt19937_64 rng;
+  kb::Backoff backoff;  // reconnect delays; `attempt` is its step
 
   // ---------------------------------------------------------------------------- state
   void set_state(State s, const std::string& reason) {
@@ -604,13 +603,10 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
       set_state(State::idle, reason);
       return;
     }
-    const double cap = std::min<double>(
-        static_cast<double>(opt.backoff_max.count()),
-        static_cast<double>(opt.backoff_min.count()) * std::pow(2.0, std::clamp(attempt - 1, 0, 30)));
-    std::uniform_real_distribution<double> dist(0.0, std::max(cap, 0.0));
-    const auto delay = std::chrono::milliseconds(static_cast<int64_t>(dist(rng)));
+    const auto cap = backoff.base(attempt - 1);
+    const auto delay = backoff.delay(attempt - 1);
     spdlog::info("ssh {}: reconnect attempt {} in {} ms (backoff cap {} ms): {}", label, attempt + 1,
-                 delay.count(), static_cast<int64_t>(cap), reason);
+                 delay.count(), static_cast<int64_t>(cap.count()), reason);
     set_state(State::reconnecting, reason);
     backoff_timer.expires_after(delay);
     backoff_timer.async_wait([self = shared_from_this(), g = gen](error_code ec) {

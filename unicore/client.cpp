@@ -97,7 +97,11 @@ struct UnicoreClient::CallState {
 };
 
 UnicoreClient::UnicoreClient(asio::io_context& io, ClientOptions options)
-    : io_(io), options_(std::move(options)), engine_(io) {
+    : io_(io),
+      options_(std::move(options)),
+      engine_(io),
+      retry_backoff_(options_.retry.backoff(),
+                     options_.jitter_seed ? *options_.jitter_seed : kb::backoff_seed()) {
   std::string& base = options_.base_url;
   while (!base.empty() && base.back() == '/') base.pop_back();
   std::size_t scheme_end = base.find("://");
@@ -113,7 +117,6 @@ UnicoreClient::UnicoreClient(asio::io_context& io, ClientOptions options)
     throw std::invalid_argument("UNICORE base URL '" + base + "' has no host or contains ?, # or spaces");
   }
   if (options_.retry.max_attempts < 1) options_.retry.max_attempts = 1;
-  rng_.seed(options_.jitter_seed ? *options_.jitter_seed : std::random_device{}());
   auto salt = kb::auth::random_bytes(32);
   session_salt_.assign(salt.begin(), salt.end());
   if (!options_.tls.verify && scheme == "https") {
@@ -319,7 +322,7 @@ void UnicoreClient::on_response(std::shared_ptr<CallState> state, HttpResponse r
   if (is_retryable(r, c.idempotent, unicore_body) && state->failures + 1 < options_.retry.max_attempts) {
     ++state->failures;
     if (r.request_sent) state->maybe_applied = true;
-    auto delay = options_.retry.delay(state->failures, rng_);
+    auto delay = retry_backoff_.delay(state->failures - 1);
     if (const std::string* after = r.header("retry-after")) {
       char* end = nullptr;
       long s = std::strtol(after->c_str(), &end, 10);

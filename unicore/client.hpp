@@ -10,7 +10,6 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <random>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -34,7 +33,8 @@ struct ClientOptions {
   std::size_t max_download_body = std::size_t{256} << 20;
   RetryPolicy retry;
   GpuMode gpu_mode = GpuMode::gpus_per_node;
-  std::optional<std::uint64_t> jitter_seed;  // fixed seed = reproducible backoff (tests)
+  // Seed of the retry delays' jitter. Unset: kb::backoff_seed() (replayable via KB_BACKOFF_SEED).
+  std::optional<std::uint64_t> jitter_seed;
   std::size_t max_listed_jobs = 10'000;      // list_jobs stops following pages here
 };
 
@@ -143,7 +143,7 @@ class UnicoreClient {
   std::string origin_;  // scheme://host[:port] of base_url
   HttpEngine engine_;
   RefreshHook refresh_hook_;
-  std::mt19937_64 rng_;
+  kb::Backoff retry_backoff_;  // options_.retry's delays; each request counts its own failures
   std::string session_salt_;
   std::unordered_map<std::string, Session> sessions_;  // per credentials (keyed by a salted hash)
   std::vector<std::weak_ptr<boost::asio::steady_timer>> backoff_timers_;  // cancelled on destruction

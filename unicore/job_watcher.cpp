@@ -3,85 +3,60 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/steady_timer.hpp>
-#include <cmath>
 
 #include "unicore/client.hpp"
 
 namespace kb::unicore {
 
-namespace {
-
-std::chrono::milliseconds grow(std::chrono::milliseconds initial, std::chrono::milliseconds max,
-                               double growth, int steps) {
-  double v = static_cast<double>(initial.count()) * std::pow(std::max(1.0, growth), std::min(steps, 64));
-  v = std::min(v, static_cast<double>(max.count()));
-  return std::chrono::milliseconds(static_cast<long long>(v));
-}
-
-class AsioWatchTimer final : public WatchTimer {
- public:
-  explicit AsioWatchTimer(boost::asio::io_context& io) : timer_(io) {}
-  ~AsioWatchTimer() override { timer_.cancel(); }
-  void wait(std::chrono::milliseconds delay, std::function<void()> fire) override {
-    timer_.expires_after(delay);
-    timer_.async_wait([fire = std::move(fire)](const boost::system::error_code& ec) {
-      if (!ec) fire();
-    });
-  }
-  void cancel() override { timer_.cancel(); }
-
- private:
-  boost::asio::steady_timer timer_;
-};
-
-}  // namespace
-
-std::unique_ptr<WatchTimer> make_asio_watch_timer(boost::asio::io_context& io) {
-  return std::make_unique<AsioWatchTimer>(io);
-}
-
-PollSchedule::PollSchedule(WatchPolicy policy, std::uint64_t seed) : policy_(policy), rng_(seed) {}
-
-std::chrono::milliseconds PollSchedule::jittered(std::chrono::milliseconds base) {
-  last_base_ = base;
-  double j = std::clamp(policy_.jitter, 0.0, 0.9);
-  std::uniform_real_distribution<double> factor(1.0 - j, 1.0 + j);
-  return std::chrono::milliseconds(
-      static_cast<long long>(std::round(static_cast<double>(base.count()) * factor(rng_))));
-}
-
-std::chrono::milliseconds PollSchedule::after_poll(JobStatus status) {
-  errors_ = 0;
-  if (status_ && *status_ == status) {
-    ++unchanged_;
-  } else {
-    unchanged_ = 0;
-    status_ = status;
-  }
+// The range of one phase; growth below 1 would poll ever faster, so it counts as 1 (no growth).
+kb::BackoffPolicy PollSchedule::phase(JobStatus status) const {
+  auto range = [&](std::chrono::milliseconds initial, std::chrono::milliseconds max) {
+    return kb::BackoffPolicy{initial, max, std::max(1.0, policy_.growth), kb::Jitter::proportional,
+                             std::clamp(policy_.jitter, 0.0, 0.9)};
+  };
   switch (status) {
     case JobStatus::queued:
-      return jittered(grow(policy_.queued_initial, policy_.queued_max, policy_.growth, unchanged_));
+      return range(policy_.queued_initial, policy_.queued_max);
     case JobStatus::running:
-      return jittered(grow(policy_.running_initial, policy_.running_max, policy_.growth, unchanged_));
+      return range(policy_.running_initial, policy_.running_max);
     default:
-      return jittered(grow(policy_.starting_initial, policy_.starting_max, policy_.growth, unchanged_));
+      return range(policy_.starting_initial, policy_.starting_max);
   }
+}
+
+// Failed polls double regardless of `growth`: a site in trouble is given room quickly.
+kb::BackoffPolicy PollSchedule::errors() const {
+  return {policy_.error_initial, policy_.error_max, 2.0, kb::Jitter::proportional,
+          std::clamp(policy_.jitter, 0.0, 0.9)};
+}
+
+// The error range's stream is a second one derived from the seed, so one seed replays both.
+PollSchedule::PollSchedule(WatchPolicy policy, std::uint64_t seed)
+    : policy_(policy),
+      polls_(phase(JobStatus::undefined), seed),
+      errors_(errors(), seed ^ 0x5eed'e770'0000'0001ULL) {}
+
+std::chrono::milliseconds PollSchedule::after_poll(JobStatus status) {
+  errors_.reset();
+  if (!status_ || *status_ != status) {
+    status_ = status;
+    polls_.reset(phase(status));
+  }
+  last_base_ = polls_.base(polls_.steps());
+  return polls_.next();
 }
 
 std::chrono::milliseconds PollSchedule::after_error() {
-  auto d = jittered(grow(policy_.error_initial, policy_.error_max, 2.0, errors_));
-  ++errors_;
-  return d;
+  last_base_ = errors_.base(errors_.steps());
+  return errors_.next();
 }
 
-JobWatcher::JobWatcher(Poll poll, std::unique_ptr<WatchTimer> timer, WatchHandlers handlers,
+JobWatcher::JobWatcher(Poll poll, std::unique_ptr<kb::Timer> timer, WatchHandlers handlers,
                        WatchPolicy policy, std::uint64_t seed)
     : poll_(std::move(poll)), timer_(std::move(timer)), handlers_(std::move(handlers)),
       schedule_(policy, seed) {}
 
-std::shared_ptr<JobWatcher> JobWatcher::create(Poll poll, std::unique_ptr<WatchTimer> timer,
+std::shared_ptr<JobWatcher> JobWatcher::create(Poll poll, std::unique_ptr<kb::Timer> timer,
                                                WatchHandlers handlers, WatchPolicy policy,
                                                std::uint64_t seed) {
   return std::shared_ptr<JobWatcher>(
@@ -95,7 +70,7 @@ std::shared_ptr<JobWatcher> JobWatcher::create(UnicoreClient& client, boost::asi
                   std::function<void(Result<JobInfo>)> done) {
     client.get_job(creds, job, std::move(done), {"status", "statusMessage", "exitCode"});
   };
-  return create(std::move(poll), make_asio_watch_timer(io), std::move(handlers), policy);
+  return create(std::move(poll), kb::make_asio_timer(io), std::move(handlers), policy);
 }
 
 void JobWatcher::start() {

@@ -7,9 +7,10 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <random>
 #include <string>
 
+#include "common/backoff.hpp"
+#include "common/clock.hpp"
 #include "unicore/credentials.hpp"
 #include "unicore/replies.hpp"
 #include "unicore/result.hpp"
@@ -42,7 +43,7 @@ struct WatchPolicy {
 // The interval logic, without timers: pure and deterministic for a given seed. Any thread.
 class PollSchedule {
  public:
-  explicit PollSchedule(WatchPolicy policy = {}, std::uint64_t seed = std::random_device{}());
+  explicit PollSchedule(WatchPolicy policy = {}, std::uint64_t seed = kb::backoff_seed());
   // Delay before the next poll, after a poll that saw `status`.
   std::chrono::milliseconds after_poll(JobStatus status);
   // Delay before the next poll, after a poll that failed.
@@ -51,25 +52,16 @@ class PollSchedule {
   std::chrono::milliseconds last_base() const { return last_base_; }
 
  private:
-  std::chrono::milliseconds jittered(std::chrono::milliseconds base);
+  kb::BackoffPolicy phase(JobStatus status) const;
+  kb::BackoffPolicy errors() const;
   WatchPolicy policy_;
-  std::mt19937_64 rng_;
+  // Polls that saw the same status in a row walk one phase's range; any change starts the new
+  // status's range afresh. Failed polls walk their own range, reset by the next answer.
+  kb::Backoff polls_;
+  kb::Backoff errors_;
   std::optional<JobStatus> status_;
-  int unchanged_ = 0;
-  int errors_ = 0;
   std::chrono::milliseconds last_base_{0};
 };
-
-// The timer seam: AsioWatchTimer in production, a fake in tests.
-class WatchTimer {
- public:
-  virtual ~WatchTimer() = default;
-  // Calls `fire` once after `delay`, unless cancel() comes first. At most one wait at a time.
-  virtual void wait(std::chrono::milliseconds delay, std::function<void()> fire) = 0;
-  virtual void cancel() = 0;
-};
-
-std::unique_ptr<WatchTimer> make_asio_watch_timer(boost::asio::io_context& io);
 
 struct WatchHandlers {
   std::function<void(const JobInfo&)> on_change;  // first poll, then every status/message change
@@ -85,9 +77,10 @@ class JobWatcher : public std::enable_shared_from_this<JobWatcher> {
  public:
   using Poll = std::function<void(std::function<void(Result<JobInfo>)>)>;
 
-  static std::shared_ptr<JobWatcher> create(Poll poll, std::unique_ptr<WatchTimer> timer,
+  // `timer`: the clock seam's (kb::Clock::make_timer(); a fake in tests).
+  static std::shared_ptr<JobWatcher> create(Poll poll, std::unique_ptr<kb::Timer> timer,
                                             WatchHandlers handlers, WatchPolicy policy = {},
-                                            std::uint64_t seed = std::random_device{}());
+                                            std::uint64_t seed = kb::backoff_seed());
   // Watches `job` through `client` (which must outlive the watcher) with Asio timers.
   static std::shared_ptr<JobWatcher> create(UnicoreClient& client, boost::asio::io_context& io,
                                             Credentials creds, std::string job,
@@ -98,13 +91,13 @@ class JobWatcher : public std::enable_shared_from_this<JobWatcher> {
   bool running() const { return running_; }
 
  private:
-  JobWatcher(Poll poll, std::unique_ptr<WatchTimer> timer, WatchHandlers handlers, WatchPolicy policy,
+  JobWatcher(Poll poll, std::unique_ptr<kb::Timer> timer, WatchHandlers handlers, WatchPolicy policy,
              std::uint64_t seed);
   void poll_now();
   void on_result(Result<JobInfo> result);
 
   Poll poll_;
-  std::unique_ptr<WatchTimer> timer_;
+  std::unique_ptr<kb::Timer> timer_;
   WatchHandlers handlers_;
   PollSchedule schedule_;
   bool running_ = false;

@@ -1,18 +1,9 @@
 #include "unicore/retry.hpp"
 
-#include <algorithm>
-#include <cmath>
-
 namespace kb::unicore {
 
-std::chrono::milliseconds RetryPolicy::delay(int retry, std::mt19937_64& rng) const {
-  double base = static_cast<double>(initial_delay.count()) *
-                std::pow(multiplier, static_cast<double>(std::max(0, retry - 1)));
-  base = std::min(base, static_cast<double>(max_delay.count()));
-  double j = std::clamp(jitter, 0.0, 1.0);
-  std::uniform_real_distribution<double> factor(1.0 - j, 1.0 + j);
-  double ms = base * factor(rng);
-  return std::chrono::milliseconds(static_cast<long long>(std::max(0.0, std::round(ms))));
+kb::BackoffPolicy RetryPolicy::backoff() const {
+  return {initial_delay, max_delay, multiplier, kb::Jitter::proportional, jitter};
 }
 
 bool is_retryable(const HttpResponse& r, bool idempotent, bool unicore_error_body) {

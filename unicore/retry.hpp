@@ -1,9 +1,9 @@
 #pragma once
 // When and how long to wait before repeating a failed UNICORE request. Pure; any thread.
 #include <chrono>
-#include <random>
 #include <string>
 
+#include "common/backoff.hpp"
 #include "unicore/http_engine.hpp"
 
 namespace kb::unicore {
@@ -15,9 +15,10 @@ struct RetryPolicy {
   std::chrono::milliseconds max_delay{8'000};
   double jitter = 0.25;  // each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
 
-  // Delay before retry number `retry` (1 = the first retry): initial * multiplier^(retry-1), capped
-  // at max_delay, then jittered (the jittered value never exceeds max_delay * (1 + jitter)).
-  std::chrono::milliseconds delay(int retry, std::mt19937_64& rng) const;
+  // The delays as a kb::Backoff range: the delay before retry number `retry` (1 = the first retry)
+  // is backoff.delay(retry - 1): initial * multiplier^(retry-1), capped at max_delay, then jittered
+  // (the jittered value never exceeds max_delay * (1 + jitter)).
+  kb::BackoffPolicy backoff() const;
 };
 
 // Whether a failed exchange may be repeated.

@@ -1,7 +1,8 @@
 // Tests of bridge/lifecycle.*: the kernel state machine, driven through a fake UNICORE site
 // (FakeJobs: jobs whose status the test sets, files the test writes) and a fake hub-side link
-// (FakeLink: records the lifecycle's commands; the test emits the agent's events). The real
-// io_context runs the JobWatcher's timers (short intervals); nothing here asserts on time.
+// (FakeLink: records the lifecycle's commands; the test emits the agent's events). Time is a
+// kb::ManualClock: leases, grace periods, timeouts and the JobWatcher's polls run on fake time that
+// the test advances, so nothing sleeps and a run replays exactly.
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -22,6 +23,7 @@
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
+#include "common/clock.hpp"
 
 namespace kb::bridge {
 namespace {
@@ -234,6 +236,7 @@ class LifecycleTest : public ::testing::Test {
     o.watch.running_initial = o.watch.running_max = std::chrono::milliseconds(2);
     o.watch.error_initial = o.watch.error_max = std::chrono::milliseconds(2);
     o.rewatch_initial = o.rewatch_max = std::chrono::milliseconds(20);
+    o.clock = &clock;
     lifecycle = std::make_unique<KernelLifecycle>(
         io, config, credentials, &metrics, std::map<std::string, JobBackend*>{{"demo", &jobs}},
         [this](const LinkSpec& spec, LinkEventSink sink) {
@@ -278,16 +281,16 @@ class LifecycleTest : public ::testing::Test {
 
   KernelView view(const std::string& id) { return *lifecycle->get(id); }
 
-  // Runs the loop until `done` holds; fails the test (instead of hanging) after a generous bound.
+  // Moves fake time on in small steps (running what falls due) until `done` holds; fails the test
+  // (instead of hanging) after a generous bound of fake time.
   void run_until(const std::function<bool()>& done) {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    const auto deadline = clock.now() + std::chrono::seconds(10);
     while (!done()) {
-      if (std::chrono::steady_clock::now() > deadline) {
+      if (clock.now() > deadline) {
         ADD_FAILURE() << "condition not reached";
         return;
       }
-      io.restart();
-      io.run_for(std::chrono::milliseconds(2));
+      clock.advance(std::chrono::milliseconds(2));
     }
   }
   void run_until_state(const std::string& id, KernelState s) {
@@ -323,6 +326,7 @@ class LifecycleTest : public ::testing::Test {
   }
 
   asio::io_context io;
+  kb::ManualClock clock{&io};  // outlives the lifecycle (declared before it)
   BridgeConfig config;
   CredentialsStore credentials;
   MetricsRegistry registry;
@@ -394,6 +398,7 @@ TEST_F(LifecycleTest, UploadedAgentIsStagedBeforeTheJobStarts) {
   LifecycleOptions o;
   o.agent_uploads["demo"] = std::make_shared<const std::string>("\x7f" "ELF fake agent");
   o.watch.starting_initial = o.watch.starting_max = std::chrono::milliseconds(2);
+  o.clock = &clock;
   lifecycle = std::make_unique<KernelLifecycle>(
       io, config, credentials, &metrics, std::map<std::string, JobBackend*>{{"demo", &jobs}},
       [this](const LinkSpec& spec, LinkEventSink sink) {
@@ -504,8 +509,7 @@ TEST_F(LifecycleTest, AnExpiredTokenPausesWatchingAndTheKernelKeepsRunning) {
                                           "token expired", ""};
   run_until([&] { return has_progress(view(id), "cannot see the job's status"); });
   const std::size_t refused_polls = jobs.get_tokens_seen.size();
-  io.restart();
-  io.run_for(std::chrono::milliseconds(200));
+  clock.advance(std::chrono::milliseconds(200));
   EXPECT_GT(jobs.get_tokens_seen.size(), refused_polls);  // still trying, with a backoff
   EXPECT_EQ(view(id).state, KernelState::ready);
   EXPECT_EQ(view(id).end_cause, EndCause::none);
@@ -533,8 +537,7 @@ TEST_F(LifecycleTest, ARefusedDiscoveryReadWaitsForAFreshToken) {
   jobs.job().status = JobStatus::running;
   run_until([&] { return has_progress(view(id), "cannot be reached until JupyterHub pushes"); });
   const std::size_t refused_reads = jobs.download_tokens_seen.size();
-  io.restart();
-  io.run_for(std::chrono::milliseconds(200));
+  clock.advance(std::chrono::milliseconds(200));
   EXPECT_GT(jobs.download_tokens_seen.size(), refused_reads);  // still trying, with a backoff
   EXPECT_LT(jobs.download_tokens_seen.size(), refused_reads + 30);
   EXPECT_EQ(view(id).state, KernelState::starting);
@@ -711,11 +714,10 @@ TEST_F(LifecycleTest, ALeaseKeepsAWatchedKernelAndShutsDownAnAbandonedOne) {
   r.lease = std::chrono::seconds(1);
   std::string id = ready_kernel(r);
   // Watched (as the wrapper's status requests do) for twice the lease: it stays.
-  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2000);
-  while (std::chrono::steady_clock::now() < until) {
+  const auto until = clock.now() + std::chrono::milliseconds(2000);
+  while (clock.now() < until) {
     lifecycle->watched(id);
-    io.restart();
-    io.run_for(std::chrono::milliseconds(50));
+    clock.advance(std::chrono::milliseconds(50));
   }
   EXPECT_EQ(view(id).state, KernelState::ready);
   // Nobody asks any more (the wrapper was SIGKILLed): shut down like a DELETE, then, without a
@@ -732,8 +734,7 @@ TEST_F(LifecycleTest, ALeaseKeepsAWatchedKernelAndShutsDownAnAbandonedOne) {
 TEST_F(LifecycleTest, KernelsWithoutALeaseAreNeverExpired) {
   make(std::chrono::seconds(30), std::chrono::milliseconds(20));
   std::string id = ready_kernel(request());  // lease 0: an API client that does not poll
-  io.restart();
-  io.run_for(std::chrono::milliseconds(1500));
+  clock.advance(std::chrono::milliseconds(1500));
   EXPECT_EQ(view(id).state, KernelState::ready);
 }
 

@@ -67,7 +67,7 @@ TEST(PollSchedule, ErrorsBackOffAndResetOnSuccess) {
 }
 
 // A timer that only fires when the test says so, recording each requested delay.
-class FakeTimer : public WatchTimer {
+class FakeTimer : public kb::Timer {
  public:
   struct Shared {
     std::vector<milliseconds> delays;

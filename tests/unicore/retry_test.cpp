@@ -15,11 +15,11 @@ TEST(Retry, ExponentialWithJitterWithinBounds) {
   p.multiplier = 2;
   p.max_delay = milliseconds(1000);
   p.jitter = 0.25;
-  std::mt19937_64 rng(42);
+  kb::Backoff rng(p.backoff(), 42);
   for (int round = 0; round < 200; ++round) {
     for (int retry = 1; retry <= 6; ++retry) {
       double base = std::min(100.0 * (1 << (retry - 1)), 1000.0);
-      auto d = p.delay(retry, rng).count();
+      auto d = rng.delay(retry - 1).count();
       EXPECT_GE(d, base * 0.75 - 1) << retry;
       EXPECT_LE(d, base * 1.25 + 1) << retry;
     }
@@ -28,19 +28,20 @@ TEST(Retry, ExponentialWithJitterWithinBounds) {
 
 TEST(Retry, JitterActuallyVaries) {
   RetryPolicy p;
-  std::mt19937_64 rng(7);
+  kb::Backoff rng(p.backoff(), 7);
   std::set<long long> seen;
-  for (int i = 0; i < 20; ++i) seen.insert(p.delay(1, rng).count());
+  for (int i = 0; i < 20; ++i) seen.insert(rng.delay(0).count());
   EXPECT_GT(seen.size(), 5u);
   RetryPolicy none = p;
   none.jitter = 0;
-  EXPECT_EQ(none.delay(3, rng), milliseconds(1000));
+  kb::Backoff none_rng(none.backoff(), 7);
+  EXPECT_EQ(none_rng.delay(2), milliseconds(1000));
 }
 
 TEST(Retry, SameSeedSameDelays) {
   RetryPolicy p;
-  std::mt19937_64 a(1), b(1);
-  for (int i = 1; i < 5; ++i) EXPECT_EQ(p.delay(i, a), p.delay(i, b));
+  kb::Backoff a(p.backoff(), 1), b(p.backoff(), 1);
+  for (int i = 1; i < 5; ++i) EXPECT_EQ(a.delay(i - 1), b.delay(i - 1));
 }
 
 HttpResponse status(long s) {
