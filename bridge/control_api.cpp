@@ -498,6 +498,9 @@ std::optional<Clock::time_point> parse_time_utc(const std::string& text) {
   }
   if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60)
     return std::nullopt;
+  // Clock counts nanoseconds in 64 bits (up to the year 2262): later years are not a time we can
+  // hold, and converting them would overflow (found by control_api_fuzz).
+  if (year < 1970 || year >= 2200) return std::nullopt;
   std::size_t i = 19;
   long long millis = 0;
   if (i < text.size() && text[i] == '.') {
@@ -1237,12 +1240,12 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     std::optional<Clock::time_point> expires;
     if (const json* e = in.get("expires_at")) {
       if (e->is_number()) {
-        // Unix seconds within the years 1970..9999: beyond that it is not a time.
-        constexpr double kMaxUnixSeconds = 253402300799.0;
+        // Unix seconds before the year 2200: Clock holds nanoseconds in 64 bits (until 2262).
+        constexpr double kMaxUnixSeconds = 7258118399.0;
         const double seconds = e->get<double>();
         if (!(seconds >= 0 && seconds <= kMaxUnixSeconds))
           return error({http::status::bad_request,
-                        "expires_at must be Unix seconds between 0 and 253402300799, or RFC 3339",
+                        "expires_at must be Unix seconds between 0 and 7258118399 (2199), or RFC 3339",
                         "expires_at",
                         {}});
         expires = Clock::time_point(std::chrono::seconds(static_cast<long long>(seconds)));
@@ -1250,7 +1253,7 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
         expires = parse_time_utc(e->get<std::string>());
         if (!expires)
           return error({http::status::bad_request,
-                        "expires_at must be RFC 3339 (2026-11-26T18:00:00Z) or Unix seconds",
+                        "expires_at must be RFC 3339 (2026-11-26T18:00:00Z, before 2200) or Unix seconds",
                         "expires_at",
                         {}});
       } else {
