@@ -15,6 +15,7 @@
 #include <optional>
 #include <string>
 
+#include "bridge/api_forms.hpp"  // the JSON forms, e.g. format_time_utc and parse_time_utc
 #include "bridge/config.hpp"
 #include "bridge/credentials_store.hpp"
 #include "bridge/kernel_service.hpp"
@@ -61,14 +62,10 @@ class ControlApi {
   // io_context thread, possibly inline. Used by the listeners (and usable by tests).
   void handle(const Peer& peer, HttpRequest request, std::function<void(HttpResponse)> done);
 
-  struct Impl;  // implementation detail (public only so the .cpp's connection classes can name it)
+  struct Impl;  // implementation detail (bridge/control_api_impl.hpp, for the API's own .cpp files)
 
  private:
   std::shared_ptr<Impl> impl_;
 };
-
-// JSON forms shared with the CLI (kernel-bridge list/status) so both read the same shape.
-std::string format_time_utc(Clock::time_point t);  // RFC 3339, UTC, milliseconds
-std::optional<Clock::time_point> parse_time_utc(const std::string& text);
 
 }  // namespace kb::bridge
