@@ -1,7 +1,7 @@
 #pragma once
 // The control API's wire forms (docs/control-api.md): the JSON it answers with (kernels,
-// resources, credentials, errors), the request bodies it reads, and its RFC 3339 UTC time stamps.
-// Pure functions, callable from any thread.
+// resources, credentials, errors), the request bodies it reads, and its RFC 3339 UTC time stamps
+// (the kernelspec wrapper stamps its progress lines with them too). Pure, thread-safe functions.
 #include <boost/beast/http/status.hpp>
 #include <chrono>
 #include <cstddef>

@@ -7,13 +7,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstdio>
-#include <ctime>
 #include <mutex>
 #include <optional>
 #include <set>
 #include <thread>
 
+#include "bridge/api_forms.hpp"
 #include "bridge/cli_client.hpp"
 #include "tunnel/connection_file.hpp"
 
@@ -22,19 +21,6 @@ namespace kb::bridge {
 namespace {
 
 using nlohmann::json;
-
-std::string utc_now() {
-  using namespace std::chrono;
-  const auto now = system_clock::now();
-  const std::time_t t = system_clock::to_time_t(now);
-  const auto ms = duration_cast<milliseconds>(now.time_since_epoch()).count() % 1000;
-  std::tm tm{};
-  ::gmtime_r(&t, &tm);
-  char buf[80];
-  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(ms));
-  return buf;
-}
 
 void say(const std::string& message) {
   // One write per line: Jupyter interleaves our stderr with its own log.
@@ -156,7 +142,7 @@ void signal_loop(const ControlClient& client, WrapperState& state, sigset_t set)
 }  // namespace
 
 std::string progress_line(const std::string& message) {
-  return utc_now() + " kernel-bridge: " + message;
+  return format_time_utc(Clock::now()) + " kernel-bridge: " + message;
 }
 
 json make_create_request(const WrapperRequest& request, const std::string& connection_file) {
