@@ -23,7 +23,7 @@
 #include <set>
 
 #include "bridge/connection_limits.hpp"
-#include "bridge/http_auth.hpp"
+#include "auth/api_tokens.hpp"
 #include "common/text.hpp"
 
 namespace kb::bridge {
@@ -546,7 +546,7 @@ class SessionBase {
 
 struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   Impl(net::io_context& io_, const BridgeConfig& config_, KernelService& kernels_,
-       CredentialsStore& credentials_, BridgeMetrics& metrics_)
+       auth::CredentialsStore& credentials_, BridgeMetrics& metrics_)
       : io(io_),
         config(config_),
         kernels(kernels_),
@@ -560,10 +560,10 @@ struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   net::io_context& io;
   const BridgeConfig& config;
   KernelService& kernels;
-  CredentialsStore& credentials;
+  auth::CredentialsStore& credentials;
   BridgeMetrics& metrics;
   ConnectionLimits limits;
-  std::optional<ApiTokens> tokens;
+  std::optional<auth::ApiTokens> tokens;
   std::optional<net::local::stream_protocol::acceptor> unix_acceptor;
   std::optional<net::ip::tcp::acceptor> tcp_acceptor;
   std::string socket_path;  // set once we created it, so stop() removes only our own file
@@ -774,7 +774,7 @@ void ControlApi::Impl::resolve_user(uid_t uid,
     return done(cached->second.first);
   }
   net::post(*lookups, [self = shared_from_this(), uid, done = std::move(done)]() mutable {
-    auto name = user_name_of_uid(uid);
+    auto name = auth::user_name_of_uid(uid);
     net::post(self->io, [self, uid, name, done = std::move(done)] {
       self->user_cache[uid] = {name, std::chrono::steady_clock::now()};
       done(name);
@@ -798,7 +798,7 @@ void ControlApi::Impl::accept_unix() {
     }
     Peer peer;
     peer.transport = Peer::Transport::unix_socket;
-    peer.uid = peer_uid(socket.native_handle());
+    peer.uid = auth::peer_uid(socket.native_handle());
     if (!peer.uid) {
       spdlog::warn("api: cannot read the peer credentials of a Unix connection; closing it");
     } else {
@@ -1197,15 +1197,15 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
       return error(
           {http::status::forbidden, "you may manage only your own credentials", "user", {}});
     }
-    auto info_json = [](const std::string& u, const CredentialsStore::Info& info) {
-      const char* status = info.status == CredentialsStore::Status::valid     ? "valid"
-                           : info.status == CredentialsStore::Status::expired ? "expired"
+    auto info_json = [](const std::string& u, const auth::CredentialsStore::Info& info) {
+      const char* status = info.status == auth::CredentialsStore::Status::valid     ? "valid"
+                           : info.status == auth::CredentialsStore::Status::expired ? "expired"
                                                                               : "missing";
       return json{
           {"user", u},
           {"status", status},
           {"expires_at", info.expires_at ? json(format_time_utc(*info.expires_at)) : json(nullptr)},
-          {"updated_at", info.status == CredentialsStore::Status::missing
+          {"updated_at", info.status == auth::CredentialsStore::Status::missing
                              ? json(nullptr)
                              : json(format_time_utc(info.updated_at))}};
     };
@@ -1483,7 +1483,7 @@ void ControlApi::Impl::wait_for_change(
 // ---------------------------------------------------------------------------------------------
 
 ControlApi::ControlApi(net::io_context& io, const BridgeConfig& config, KernelService& kernels,
-                       CredentialsStore& credentials, BridgeMetrics& metrics)
+                       auth::CredentialsStore& credentials, BridgeMetrics& metrics)
     : impl_(std::make_shared<Impl>(io, config, kernels, credentials, metrics)) {
   // kb_kernels{state} is computed at scrape time from the service (scrapes run on the io thread).
   std::weak_ptr<Impl> weak = impl_;
@@ -1565,7 +1565,7 @@ std::string ControlApi::reload_tokens() {
   const std::string& path = impl.config.api.tokens_file;
   if (path.empty()) return {};
   try {
-    impl.tokens = ApiTokens::load(path);
+    impl.tokens = auth::ApiTokens::load(path);
   } catch (const std::exception& e) {
     spdlog::error("api: {} not reloaded, the tokens loaded before stay in use: {}", path, e.what());
     return e.what();
@@ -1578,7 +1578,7 @@ void ControlApi::start() {
   Impl& impl = *impl_;
   const ApiConfig& api = impl.config.api;
   impl.stopped = false;
-  if (!api.tokens_file.empty()) impl.tokens = ApiTokens::load(api.tokens_file);
+  if (!api.tokens_file.empty()) impl.tokens = auth::ApiTokens::load(api.tokens_file);
   impl.lookups = std::make_unique<net::thread_pool>(1);
   if (!api.unix_socket.empty()) {
     prepare_socket_path(api.unix_socket);

@@ -13,15 +13,14 @@
 #include <memory>
 #include <sstream>
 
-#include "bridge/commands.hpp"
 #include "bridge/config.hpp"
 #include "bridge/control_api.hpp"
-#include "bridge/credentials_store.hpp"
+#include "auth/credentials_store.hpp"
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
 #include "common/text.hpp"
-#include "tunnel/ssh_connection.hpp"
+#include "ssh/connection.hpp"
 
 namespace kb::bridge {
 
@@ -72,7 +71,7 @@ int run_serve(const ServeOptions& options) {
     return 2;
   }
   // --log-level on the command line wins over the file's; "info" is its default.
-  if (global_options().log_level == "info" && config.log_level != "info") {
+  if (options.command_line_log_level == "info" && config.log_level != "info") {
     spdlog::set_level(spdlog::level::from_str(config.log_level));
   }
 
@@ -94,7 +93,7 @@ int run_serve(const ServeOptions& options) {
   boost::asio::io_context io(1);
   MetricsRegistry registry;
   BridgeMetrics metrics(registry);
-  CredentialsStore credentials;
+  auth::CredentialsStore credentials;
   tunnel::SshConnectionPool pool(io);
 
   std::map<std::string, std::unique_ptr<JobBackend>> owned_backends;
@@ -182,20 +181,6 @@ int run_serve(const ServeOptions& options) {
   pool.shutdown_all();
   owned_backends.clear();
   return 0;
-}
-
-void add_serve_command(CLI::App& app) {
-  auto options = std::make_shared<ServeOptions>();
-  CLI::App* serve = app.add_subcommand(
-      "serve",
-      "Run the bridge daemon: the control API, and for each kernel its UNICORE job, agent link and "
-      "hub-side endpoints (see docs/lifecycle.md).");
-  serve->add_option("--config", options->config_file, "the bridge's TOML configuration file")
-      ->required();
-  serve->callback([options] {
-    int code = run_serve(*options);
-    if (code != 0) throw ExitStatus{code};
-  });
 }
 
 }  // namespace kb::bridge

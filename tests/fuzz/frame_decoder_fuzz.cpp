@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tunnel/frame.hpp"
+#include "link/frame.hpp"
 
 using namespace kb::tunnel::frame;
 

@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tunnel/link_handshake.hpp"
+#include "link/handshake.hpp"
 
 using namespace kb::tunnel;
 
