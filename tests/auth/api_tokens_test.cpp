@@ -12,6 +12,8 @@ namespace {
 
 using ::testing::HasSubstr;
 
+const std::string kToken = "0123456789abcdef0123456789abcdef";
+
 TEST(ApiTokens, ParsesUsersAndAdminFlag) {
   ApiTokens tokens = ApiTokens::parse(
       "# comment\n\n" + kToken + " alice\n" + kToken + "X hub admin\r\n", "tokens");

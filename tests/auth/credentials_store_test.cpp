@@ -32,7 +32,6 @@ TEST(CredentialsStore, StoresExpiresReplacesAndNotifies) {
   EXPECT_EQ(store.size(), 1u);
 }
 
-const std::string kToken = "0123456789abcdef0123456789abcdef";
 
 }  // namespace
 }  // namespace kb::auth
