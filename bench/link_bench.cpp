@@ -19,8 +19,8 @@
 #include <thread>
 #include <vector>
 
-#include "tunnel/link_session.hpp"
-#include "tunnel/tcp_transport.hpp"
+#include "link/session.hpp"
+#include "link/tcp_transport.hpp"
 
 namespace asio = boost::asio;
 using asio::ip::tcp;

@@ -402,15 +402,15 @@ std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
   return std::nullopt;
 }
 
-json credentials_json(const std::string& user, const CredentialsStore::Info& info) {
-  const char* status = info.status == CredentialsStore::Status::valid     ? "valid"
-                       : info.status == CredentialsStore::Status::expired ? "expired"
+json credentials_json(const std::string& user, const auth::CredentialsStore::Info& info) {
+  const char* status = info.status == auth::CredentialsStore::Status::valid     ? "valid"
+                       : info.status == auth::CredentialsStore::Status::expired ? "expired"
                                                                           : "missing";
   return json{
       {"user", user},
       {"status", status},
       {"expires_at", info.expires_at ? json(format_time_utc(*info.expires_at)) : json(nullptr)},
-      {"updated_at", info.status == CredentialsStore::Status::missing
+      {"updated_at", info.status == auth::CredentialsStore::Status::missing
                          ? json(nullptr)
                          : json(format_time_utc(info.updated_at))}};
 }

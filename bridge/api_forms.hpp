@@ -11,7 +11,7 @@
 #include <variant>
 #include <vector>
 
-#include "bridge/credentials_store.hpp"
+#include "auth/credentials_store.hpp"
 #include "bridge/kernel_service.hpp"
 
 namespace kb::bridge {
@@ -45,7 +45,7 @@ std::string dump_json(const nlohmann::json& body);
 nlohmann::json resources_json(const ResourceRequest& r);
 nlohmann::json kernel_json(const KernelView& v);
 // A user's stored UNICORE token as GET/PUT /v1/users/{user}/credentials show it (never the token).
-nlohmann::json credentials_json(const std::string& user, const CredentialsStore::Info& info);
+nlohmann::json credentials_json(const std::string& user, const auth::CredentialsStore::Info& info);
 
 // "a string", "an object", …: how an error message names the JSON type a request sent.
 std::string type_of(const nlohmann::json& j);

@@ -19,11 +19,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string format_location(const std::string& file, int line) {
-  if (line > 0) return file + ":" + std::to_string(line);
-  return file;
-}
-
 const char* type_name(toml::node_type type) {
   switch (type) {
     case toml::node_type::string:
@@ -639,12 +634,6 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
 }
 
 }  // namespace
-
-ConfigError::ConfigError(std::string file_, int line_, std::string message_)
-    : std::runtime_error(format_location(file_, line_) + ": " + message_),
-      file(std::move(file_)),
-      line(line_),
-      message(std::move(message_)) {}
 
 std::string HostPort::str() const {
   if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);

@@ -12,18 +12,14 @@
 #include <string_view>
 #include <vector>
 
+#include "common/config_error.hpp"
+
 #include "bridge/kernel_service.hpp"
 
 namespace kb::bridge {
 
-// An invalid configuration. what() is "file:line: what is wrong" (line 0 omitted when unknown),
-// ready to print; `serve` exits 2 on it.
-struct ConfigError : std::runtime_error {
-  ConfigError(std::string file, int line, std::string message);
-  std::string file;
-  int line;
-  std::string message;
-};
+// ConfigError (common/config_error.hpp): what load_config() throws.
+using kb::ConfigError;
 
 struct HostPort {
   std::string host;

@@ -24,7 +24,7 @@ namespace net = boost::asio;
 namespace beast = boost::beast;
 
 ControlApi::ControlApi(net::io_context& io, const BridgeConfig& config, KernelService& kernels,
-                       CredentialsStore& credentials, BridgeMetrics& metrics)
+                       auth::CredentialsStore& credentials, BridgeMetrics& metrics)
     : impl_(std::make_shared<Impl>(io, config, kernels, credentials, metrics)) {
   // kb_kernels{state} is computed at scrape time from the service (scrapes run on the io thread).
   std::weak_ptr<Impl> weak = impl_;
@@ -106,7 +106,7 @@ std::string ControlApi::reload_tokens() {
   const std::string& path = impl.config.api.tokens_file;
   if (path.empty()) return {};
   try {
-    impl.tokens = ApiTokens::load(path);
+    impl.tokens = auth::ApiTokens::load(path);
   } catch (const std::exception& e) {
     spdlog::error("api: {} not reloaded, the tokens loaded before stay in use: {}", path, e.what());
     return e.what();
@@ -119,7 +119,7 @@ void ControlApi::start() {
   Impl& impl = *impl_;
   const ApiConfig& api = impl.config.api;
   impl.stopped = false;
-  if (!api.tokens_file.empty()) impl.tokens = ApiTokens::load(api.tokens_file);
+  if (!api.tokens_file.empty()) impl.tokens = auth::ApiTokens::load(api.tokens_file);
   impl.lookups = std::make_unique<net::thread_pool>(1);
   if (!api.unix_socket.empty()) {
     prepare_socket_path(api.unix_socket);

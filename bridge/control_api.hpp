@@ -17,7 +17,7 @@
 
 #include "bridge/api_forms.hpp"  // the JSON forms, e.g. format_time_utc and parse_time_utc
 #include "bridge/config.hpp"
-#include "bridge/credentials_store.hpp"
+#include "auth/credentials_store.hpp"
 #include "bridge/kernel_service.hpp"
 #include "bridge/metrics.hpp"
 
@@ -40,7 +40,7 @@ class ControlApi {
   // `config`, `kernels`, `credentials` and `metrics` must outlive every handler of this API that
   // the io_context may still run (i.e. destroy them after the io_context has stopped).
   ControlApi(boost::asio::io_context& io, const BridgeConfig& config, KernelService& kernels,
-             CredentialsStore& credentials, BridgeMetrics& metrics);
+             auth::CredentialsStore& credentials, BridgeMetrics& metrics);
   ~ControlApi();
   ControlApi(const ControlApi&) = delete;
   ControlApi& operator=(const ControlApi&) = delete;

@@ -28,7 +28,7 @@
 #include "bridge/api_forms.hpp"
 #include "bridge/connection_limits.hpp"
 #include "bridge/control_api.hpp"
-#include "bridge/http_auth.hpp"
+#include "auth/api_tokens.hpp"
 
 namespace kb::bridge {
 
@@ -57,7 +57,7 @@ class SessionBase {
 
 struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   Impl(boost::asio::io_context& io_, const BridgeConfig& config_, KernelService& kernels_,
-       CredentialsStore& credentials_, BridgeMetrics& metrics_)
+       auth::CredentialsStore& credentials_, BridgeMetrics& metrics_)
       : io(io_),
         config(config_),
         kernels(kernels_),
@@ -71,10 +71,10 @@ struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   boost::asio::io_context& io;
   const BridgeConfig& config;
   KernelService& kernels;
-  CredentialsStore& credentials;
+  auth::CredentialsStore& credentials;
   BridgeMetrics& metrics;
   ConnectionLimits limits;
-  std::optional<ApiTokens> tokens;
+  std::optional<auth::ApiTokens> tokens;
   std::optional<boost::asio::local::stream_protocol::acceptor> unix_acceptor;
   std::optional<boost::asio::ip::tcp::acceptor> tcp_acceptor;
   std::string socket_path;  // set once we created it, so stop() removes only our own file

@@ -262,7 +262,7 @@ void ControlApi::Impl::resolve_user(uid_t uid,
     return done(cached->second.first);
   }
   net::post(*lookups, [self = shared_from_this(), uid, done = std::move(done)]() mutable {
-    auto name = user_name_of_uid(uid);
+    auto name = auth::user_name_of_uid(uid);
     net::post(self->io, [self, uid, name, done = std::move(done)] {
       self->user_cache[uid] = {name, std::chrono::steady_clock::now()};
       done(name);
@@ -286,7 +286,7 @@ void ControlApi::Impl::accept_unix() {
     }
     Peer peer;
     peer.transport = Peer::Transport::unix_socket;
-    peer.uid = peer_uid(socket.native_handle());
+    peer.uid = auth::peer_uid(socket.native_handle());
     if (!peer.uid) {
       spdlog::warn("api: cannot read the peer credentials of a Unix connection; closing it");
     } else {

@@ -10,8 +10,8 @@
 #include "auth/secret.hpp"
 #include "bridge/metrics.hpp"
 #include "common/overloaded.hpp"
-#include "tunnel/kernel_process.hpp"
-#include "tunnel/link_session.hpp"
+#include "link/process_exit.hpp"
+#include "link/session.hpp"
 
 namespace kb::bridge {
 
@@ -183,7 +183,7 @@ struct KernelLifecycle::Kernel {
 };
 
 KernelLifecycle::KernelLifecycle(asio::io_context& io, const BridgeConfig& config,
-                                 CredentialsStore& credentials, BridgeMetrics* metrics,
+                                 auth::CredentialsStore& credentials, BridgeMetrics* metrics,
                                  std::map<std::string, JobBackend*> backends,
                                  KernelLinkFactory links, LifecycleOptions options)
     : io_(io),
@@ -316,7 +316,7 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   if (!token) {
     auto info = credentials_.info(caller.user);
     return fail(ServiceErrorKind::credentials_missing,
-                std::string("no ") + (info.status == CredentialsStore::Status::expired ? "unexpired " : "") +
+                std::string("no ") + (info.status == auth::CredentialsStore::Status::expired ? "unexpired " : "") +
                     "UNICORE token for user " + caller.user +
                     ": the hub pushes it (PUT /v1/users/" + caller.user +
                     "/credentials) when you log in; log in to JupyterHub again, or push one");

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "bridge/config.hpp"
-#include "bridge/credentials_store.hpp"
+#include "auth/credentials_store.hpp"
 #include "bridge/kernel_service.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "common/clock.hpp"
@@ -87,7 +87,7 @@ class KernelLifecycle final : public KernelService {
   // `config`, `credentials`, `metrics` (may be null) and the backends must outlive this object.
   // `backends`: one per configured site, by name.
   KernelLifecycle(boost::asio::io_context& io, const BridgeConfig& config,
-                  CredentialsStore& credentials, BridgeMetrics* metrics,
+                  auth::CredentialsStore& credentials, BridgeMetrics* metrics,
                   std::map<std::string, JobBackend*> backends, KernelLinkFactory links,
                   LifecycleOptions options);
   ~KernelLifecycle() override;
@@ -165,7 +165,7 @@ class KernelLifecycle final : public KernelService {
 
   boost::asio::io_context& io_;
   const BridgeConfig& config_;
-  CredentialsStore& credentials_;
+  auth::CredentialsStore& credentials_;
   BridgeMetrics* metrics_;
   std::map<std::string, JobBackend*> backends_;
   KernelLinkFactory links_;

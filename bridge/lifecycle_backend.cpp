@@ -5,9 +5,9 @@
 #include <chrono>
 
 #include "bridge/metrics.hpp"
-#include "tunnel/connection_file.hpp"
+#include "link/connection_file.hpp"
 #include "tunnel/hub_kernel.hpp"
-#include "tunnel/ssh_connection.hpp"
+#include "ssh/connection.hpp"
 #include "unicore/client.hpp"
 
 namespace kb::bridge {

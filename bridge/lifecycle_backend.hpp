@@ -21,7 +21,7 @@
 #include "bridge/config.hpp"
 #include "bridge/kernel_service.hpp"
 #include "tunnel/hub_kernel.hpp"
-#include "tunnel/ssh_connection.hpp"
+#include "ssh/connection.hpp"
 #include "unicore/credentials.hpp"
 #include "unicore/job_description.hpp"
 #include "unicore/replies.hpp"

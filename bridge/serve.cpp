@@ -13,15 +13,14 @@
 #include <memory>
 #include <sstream>
 
-#include "bridge/commands.hpp"
 #include "bridge/config.hpp"
 #include "bridge/control_api.hpp"
-#include "bridge/credentials_store.hpp"
+#include "auth/credentials_store.hpp"
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
 #include "common/text.hpp"
-#include "tunnel/ssh_connection.hpp"
+#include "ssh/connection.hpp"
 
 namespace kb::bridge {
 
@@ -61,6 +60,89 @@ void raise_descriptor_limit(const BridgeConfig& config) {
   }
 }
 
+// What the lifecycle takes from the configuration; reads each uploaded agent (throws, naming the
+// site, if it cannot).
+LifecycleOptions lifecycle_options_from(const BridgeConfig& config) {
+  LifecycleOptions options;
+  for (const auto& site : config.sites) {
+    if (site.agent.mode == AgentConfig::Mode::upload) {
+      options.agent_uploads[site.name] = read_agent(site);
+    }
+  }
+  options.restart_grace = config.restart_grace;
+  options.ended_retention = config.ended_retention;
+  options.max_kernels_per_user = config.max_kernels_per_user;
+  return options;
+}
+
+// SIGTERM/SIGINT: stop accepting, shut every kernel down and abort its job, then leave. A second
+// one leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
+// SIGHUP: read api.tokens_file again (add or revoke TCP callers without touching the kernels).
+class SignalHandler {
+ public:
+  SignalHandler(boost::asio::io_context& io, ControlApi& api, KernelLifecycle& lifecycle,
+                tunnel::SshConnectionPool& pool)
+      : io_(io), api_(api), lifecycle_(lifecycle), pool_(pool), signals_(io, SIGTERM, SIGINT, SIGHUP) {
+    wait();
+  }
+
+ private:
+  void wait() {
+    signals_.async_wait([this](const boost::system::error_code& ec, int signal) {
+      if (ec) return;
+      if (on_signal(signal)) wait();
+    });
+  }
+
+  // Whether to go on waiting for signals.
+  bool on_signal(int signal) {
+    if (signal == SIGHUP) {
+      if (!stopping_) {
+        spdlog::info("SIGHUP: reloading the API tokens");
+        api_.reload_tokens();
+      }
+      return true;
+    }
+    if (stopping_) {
+      spdlog::warn("second signal ({}): exiting without waiting for the kernels' jobs", signal);
+      io_.stop();
+      return false;
+    }
+    stopping_ = true;
+    spdlog::info("signal {}: shutting down (kernels are shut down, their jobs aborted)", signal);
+    api_.stop();
+    lifecycle_.shutdown([this] {
+      spdlog::info("every kernel released; bye");
+      signals_.cancel();
+      pool_.shutdown_all();
+      io_.stop();
+    });
+    return true;
+  }
+
+  boost::asio::io_context& io_;
+  ControlApi& api_;
+  KernelLifecycle& lifecycle_;
+  tunnel::SshConnectionPool& pool_;
+  boost::asio::signal_set signals_;
+  bool stopping_ = false;
+};
+
+// Last line of defence: a handler that throws (a bug) must not take every user's kernels with it.
+// Asio lets run() be called again after an exception; the fault is logged and counted.
+void run_until_stopped(boost::asio::io_context& io, BridgeMetrics& metrics) {
+  for (;;) {
+    try {
+      io.run();
+      return;
+    } catch (const std::exception& e) {
+      metrics.api_internal_errors.unlabelled().inc();
+      spdlog::critical("internal error in an event handler, the bridge goes on: {}",
+                       printable(e.what(), 400));
+    }
+  }
+}
+
 }  // namespace
 
 int run_serve(const ServeOptions& options) {
@@ -72,29 +154,22 @@ int run_serve(const ServeOptions& options) {
     return 2;
   }
   // --log-level on the command line wins over the file's; "info" is its default.
-  if (global_options().log_level == "info" && config.log_level != "info") {
+  if (options.command_line_log_level == "info" && config.log_level != "info") {
     spdlog::set_level(spdlog::level::from_str(config.log_level));
   }
 
   LifecycleOptions lifecycle_options;
   try {
-    for (const auto& site : config.sites) {
-      if (site.agent.mode == AgentConfig::Mode::upload) {
-        lifecycle_options.agent_uploads[site.name] = read_agent(site);
-      }
-    }
+    lifecycle_options = lifecycle_options_from(config);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
     return 1;
   }
-  lifecycle_options.restart_grace = config.restart_grace;
-  lifecycle_options.ended_retention = config.ended_retention;
-  lifecycle_options.max_kernels_per_user = config.max_kernels_per_user;
 
   boost::asio::io_context io(1);
   MetricsRegistry registry;
   BridgeMetrics metrics(registry);
-  CredentialsStore credentials;
+  auth::CredentialsStore credentials;
   tunnel::SshConnectionPool pool(io);
 
   std::map<std::string, std::unique_ptr<JobBackend>> owned_backends;
@@ -128,74 +203,17 @@ int run_serve(const ServeOptions& options) {
                config.api.unix_socket.empty() ? std::string("TCP only") : config.api.unix_socket,
                format_duration(config.restart_grace));
 
-  // SIGTERM/SIGINT: stop accepting, shut every kernel down and abort its job, then leave. A second
-  // one leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
-  // SIGHUP: read api.tokens_file again (add or revoke TCP callers without touching the kernels).
-  boost::asio::signal_set signals(io, SIGTERM, SIGINT, SIGHUP);
-  bool stopping = false;
-  std::function<void()> wait_signal;
-  wait_signal = [&] {
-    signals.async_wait([&](const boost::system::error_code& ec, int signal) {
-      if (ec) return;
-      if (signal == SIGHUP) {
-        if (!stopping) {
-          spdlog::info("SIGHUP: reloading the API tokens");
-          api->reload_tokens();
-        }
-      } else if (stopping) {
-        spdlog::warn("second signal ({}): exiting without waiting for the kernels' jobs", signal);
-        io.stop();
-        return;
-      } else {
-        stopping = true;
-        spdlog::info("signal {}: shutting down (kernels are shut down, their jobs aborted)", signal);
-        api->stop();
-        lifecycle->shutdown([&] {
-          spdlog::info("every kernel released; bye");
-          signals.cancel();
-          pool.shutdown_all();
-          io.stop();
-        });
-      }
-      wait_signal();
-    });
-  };
-  wait_signal();
+  auto signals = std::make_unique<SignalHandler>(io, *api, *lifecycle, pool);
   ::signal(SIGPIPE, SIG_IGN);
-
   raise_descriptor_limit(config);
-  // Last line of defence: a handler that throws (a bug) must not take every user's kernels with
-  // it. Asio lets run() be called again after an exception; the fault is logged and counted.
-  for (;;) {
-    try {
-      io.run();
-      break;
-    } catch (const std::exception& e) {
-      metrics.api_internal_errors.unlabelled().inc();
-      spdlog::critical("internal error in an event handler, the bridge goes on: {}",
-                       printable(e.what(), 400));
-    }
-  }
+  run_until_stopped(io, metrics);
 
+  signals.reset();
   api.reset();
   lifecycle.reset();
   pool.shutdown_all();
   owned_backends.clear();
   return 0;
-}
-
-void add_serve_command(CLI::App& app) {
-  auto options = std::make_shared<ServeOptions>();
-  CLI::App* serve = app.add_subcommand(
-      "serve",
-      "Run the bridge daemon: the control API, and for each kernel its UNICORE job, agent link and "
-      "hub-side endpoints (see docs/lifecycle.md).");
-  serve->add_option("--config", options->config_file, "the bridge's TOML configuration file")
-      ->required();
-  serve->callback([options] {
-    int code = run_serve(*options);
-    if (code != 0) throw ExitStatus{code};
-  });
 }
 
 }  // namespace kb::bridge

@@ -1,7 +1,7 @@
 #include "tunnel/hub_kernel.hpp"
 
-#include "tunnel/kernel_process.hpp"
-#include "tunnel/tcp_transport.hpp"
+#include "link/process_exit.hpp"
+#include "link/tcp_transport.hpp"
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/address.hpp>

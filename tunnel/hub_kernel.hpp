@@ -6,13 +6,13 @@
 // asked for again with backoff + jitter whenever the link goes down. After the first link_up it
 // sends start_kernel with the key from its ConnectionInfo; the agent's reports come back as typed
 // HubEvents. An in-process API: the daemon (bridge/lifecycle_backend.cpp) and the `tunnel` command
-// (tunnel/tunnel_commands.cpp, which owns the connection file and the JSON on stdout) drive it.
+// (cli/tunnel_commands.cpp, which owns the connection file and the JSON on stdout) drive it.
 // Thread model: create, call and destroy it only on the thread that runs its io_context; every
 // callback runs there.
 #include "common/backoff.hpp"
-#include "tunnel/connection_file.hpp"
-#include "tunnel/link_session.hpp"
-#include "tunnel/transport.hpp"
+#include "link/connection_file.hpp"
+#include "link/session.hpp"
+#include "link/transport.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>

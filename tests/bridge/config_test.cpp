@@ -12,7 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "tests/bridge/temp_dir.hpp"
+#include "tests/common/temp_dir.hpp"
 
 namespace kb::bridge {
 namespace {
@@ -22,7 +22,7 @@ using ::testing::StartsWith;
 
 // A minimal valid configuration whose files live in `dir`. Lines are numbered in comments so the
 // expected line numbers below can be read off.
-std::string minimal(const test::TempDir& dir, const std::string& site_extra = "",
+std::string minimal(const kb::test::TempDir& dir, const std::string& site_extra = "",
                     const std::string& bridge_extra = "") {
   dir.write("id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\n", 0600);
   dir.write("known_hosts", "login1 ssh-ed25519 AAAA\n", 0644);
@@ -72,7 +72,7 @@ TEST(Config, SampleFileParses) {
 }
 
 TEST(Config, MinimalConfigResolvesRelativePathsAgainstTheFile) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   BridgeConfig config = parse_config(minimal(dir), dir.file("kb.toml"));
   const SiteConfig& site = config.sites.at(0);
   EXPECT_EQ(config.api.unix_socket, dir.file("api.sock"));
@@ -84,7 +84,7 @@ TEST(Config, MinimalConfigResolvesRelativePathsAgainstTheFile) {
 }
 
 TEST(Config, UnknownKeyIsAnErrorWithItsLineAndASuggestion) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   EXPECT_EQ(error_of(minimal(dir, "ssh_identiy = \"x\"\n"), file),
             file + ":13: unknown key 'ssh_identiy' in site \"demo\" (did you mean 'ssh_identity'?)");
@@ -95,7 +95,7 @@ TEST(Config, UnknownKeyIsAnErrorWithItsLineAndASuggestion) {
 }
 
 TEST(Config, WrongTypeNamesKeyAndTypes) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   EXPECT_EQ(error_of(minimal(dir, "verify_tls = \"no\"\n"), file),
             file + ":13: site.verify_tls must be true or false, not a string");
@@ -106,7 +106,7 @@ TEST(Config, WrongTypeNamesKeyAndTypes) {
 }
 
 TEST(Config, BadDurationAndSizeSayWhatIsExpected) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   EXPECT_EQ(error_of(minimal(dir, "", "restart_grace = \"30x\"\n"), file),
             file + ":3: bridge.restart_grace: \"30x\" is not a duration: unknown unit 'x' (use d, h, m or s) "
@@ -118,7 +118,7 @@ TEST(Config, BadDurationAndSizeSayWhatIsExpected) {
 }
 
 TEST(Config, MissingRequiredKeyPointsAtItsTable) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   std::string text = minimal(dir);
   const std::string line = "ssh_user = \"kbridge\"\n";
@@ -131,7 +131,7 @@ TEST(Config, MissingRequiredKeyPointsAtItsTable) {
 }
 
 TEST(Config, SecretFilePermissionsAreChecked) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   const std::string text = minimal(dir);
   ::chmod(dir.file("id_ed25519").c_str(), 0644);
@@ -147,13 +147,13 @@ TEST(Config, SecretFilePermissionsAreChecked) {
 }
 
 TEST(Config, TomlSyntaxErrorsCarryTheLine) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   EXPECT_THAT(error_of(minimal(dir, "gpu_mode = \n"), file), StartsWith(file + ":13: "));
 }
 
 TEST(Config, SemanticErrors) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   EXPECT_EQ(error_of(minimal(dir, "gpu_mode = \"gpus\"\n"), file),
             file + ":13: site \"demo\": gpu_mode \"gpus\" is not known (use \"gpus_per_node\" or \"batch_lines\")");
@@ -187,7 +187,7 @@ TEST(Config, LoadReportsAMissingFile) {
 // Issue 15: `config check` / `serve` on /dev/zero read forever, on a FIFO blocked forever, and a
 // directory was reported as "missing table [bridge]". Each is refused at once, naming what it is.
 TEST(Config, LoadRefusesWhatIsNotASmallRegularFile) {
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string fifo = dir.file("fifo.toml");
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
   const std::string big = dir.file("big.toml");
@@ -226,7 +226,7 @@ TEST(Config, CheckCommandExitsTwoWithTheMessage) {
   if (!binary) binary = KB_BINARY_PATH;
 #endif
   if (!binary || ::access(binary, X_OK) != 0) GTEST_SKIP() << "kernel-bridge binary not built";
-  test::TempDir dir;
+  kb::test::TempDir dir;
   const std::string good = dir.write("good.toml", minimal(dir), 0644);
   auto [ok_status, ok_output] = run(std::string(binary) + " config check " + good);
   EXPECT_EQ(ok_status, 0) << ok_output;

@@ -30,7 +30,7 @@
 
 #include "common/text.hpp"
 #include "tests/bridge/fake_kernel_service.hpp"
-#include "tests/bridge/temp_dir.hpp"
+#include "tests/common/temp_dir.hpp"
 
 namespace kb::bridge {
 namespace {
@@ -267,14 +267,14 @@ class ControlApiTest : public ::testing::Test {
     return r.body.value("id", "");
   }
 
-  test::TempDir dir_;
+  kb::test::TempDir dir_;
   std::ostringstream log_;
   std::shared_ptr<spdlog::sinks::ostream_sink_mt> log_sink_;
   std::shared_ptr<spdlog::logger> previous_logger_;
   net::io_context io_;
   BridgeConfig config_;
   test::FakeKernelService service_;
-  CredentialsStore credentials_;
+  auth::CredentialsStore credentials_;
   MetricsRegistry registry_;
   BridgeMetrics metrics_{registry_};
   std::unique_ptr<ControlApi> api_;

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "bridge/config.hpp"
-#include "bridge/credentials_store.hpp"
+#include "auth/credentials_store.hpp"
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
@@ -328,7 +328,7 @@ class LifecycleTest : public ::testing::Test {
   asio::io_context io;
   kb::ManualClock clock{&io};  // outlives the lifecycle (declared before it)
   BridgeConfig config;
-  CredentialsStore credentials;
+  auth::CredentialsStore credentials;
   MetricsRegistry registry;
   BridgeMetrics metrics{registry};
   FakeJobs jobs{io};

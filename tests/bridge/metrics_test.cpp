@@ -1,5 +1,4 @@
-// Tests bridge/metrics.* (exposition format, escaping, histograms), bridge/credentials_store.* and
-// bridge/http_auth.* (tokens file).
+// Tests bridge/metrics.* (exposition format, escaping, histograms).
 #include "bridge/metrics.hpp"
 
 #include <gmock/gmock.h>
@@ -9,9 +8,7 @@
 #include <thread>
 
 #include "bridge/config.hpp"
-#include "bridge/credentials_store.hpp"
-#include "bridge/http_auth.hpp"
-#include "tests/bridge/temp_dir.hpp"
+#include "tests/common/temp_dir.hpp"
 
 namespace kb::bridge {
 namespace {
@@ -101,85 +98,6 @@ TEST(Metrics, ConcurrentUpdatesAreNotLost) {
   EXPECT_EQ(c.value(), 40000);
   EXPECT_EQ(h.count(), 40000u);
   EXPECT_EQ(h.cumulative_counts().at(0), 40000u);
-}
-
-TEST(CredentialsStore, StoresExpiresReplacesAndNotifies) {
-  CredentialsStore store;
-  const auto now = CredentialsStore::Clock::now();
-  std::vector<std::string> notified;
-  auto handle = store.subscribe([&](const std::string& user) { notified.push_back(user); });
-  EXPECT_EQ(store.info("alice").status, CredentialsStore::Status::missing);
-  store.set("alice", "token-1", now + std::chrono::minutes(5), now);
-  EXPECT_EQ(store.token("alice", now), "token-1");
-  EXPECT_EQ(store.info("alice", now).status, CredentialsStore::Status::valid);
-  EXPECT_FALSE(store.token("alice", now + std::chrono::minutes(6)));
-  EXPECT_EQ(store.info("alice", now + std::chrono::minutes(6)).status,
-            CredentialsStore::Status::expired);
-  store.set("alice", "token-2", std::nullopt, now);
-  EXPECT_EQ(store.token("alice", now + std::chrono::hours(100)), "token-2");
-  EXPECT_FALSE(store.token("bob"));
-  store.unsubscribe(handle);
-  store.set("bob", "token-3", std::nullopt);
-  EXPECT_EQ(notified, (std::vector<std::string>{"alice", "alice"}));
-  store.erase("alice");
-  EXPECT_FALSE(store.token("alice"));
-  EXPECT_EQ(store.size(), 1u);
-}
-
-const std::string kToken = "0123456789abcdef0123456789abcdef";
-
-TEST(ApiTokens, ParsesUsersAndAdminFlag) {
-  ApiTokens tokens = ApiTokens::parse(
-      "# comment\n\n" + kToken + " alice\n" + kToken + "X hub admin\r\n", "tokens");
-  EXPECT_EQ(tokens.size(), 2u);
-  auto alice = tokens.lookup(kToken);
-  ASSERT_TRUE(alice);
-  EXPECT_EQ(alice->user, "alice");
-  EXPECT_FALSE(alice->admin);
-  auto hub = tokens.lookup(kToken + "X");
-  ASSERT_TRUE(hub);
-  EXPECT_TRUE(hub->admin);
-  EXPECT_FALSE(tokens.lookup(kToken.substr(1)));
-  EXPECT_FALSE(tokens.lookup(""));
-}
-
-std::string tokens_error(const std::string& text) {
-  try {
-    ApiTokens::parse(text, "/etc/kb/api-tokens");
-  } catch (const ConfigError& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-TEST(ApiTokens, ErrorsNameFileAndLineButNeverTheToken) {
-  EXPECT_EQ(tokens_error("short alice\n"),
-            "/etc/kb/api-tokens:1: token is shorter than 32 characters; generate one with: openssl "
-            "rand -hex 32");
-  EXPECT_EQ(tokens_error("\n" + kToken + "\n"),
-            "/etc/kb/api-tokens:2: expected \"<token> <user>\" or \"<token> <user> admin\"");
-  EXPECT_EQ(tokens_error(kToken + " a root\n"),
-            "/etc/kb/api-tokens:1: unknown flag 'root' (the only flag is 'admin')");
-  const std::string dup = tokens_error(kToken + " a\n" + kToken + " b\n");
-  EXPECT_EQ(dup, "/etc/kb/api-tokens:2: this token is listed twice; each token must name one user");
-  EXPECT_THAT(dup, ::testing::Not(HasSubstr(kToken)));
-}
-
-TEST(ApiTokens, FileMustBePrivate) {
-  test::TempDir dir;
-  const std::string path = dir.write("api-tokens", kToken + " alice\n", 0640);
-  try {
-    ApiTokens::load(path);
-    FAIL() << "expected ConfigError";
-  } catch (const ConfigError& e) {
-    EXPECT_EQ(
-        std::string(e.what()),
-        path +
-            ": the API tokens file is accessible by group or others (mode 0640); run: chmod 600 " +
-            path);
-  }
-  ::chmod(path.c_str(), 0600);
-  EXPECT_EQ(ApiTokens::load(path).size(), 1u);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// libFuzzer target: whole HTTP requests into the control API's real router (bridge/control_api.*),
+// libFuzzer target: whole HTTP requests into the control API's real router (bridge/api_routes.cpp behind bridge/control_api.hpp),
 // parsed by the same Beast parser and limits a connection uses, from one of four callers chosen by
 // the first byte (a Unix user, an admin on the Unix socket, a uid without a name, a TCP client
 // without a token). The service behind it is the tests' in-memory fake. Invariants: no exception
@@ -84,7 +84,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   boost::asio::io_context io;
   kb::bridge::test::FakeKernelService service;
-  CredentialsStore credentials;
+  auth::CredentialsStore credentials;
   MetricsRegistry registry;
   BridgeMetrics metrics(registry);
   int answers = 0;

@@ -1,4 +1,4 @@
-// libFuzzer target: the link's frame decoder (tunnel/frame.*). The input is cut into reads of
+// libFuzzer target: the link's frame decoder (link/frame.*). The input is cut into reads of
 // varying size (driven by the input itself) so frames split across reads are exercised. Invariants:
 // no crash, every decoded frame passes validation and fits the limits, memory stays bounded.
 #include <algorithm>
@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tunnel/frame.hpp"
+#include "link/frame.hpp"
 
 using namespace kb::tunnel::frame;
 

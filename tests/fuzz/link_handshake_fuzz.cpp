@@ -1,4 +1,4 @@
-// libFuzzer target: the handshake state machine (tunnel/link_handshake.*) in both roles, fed with
+// libFuzzer target: the handshake state machine (link/handshake.*) in both roles, fed with
 // whatever frames the input decodes to. Invariants: no crash; without the secret the input can
 // never authenticate either role (the proofs are HMACs over fresh nonces).
 #include <algorithm>
@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tunnel/link_handshake.hpp"
+#include "link/handshake.hpp"
 
 using namespace kb::tunnel;
 

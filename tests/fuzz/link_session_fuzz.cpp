@@ -1,4 +1,4 @@
-// libFuzzer target: a live agent-side LinkSession (tunnel/link_session.*) fed with arbitrary bytes
+// libFuzzer target: a live agent-side LinkSession (link/session.*) fed with arbitrary bytes
 // after a correct handshake, i.e. what an authenticated but buggy or hostile bridge could send:
 // sequenced frames in any order, unknown streams, credit overflows, acks out of range, truncated
 // frames. Invariants: no crash, no sanitizer report, memory bounded (replay buffer within limits).
@@ -8,9 +8,9 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tests/tunnel/test_transports.hpp"
-#include "tunnel/link_handshake.hpp"
-#include "tunnel/link_session.hpp"
+#include "tests/link/test_transports.hpp"
+#include "link/handshake.hpp"
+#include "link/session.hpp"
 
 using namespace kb::tunnel;
 namespace asio = boost::asio;

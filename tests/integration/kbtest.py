@@ -20,7 +20,7 @@ import unittest
 
 SRC = os.environ.get("KB_SOURCE_DIR") or os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.environ.get("KB_BINARY") or os.path.join(SRC, "build", "bridge", "kernel-bridge")
+BIN = os.environ.get("KB_BINARY") or os.path.join(SRC, "build", "kernel-bridge")
 PY = "/usr/bin/python3"
 sys.path.insert(0, os.path.join(SRC, "tests", "sitebox"))
 

@@ -10,7 +10,7 @@
 #include "tunnel/hub_kernel.hpp"
 
 #include "common/overloaded.hpp"
-#include "tests/tunnel/spawn.hpp"
+#include "tests/agent/spawn.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>

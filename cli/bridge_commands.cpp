@@ -1,0 +1,38 @@
+// The daemon's subcommands on the kernel-bridge command line: `serve` (bridge/serve.hpp), the front
+// doors for users and operators (front_commands.cpp) and `config check` (config_commands.cpp).
+#include <memory>
+
+#include "bridge/serve.hpp"
+#include "cli/commands.hpp"
+
+namespace kb::bridge {
+
+void add_front_commands(CLI::App& app);   // front_commands.cpp: kernel, kernelspec, list, status, stop, doctor
+void add_config_commands(CLI::App& app);  // config_commands.cpp: config check
+
+namespace {
+
+void add_serve_command(CLI::App& app) {
+  auto options = std::make_shared<ServeOptions>();
+  CLI::App* serve = app.add_subcommand(
+      "serve",
+      "Run the bridge daemon: the control API, and for each kernel its UNICORE job, agent link and "
+      "hub-side endpoints (see docs/lifecycle.md).");
+  serve->add_option("--config", options->config_file, "the bridge's TOML configuration file")
+      ->required();
+  serve->callback([options] {
+    options->command_line_log_level = global_options().log_level;
+    int code = run_serve(*options);
+    if (code != 0) throw ExitStatus{code};
+  });
+}
+
+}  // namespace
+
+void add_commands(CLI::App& app) {
+  add_serve_command(app);
+  add_front_commands(app);
+  add_config_commands(app);
+}
+
+}  // namespace kb::bridge
