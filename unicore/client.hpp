@@ -1,7 +1,8 @@
 #pragma once
-// The UNICORE REST client (reference/unicore-rest.md): discovery, jobs, job details, the files of a
-// job's working directory. Asynchronous on the caller's io_context (libcurl multi driven by Asio);
-// every result arrives as a Result<T> in a callback, never as an exception.
+// The UNICORE/X REST client: discovery, jobs, job details, the files of a job's working directory
+// (the part of the API it uses is what tests/unicore_site implements). Asynchronous on the caller's
+// io_context (libcurl multi driven by Asio); every result arrives as a Result<T> in a callback,
+// never as an exception.
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 

@@ -1,5 +1,6 @@
 #pragma once
-// A UNICORE job description (reference/unicore-rest.md §3) and its JSON form. Plain value; any thread.
+// A UNICORE job description (the UNICORE/X REST API's job JSON; the fields the test site accepts are
+// in tests/unicore_site/unicore_site.py) and its JSON form. Plain value; any thread.
 #include <nlohmann/json.hpp>
 
 #include <map>

@@ -1,7 +1,8 @@
 #pragma once
-// What the UNICORE REST API answers (reference/unicore-rest.md §1, §4, §5, §7), parsed defensively:
-// any malformed, incomplete or oversized reply becomes an UnicoreError of kind bad_reply that names
-// the URL and what was wrong. Also the mapping from HTTP failures to UnicoreError. Pure functions;
+// What the UNICORE REST API answers (core info, job lists and properties, file listings, errors),
+// parsed defensively: any malformed, incomplete or oversized reply becomes an UnicoreError of kind
+// bad_reply that names the URL and what was wrong.
+// Also the mapping from HTTP failures to UnicoreError. Pure functions;
 // any thread.
 #include <nlohmann/json.hpp>
 
