@@ -51,6 +51,33 @@ bool live(KernelState s) { return s != KernelState::ended; }
 // ------------------------------------------------------------------------------------------------
 // State
 
+// Where an allocation is in its life. Phases only move forward (Allocation::set_phase), and the
+// bridge may go to releasing from any of them. Being parked is not a phase: a parked allocation (no
+// kernel attached, `kernel_id` empty) goes on through the phases as its job starts, so that the
+// kernel that reuses it picks it up wherever it got to.
+enum class AllocationPhase {
+  submitting,   // the hub-side listeners are bound; the job is being submitted (no job URL yet)
+  submitted,    // UNICORE accepted the job: agent upload, start, the batch queue
+  discovering,  // the job runs; the bridge reads the agent's discovery file
+  connecting,   // the agent's address is known; the link connects; no kernel has started yet
+  serving,      // a kernel started in the job (it may have exited, restarted, lost the link since)
+  releasing,    // teardown: the agent is asked to stop its kernel, the link closes
+  aborting,     // the bridge asked UNICORE to abort the job; the allocation goes once it answers
+};
+
+const char* to_string(AllocationPhase phase) {
+  switch (phase) {
+    case AllocationPhase::submitting: return "submitting";
+    case AllocationPhase::submitted: return "submitted";
+    case AllocationPhase::discovering: return "discovering";
+    case AllocationPhase::connecting: return "connecting";
+    case AllocationPhase::serving: return "serving";
+    case AllocationPhase::releasing: return "releasing";
+    case AllocationPhase::aborting: return "aborting";
+  }
+  return "?";
+}
+
 struct KernelLifecycle::Allocation {
   explicit Allocation(kb::Clock& clock)
       : discovery_timer(clock), connect_timer(clock), grace_timer(clock), rewatch_timer(clock) {}
@@ -66,12 +93,25 @@ struct KernelLifecycle::Allocation {
   std::shared_ptr<unicore::JobWatcher> watcher;
   unicore::Credentials last_credentials;  // fallback when the store has none any more (abort)
   std::string job_url, job_id, working_dir, queue, node;
-  std::optional<JobStatus> job_status;
+  std::optional<JobStatus> job_status;  // the last one UNICORE reported
+  AgentAddress agent;  // from the discovery file, on entering connecting
+  AllocationPhase phase = AllocationPhase::submitting;
+  // Not phases: each of these changes independently of the phase, or back and forth within one.
+  // The job's end as UNICORE reports it (or that the job no longer exists): it comes from the site
+  // in any phase, also while the bridge releases the allocation (then there is nothing to abort).
   bool job_terminal = false;
-  std::optional<AgentAddress> agent;
-  bool link_up = false, ever_up = false, kernel_running = false, kernel_started_once = false;
-  bool agent_terminating = false, restart_pending = false, link_dead = false;
-  bool aborted_by_us = false, torn_down = false;
+  // The agent announced that the job ends (SIGTERM at walltime, scancel): in any phase from
+  // connecting on, whether or not a kernel started. The job's end, which follows, says why.
+  bool agent_terminating = false;
+  // The link closed for good, or SSH refused it: can happen in any phase. No kernel reuses the
+  // allocation after that.
+  bool link_dead = false;
+  // The link now (up ⇄ down, again and again), and whether it ever was up (a LinkUp after that is a
+  // reconnect).
+  bool link_up = false, ever_up = false;
+  // The kernel process in the job now: it runs; a restart was asked for and the new one has not
+  // started yet. Both change with every restart.
+  bool kernel_running = false, restart_pending = false;
   kb::ClockTimer discovery_timer, connect_timer, grace_timer, rewatch_timer;
   int refused_watches = 0;    // polls of the job refused in a row (the user's token expired)
   int refused_discovery = 0;  // reads of the discovery file refused in a row
@@ -80,6 +120,16 @@ struct KernelLifecycle::Allocation {
   std::string kernel_id;  // the kernel using the allocation now; empty while parked
   std::string last_link_error;
   LinkTraffic sampled;  // traffic already counted in the metrics
+
+  // Moves the phase forward to `next`; never back (an event that comes late, such as a kernel
+  // start while the allocation is released, leaves the phase where it is).
+  void set_phase(AllocationPhase next) {
+    if (next <= phase) return;
+    spdlog::debug("[{}] allocation {} → {}", log_id, to_string(phase), to_string(next));
+    phase = next;
+  }
+  // From teardown on: the bridge releases the allocation, or waits for its job's abort.
+  bool releasing() const { return phase >= AllocationPhase::releasing; }
 };
 
 struct KernelLifecycle::Kernel {
@@ -247,7 +297,7 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   // A Jupyter restart: the same owner asks again for the same endpoints and key within the grace.
   AllocPtr reuse;
   for (const auto& a : std::vector<AllocPtr>(allocations_)) {
-    if (a->torn_down || !a->kernel_id.empty() || !overlaps(*a)) continue;
+    if (a->releasing() || !a->kernel_id.empty() || !overlaps(*a)) continue;
     bool same = a->owner == caller.user && a->site == site && a->ports == asked &&
                 a->connection.key == hub.key && !a->job_terminal && !a->link_dead &&
                 !a->agent_terminating;
@@ -265,7 +315,7 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   }
   if (!reuse) {
     for (const auto& a : allocations_) {
-      if (a->torn_down || !overlaps(*a)) continue;
+      if (a->releasing() || !overlaps(*a)) continue;
       // Another user's kernel is not named: its id is theirs to know (as GET says 404 for it).
       return fail(ServiceErrorKind::conflict,
                   a->owner == caller.user
@@ -334,13 +384,13 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
                                                 : " (job " + reuse->job_id + ")") +
                          ": no new queue wait");
     // Catch up with the allocation's phase.
-    KernelState phase = KernelState::submitted;
-    if (reuse->job_status == JobStatus::queued) phase = KernelState::queued;
-    if (reuse->job_status == JobStatus::running) phase = KernelState::starting;
-    if (reuse->agent) phase = KernelState::connecting;
-    if (reuse->job_url.empty()) phase = KernelState::requested;
-    set_state(kernel, phase);
-    if (reuse->kernel_started_once) {
+    KernelState state = KernelState::submitted;
+    if (reuse->job_status == JobStatus::queued) state = KernelState::queued;
+    if (reuse->job_status == JobStatus::running) state = KernelState::starting;
+    if (reuse->phase >= AllocationPhase::connecting) state = KernelState::connecting;
+    if (reuse->job_url.empty()) state = KernelState::requested;
+    set_state(kernel, state);
+    if (reuse->phase == AllocationPhase::serving) {
       reuse->restart_pending = true;
       reuse->kernel_running = false;
       ++kernel.view.restarts;
@@ -410,10 +460,10 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
   done(kernel.view);
 
   asio::post(io_, [this, alloc, description, alive] {
-    if (alive.expired() || alloc->torn_down) return;
+    if (alive.expired() || alloc->releasing()) return;
     auto creds = credentials_for(*alloc);
     alloc->backend->submit(creds, *description, [this, alloc, alive](unicore::Result<std::string> r) {
-      if (alive.expired() || alloc->torn_down) {
+      if (alive.expired() || alloc->releasing()) {
         // Shut down while submitting: the job must not stay behind.
         if (!alive.expired() && r) {
           alloc->job_url = r.value();
@@ -426,6 +476,7 @@ void KernelLifecycle::create(const Caller& caller, KernelRequest request, Create
       alloc->job_url = r.value();
       alloc->job_id = last_segment(alloc->job_url);
       alloc->working_dir = alloc->backend->working_directory(alloc->job_url, nullptr);
+      alloc->set_phase(AllocationPhase::submitted);
       if (Kernel* k = attached(alloc)) {
         k->view.job_id = alloc->job_id;
         k->view.job_url = alloc->job_url;
@@ -457,7 +508,7 @@ std::optional<KernelView> KernelLifecycle::get(std::string_view id) const {
 void KernelLifecycle::interrupt(const Caller& caller, std::string_view id, ActionCallback done) {
   Kernel* k = find(id);
   if (!k) return done(ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
-  if (!live(k->view.state) || !k->alloc || !k->alloc->kernel_started_once) {
+  if (!live(k->view.state) || !k->alloc || k->alloc->phase != AllocationPhase::serving) {
     return done(ServiceError{ServiceErrorKind::conflict,
                              "kernel " + k->view.id + " is " + std::string(to_string(k->view.state)) +
                                  ": there is no running kernel to interrupt",
@@ -471,7 +522,7 @@ void KernelLifecycle::interrupt(const Caller& caller, std::string_view id, Actio
 void KernelLifecycle::restart(const Caller& caller, std::string_view id, ActionCallback done) {
   Kernel* k = find(id);
   if (!k) return done(ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
-  bool runnable = live(k->view.state) && k->alloc && k->alloc->kernel_started_once &&
+  bool runnable = live(k->view.state) && k->alloc && k->alloc->phase == AllocationPhase::serving &&
                   (k->view.state == KernelState::ready || k->view.state == KernelState::reconnecting);
   if (!runnable) {
     return done(ServiceError{ServiceErrorKind::conflict,
@@ -525,7 +576,7 @@ void KernelLifecycle::end_kernel(Kernel& k, EndCause cause, std::string reason,
   spdlog::info("[{}] ended ({}): {}", k.view.id, to_string(cause), k.view.reason);
   set_state(k, KernelState::ended);
   if (!alloc) return;
-  bool usable = !alloc->torn_down && !alloc->job_terminal && !alloc->link_dead &&
+  bool usable = !alloc->releasing() && !alloc->job_terminal && !alloc->link_dead &&
                 !alloc->agent_terminating && !alloc->job_url.empty();
   if (allow_grace && !shutting_down_ && usable && options_.restart_grace.count() > 0 &&
       (cause == EndCause::shutdown || cause == EndCause::kernel_exited)) {
@@ -557,8 +608,8 @@ void KernelLifecycle::park(const AllocPtr& alloc) {
 }
 
 void KernelLifecycle::teardown(const AllocPtr& alloc, const std::string& why) {
-  if (alloc->torn_down) return;
-  alloc->torn_down = true;
+  if (alloc->releasing()) return;
+  alloc->set_phase(AllocationPhase::releasing);
   spdlog::info("[{}] releasing the allocation{}: {}", alloc->log_id,
                alloc->job_id.empty() ? std::string() : " (job " + alloc->job_id + ")", why);
   if (Kernel* k = attached(alloc)) {
@@ -577,7 +628,7 @@ void KernelLifecycle::teardown(const AllocPtr& alloc, const std::string& why) {
       forget(alloc);
       return;
     }
-    alloc->aborted_by_us = true;
+    alloc->set_phase(AllocationPhase::aborting);
     alloc->backend->abort(credentials_for(*alloc), alloc->job_url,
                           [this, alloc, alive](unicore::Result<unicore::Done> r) {
                             if (alive.expired()) return;
@@ -655,7 +706,7 @@ void KernelLifecycle::upload_agent(const AllocPtr& alloc) {
   std::weak_ptr<bool> alive = alive_;
   alloc->backend->upload(credentials_for(*alloc), alloc->working_dir, kUploadedAgentFile,
                          *bytes->second, [this, alloc, alive](unicore::Result<unicore::Done> r) {
-                           if (alive.expired() || alloc->torn_down) return;
+                           if (alive.expired() || alloc->releasing()) return;
                            if (!r) return fail_unicore(alloc, r.error(), "uploading the agent");
                            start_job(alloc);
                          });
@@ -665,7 +716,7 @@ void KernelLifecycle::start_job(const AllocPtr& alloc) {
   std::weak_ptr<bool> alive = alive_;
   alloc->backend->start(credentials_for(*alloc), alloc->job_url,
                         [this, alloc, alive](unicore::Result<unicore::Done> r) {
-                          if (alive.expired() || alloc->torn_down) return;
+                          if (alive.expired() || alloc->releasing()) return;
                           if (!r) return fail_unicore(alloc, r.error(), "starting the job");
                           watch(alloc);
                         });
@@ -704,7 +755,7 @@ void KernelLifecycle::on_job_change(const AllocPtr& alloc, const unicore::JobInf
   auto previous = alloc->job_status;
   alloc->job_status = info.status;
   if (!info.queue.empty()) alloc->queue = info.queue;
-  if (alloc->torn_down) return;
+  if (alloc->releasing()) return;
   Kernel* k = attached(alloc);
   switch (info.status) {
     case JobStatus::queued:
@@ -733,6 +784,7 @@ void KernelLifecycle::on_job_change(const AllocPtr& alloc, const unicore::JobInf
 }
 
 void KernelLifecycle::on_running(const AllocPtr& alloc, const unicore::JobInfo& info) {
+  alloc->set_phase(AllocationPhase::discovering);
   alloc->running_since = clock_.now();
   if (alloc->working_dir.empty() || !info.working_directory.empty()) {
     alloc->working_dir = alloc->backend->working_directory(alloc->job_url, &info);
@@ -747,7 +799,7 @@ void KernelLifecycle::on_running(const AllocPtr& alloc, const unicore::JobInfo& 
   std::weak_ptr<bool> alive = alive_;
   alloc->backend->get_details(credentials_for(*alloc), alloc->job_url,
                               [this, alloc, alive](unicore::Result<unicore::JobDetails> r) {
-                                if (alive.expired() || alloc->torn_down) return;
+                                if (alive.expired() || alloc->releasing()) return;
                                 if (!r || !r->available) return;  // the discovery file names it too
                                 std::string node = !r->nodes.empty() ? r->nodes.front() : r->batch_host;
                                 if (node.empty()) return;
@@ -762,12 +814,15 @@ void KernelLifecycle::on_running(const AllocPtr& alloc, const unicore::JobInfo& 
 }
 
 void KernelLifecycle::poll_discovery(const AllocPtr& alloc) {
-  if (alloc->torn_down || alloc->agent || alloc->job_terminal) return;
+  // From connecting on, the agent is known (or the allocation is being released).
+  if (alloc->phase >= AllocationPhase::connecting || alloc->job_terminal) return;
   std::weak_ptr<bool> alive = alive_;
   alloc->backend->download(
       credentials_for(*alloc), alloc->working_dir, kDiscoveryFile,
       [this, alloc, alive](unicore::Result<std::string> r) {
-        if (alive.expired() || alloc->torn_down || alloc->agent || alloc->job_terminal) return;
+        if (alive.expired() || alloc->phase >= AllocationPhase::connecting || alloc->job_terminal) {
+          return;
+        }
         if (!r && r.error().kind == unicore::ErrorKind::refused) {
           return discovery_refused(alloc, r.error());
         }
@@ -896,6 +951,7 @@ void KernelLifecycle::on_discovery(const AllocPtr& alloc, const std::string& byt
     return retry_discovery(alloc);
   }
   alloc->agent = agent;
+  alloc->set_phase(AllocationPhase::connecting);
   if (alloc->node.empty() && !agent.hostname.empty()) alloc->node = agent.hostname;
   if (Kernel* k = attached(alloc)) {
     if (k->view.node.empty()) k->view.node = alloc->node;
@@ -908,7 +964,7 @@ void KernelLifecycle::on_discovery(const AllocPtr& alloc, const std::string& byt
   alloc->connect_timer.wait(options_.connect_timeout, [this, weak, alive] {
     if (alive.expired()) return;
     auto a = weak.lock();
-    if (!a || a->torn_down || a->kernel_started_once) return;
+    if (!a || a->phase >= AllocationPhase::serving) return;  // a kernel started, or released
     end_attached(a, EndCause::link_failed,
                  "could not reach the agent of job " + a->job_id + " within " +
                      std::to_string(options_.connect_timeout.count()) + " s via " +
@@ -920,7 +976,7 @@ void KernelLifecycle::on_discovery(const AllocPtr& alloc, const std::string& byt
 
 void KernelLifecycle::on_job_error(const AllocPtr& alloc, const unicore::UnicoreError& error,
                                    bool fatal) {
-  if (alloc->torn_down) return;
+  if (alloc->releasing()) return;
   if (!fatal) {
     note_site(alloc->site->name, "unicore", false, error.message);
     spdlog::warn("[{}] polling job {}: {} (trying again)", alloc->log_id, alloc->job_id,
@@ -939,7 +995,7 @@ void KernelLifecycle::on_job_error(const AllocPtr& alloc, const unicore::Unicore
         "pushes a fresh token (log in again)");
     std::weak_ptr<bool> alive = alive_;
     alloc->rewatch_timer.wait(delay, [this, alloc, alive] {
-      if (alive.expired() || alloc->torn_down || alloc->job_terminal) return;
+      if (alive.expired() || alloc->releasing() || alloc->job_terminal) return;
       watch(alloc);
     });
     return;
@@ -975,7 +1031,8 @@ void KernelLifecycle::on_job_end(const AllocPtr& alloc, const unicore::JobInfo& 
                                        : std::string()) +
              ". The site says: " + message +
              " Start a new kernel (ask for a longer runtime if the site's limits allow).";
-  } else if (info.status == JobStatus::failed && !alloc->aborted_by_us && is_cancel_message(message)) {
+  } else if (info.status == JobStatus::failed && alloc->phase != AllocationPhase::aborting &&
+             is_cancel_message(message)) {
     cause = EndCause::cancelled;
     reason = "job " + alloc->job_id + " was cancelled outside the bridge: " + message;
   } else if (info.status == JobStatus::failed) {
@@ -1021,7 +1078,7 @@ void KernelLifecycle::on_link_event(const AllocPtr& alloc, const LinkEvent& even
           [&](const hub_event::LinkDown& down) {
             alloc->link_up = false;
             alloc->last_link_error = down.reason;
-            if (alloc->torn_down) return;
+            if (alloc->releasing()) return;
             if (k && k->view.state == KernelState::ready) {
               set_state(*k, KernelState::reconnecting);
             }
@@ -1031,7 +1088,7 @@ void KernelLifecycle::on_link_event(const AllocPtr& alloc, const LinkEvent& even
             bool was_restart = alloc->restart_pending || started.restart;
             alloc->restart_pending = false;
             alloc->kernel_running = true;
-            alloc->kernel_started_once = true;
+            alloc->set_phase(AllocationPhase::serving);
             alloc->connect_timer.cancel();
             if (!k) return;
             progress(*k, std::string(was_restart ? "kernel restarted" : "kernel started") +
@@ -1053,7 +1110,7 @@ void KernelLifecycle::on_link_event(const AllocPtr& alloc, const LinkEvent& even
               }
               return;
             }
-            if (alloc->agent_terminating || alloc->torn_down) return;  // the job's end says why
+            if (alloc->agent_terminating || alloc->releasing()) return;  // the job's end says why
             if (!k) return;
             std::string reason = "the kernel exited " + how;
             if (exited.signal && !exited.code) reason = "the kernel was killed by " + signal;
@@ -1095,7 +1152,7 @@ void KernelLifecycle::on_link_event(const AllocPtr& alloc, const LinkEvent& even
           [&](const hub_event::Closed& closed) {
             alloc->link_up = false;
             alloc->link_dead = true;
-            if (alloc->torn_down || !k) return;
+            if (alloc->releasing() || !k) return;
             if (alloc->agent_terminating || alloc->job_terminal) {
               if (!alloc->job_terminal && alloc->watcher) watch(alloc);  // its end says why
               return;
