@@ -1,6 +1,7 @@
-// The job side of the kernel lifecycle: UNICORE errors, the agent's stage-in and the job's start,
-// watching the job, finding the agent through its discovery file (also with a refused token), and
-// the job's end.
+// The job side of the kernel lifecycle: submitting the job, the agent's stage-in and the job's
+// start, watching the job, finding the agent through its discovery file (also with a refused
+// token), the job's end, and what a failed UNICORE call ends a kernel with.
+#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -11,9 +12,17 @@
 
 namespace kb::bridge {
 
+namespace asio = boost::asio;
 using unicore::JobStatus;
 
 namespace {
+
+std::string last_segment(const std::string& url) {
+  auto end = url.find_last_not_of('/');
+  if (end == std::string::npos) return url;
+  auto slash = url.rfind('/', end);
+  return url.substr(slash == std::string::npos ? 0 : slash + 1, end - (slash == std::string::npos ? 0 : slash + 1) + 1);
+}
 
 std::string lower(std::string s) {
   for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -57,7 +66,45 @@ void KernelLifecycle::fail_unicore(const AllocPtr& alloc, const unicore::Unicore
 }
 
 // ------------------------------------------------------------------------------------------------
-// The job: stage-in, watching, discovery
+// The job: submission, stage-in, watching, discovery
+
+// Submits a new allocation's job on a fresh stack (create has answered by then); the agent's
+// upload, if the site wants one, and the watching follow.
+void KernelLifecycle::submit(const AllocPtr& alloc,
+                             std::shared_ptr<const unicore::JobDescription> description) {
+  std::weak_ptr<bool> alive = alive_;
+  asio::post(io_, [this, alloc, description, alive] {
+    if (alive.expired() || alloc->releasing()) return;
+    auto creds = credentials_for(*alloc);
+    alloc->backend->submit(creds, *description, [this, alloc, alive](unicore::Result<std::string> r) {
+      if (alive.expired() || alloc->releasing()) {
+        // Shut down while submitting: the job must not stay behind.
+        if (!alive.expired() && r) {
+          alloc->job_url = r.value();
+          alloc->backend->abort(credentials_for(*alloc), r.value(), [](auto) {});
+        }
+        return;
+      }
+      if (!r) return fail_unicore(alloc, r.error(), "submitting the kernel's job");
+      note_site(alloc->site->name, "unicore", true, "");
+      alloc->job_url = r.value();
+      alloc->job_id = last_segment(alloc->job_url);
+      alloc->working_dir = alloc->backend->working_directory(alloc->job_url, nullptr);
+      alloc->set_phase(AllocationPhase::submitted);
+      if (Kernel* k = attached(alloc)) {
+        k->view.job_id = alloc->job_id;
+        k->view.job_url = alloc->job_url;
+        set_state(*k, KernelState::submitted);
+        progress(*k, "job " + alloc->job_id + " submitted to site " + alloc->site->name);
+      }
+      if (alloc->site->agent.mode == AgentConfig::Mode::upload) {
+        upload_agent(alloc);
+      } else {
+        watch(alloc);
+      }
+    });
+  });
+}
 
 void KernelLifecycle::upload_agent(const AllocPtr& alloc) {
   auto bytes = options_.agent_uploads.find(alloc->site->name);

@@ -99,6 +99,15 @@ struct KernelLifecycle::Allocation {
   bool releasing() const { return phase >= AllocationPhase::releasing; }
 };
 
+// What admit() found for a request it accepts: the site, and the caller's token for a new job; or
+// the parked allocation the request asks for again (then nothing new is made).
+struct KernelLifecycle::Admission {
+  const SiteConfig* site = nullptr;
+  JobBackend* backend = nullptr;
+  std::string token;
+  AllocPtr reuse;
+};
+
 struct KernelLifecycle::Kernel {
   KernelView view;
   AllocPtr alloc;  // while attached
