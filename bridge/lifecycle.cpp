@@ -31,8 +31,8 @@ KernelLifecycle::KernelLifecycle(asio::io_context& io, const BridgeConfig& confi
       clock_(options_.clock ? *options_.clock : *real_clock_),
       tick_timer_(clock_) {
   for (const auto& site : config_.sites) {
-    site_health_[site.name]["unicore"] = {"site " + site.name + ": unicore " + site.unicore_url, true,
-                                          ""};
+    site_health_[site.name]["unicore"] = {"site " + site.name + ": unicore " + site.unicore_url,
+                                          true, ""};
     std::string login = site.login_hosts.empty() ? "(none)" : site.login_hosts.front().str();
     site_health_[site.name]["ssh"] = {"site " + site.name + ": ssh " + login, true, ""};
   }
@@ -146,10 +146,13 @@ std::optional<KernelView> KernelLifecycle::get(std::string_view id) const {
 
 void KernelLifecycle::interrupt(const Caller& caller, std::string_view id, ActionCallback done) {
   Kernel* k = find(id);
-  if (!k) return done(ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
+  if (!k)
+    return done(
+        ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
   if (!live(k->view.state) || !k->alloc || k->alloc->phase != AllocationPhase::serving) {
     return done(ServiceError{ServiceErrorKind::conflict,
-                             "kernel " + k->view.id + " is " + std::string(to_string(k->view.state)) +
+                             "kernel " + k->view.id + " is " +
+                                 std::string(to_string(k->view.state)) +
                                  ": there is no running kernel to interrupt",
                              "", ""});
   }
@@ -160,12 +163,16 @@ void KernelLifecycle::interrupt(const Caller& caller, std::string_view id, Actio
 
 void KernelLifecycle::restart(const Caller& caller, std::string_view id, ActionCallback done) {
   Kernel* k = find(id);
-  if (!k) return done(ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
-  bool runnable = live(k->view.state) && k->alloc && k->alloc->phase == AllocationPhase::serving &&
-                  (k->view.state == KernelState::ready || k->view.state == KernelState::reconnecting);
+  if (!k)
+    return done(
+        ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
+  bool runnable =
+      live(k->view.state) && k->alloc && k->alloc->phase == AllocationPhase::serving &&
+      (k->view.state == KernelState::ready || k->view.state == KernelState::reconnecting);
   if (!runnable) {
     return done(ServiceError{ServiceErrorKind::conflict,
-                             "kernel " + k->view.id + " is " + std::string(to_string(k->view.state)) +
+                             "kernel " + k->view.id + " is " +
+                                 std::string(to_string(k->view.state)) +
                                  ": only a ready (or reconnecting) kernel can be restarted",
                              "", ""});
   }
@@ -180,7 +187,9 @@ void KernelLifecycle::restart(const Caller& caller, std::string_view id, ActionC
 
 void KernelLifecycle::remove(const Caller& caller, std::string_view id, ActionCallback done) {
   Kernel* k = find(id);
-  if (!k) return done(ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
+  if (!k)
+    return done(
+        ServiceError{ServiceErrorKind::not_found, "no kernel " + std::string(id), "id", ""});
   if (!live(k->view.state)) return done(std::nullopt);  // already ended: nothing left to do
   end_kernel(*k, EndCause::shutdown, "shut down by " + caller.origin);
   done(std::nullopt);
@@ -272,10 +281,11 @@ void KernelLifecycle::teardown(const AllocPtr& alloc, const std::string& why) {
                           [this, alloc, alive](unicore::Result<unicore::Done> r) {
                             if (alive.expired()) return;
                             if (!r && r.error().kind != unicore::ErrorKind::not_found) {
-                              spdlog::error("[{}] could not abort job {} on site {}: {} — abort it "
-                                            "by hand (kernel-bridge unicore abort {})",
-                                            alloc->log_id, alloc->job_id, alloc->site->name,
-                                            r.error().message, alloc->job_url);
+                              spdlog::error(
+                                  "[{}] could not abort job {} on site {}: {} — abort it "
+                                  "by hand (kernel-bridge unicore abort {})",
+                                  alloc->log_id, alloc->job_id, alloc->site->name,
+                                  r.error().message, alloc->job_url);
                               note_site(alloc->site->name, "unicore", false, r.error().message);
                             } else {
                               spdlog::info("[{}] job {} aborted", alloc->log_id, alloc->job_id);
@@ -328,9 +338,10 @@ void KernelLifecycle::expire_leases() {
     Kernel* k = find(id);
     if (!k) continue;
     const auto silent = std::chrono::duration_cast<std::chrono::seconds>(now - k->last_watch);
-    spdlog::warn("[{}] its front end (owner {}) has not asked for it for {} s (lease {} s): shutting "
-                 "it down",
-                 id, k->view.owner, silent.count(), k->lease.count());
+    spdlog::warn(
+        "[{}] its front end (owner {}) has not asked for it for {} s (lease {} s): shutting "
+        "it down",
+        id, k->view.owner, silent.count(), k->lease.count());
     // Like the wrapper's own DELETE: the allocation is parked for the restart grace, so a Jupyter
     // restart that killed the old wrapper still gets the running job.
     end_kernel(*k, EndCause::shutdown,
@@ -389,10 +400,10 @@ void KernelLifecycle::shutdown(std::function<void()> done) {
   shutdown_timer_->wait(options_.shutdown_timeout, [this, alive] {
     if (alive.expired() || !shutdown_done_) return;
     for (const auto& a : allocations_) {
-      spdlog::error("[{}] job {} on site {} did not confirm its end within {} s; check it "
-                    "(kernel-bridge unicore status {})",
-                    a->log_id, a->job_id, a->site->name, options_.shutdown_timeout.count(),
-                    a->job_url);
+      spdlog::error(
+          "[{}] job {} on site {} did not confirm its end within {} s; check it "
+          "(kernel-bridge unicore status {})",
+          a->log_id, a->job_id, a->site->name, options_.shutdown_timeout.count(), a->job_url);
     }
     auto d = std::move(shutdown_done_);
     shutdown_done_ = nullptr;

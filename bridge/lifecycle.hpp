@@ -86,8 +86,8 @@ class KernelLifecycle final : public KernelService {
   void watched(std::string_view id) override;
   std::vector<HealthCheck> health() const override;
 
-  // Bridge shutdown: refuses new kernels, ends every kernel (reason: the bridge stopped), asks every
-  // agent to stop its kernel and aborts every job; `done` once all have answered or after
+  // Bridge shutdown: refuses new kernels, ends every kernel (reason: the bridge stopped), asks
+  // every agent to stop its kernel and aborts every job; `done` once all have answered or after
   // options.shutdown_timeout.
   void shutdown(std::function<void()> done);
 
@@ -121,8 +121,7 @@ class KernelLifecycle final : public KernelService {
   std::variant<Admission, ServiceError> admit(const Caller& caller, const KernelRequest& request);
   AllocPtr take_over_ports(const std::string& user, const SiteConfig* site,
                            const HubConnection& hub);
-  std::optional<ServiceError> refuse_ports(const std::string& user,
-                                           const HubConnection& hub) const;
+  std::optional<ServiceError> refuse_ports(const std::string& user, const HubConnection& hub) const;
   std::optional<ServiceError> refuse_over_limit(const std::string& user) const;
   Kernel new_kernel(const Caller& caller, const SiteConfig& site, const KernelRequest& request);
   void reuse_allocation(const AllocPtr& reuse, Kernel k, const std::string& user,
@@ -143,12 +142,10 @@ class KernelLifecycle final : public KernelService {
   void retry_discovery(const AllocPtr& alloc);
   void poll_discovery_after(const AllocPtr& alloc, std::chrono::milliseconds delay);
   void discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error);
-  std::chrono::milliseconds token_refused(const AllocPtr& alloc, int& refusals,
-                                          const unicore::UnicoreError& error,
-                                          const std::string& situation,
-                                          const std::string& consequence,
-                                          std::chrono::milliseconds cap =
-                                              std::chrono::milliseconds::max());
+  std::chrono::milliseconds token_refused(
+      const AllocPtr& alloc, int& refusals, const unicore::UnicoreError& error,
+      const std::string& situation, const std::string& consequence,
+      std::chrono::milliseconds cap = std::chrono::milliseconds::max());
   void token_accepted(const AllocPtr& alloc, int& refusals, const std::string& resuming);
   void on_discovery(const AllocPtr& alloc, const std::string& bytes);
   void fail_unicore(const AllocPtr& alloc, const unicore::UnicoreError& error,

@@ -61,8 +61,7 @@ std::variant<KernelLifecycle::Admission, ServiceError> KernelLifecycle::admit(
   const SiteConfig* site = config_.find_site(request.site);
   auto backend = backends_.find(request.site);
   if (!site || backend == backends_.end()) {
-    return refuse(ServiceErrorKind::invalid_request, "unknown site '" + request.site + "'",
-                  "site");
+    return refuse(ServiceErrorKind::invalid_request, "unknown site '" + request.site + "'", "site");
   }
   if (request.kernel_argv.empty()) {
     return refuse(ServiceErrorKind::invalid_request, "the kernel's argv is empty", "kernel_argv");
@@ -70,12 +69,12 @@ std::variant<KernelLifecycle::Admission, ServiceError> KernelLifecycle::admit(
   auto token = credentials_.token(caller.user);
   if (!token) {
     auto info = credentials_.info(caller.user);
-    return refuse(
-        ServiceErrorKind::credentials_missing,
-        std::string("no ") +
-            (info.status == CredentialsStore::Status::expired ? "unexpired " : "") +
-            "UNICORE token for user " + caller.user + ": the hub pushes it (PUT /v1/users/" +
-            caller.user + "/credentials) when you log in; log in to JupyterHub again, or push one");
+    return refuse(ServiceErrorKind::credentials_missing,
+                  std::string("no ") +
+                      (info.status == CredentialsStore::Status::expired ? "unexpired " : "") +
+                      "UNICORE token for user " + caller.user +
+                      ": the hub pushes it (PUT /v1/users/" + caller.user +
+                      "/credentials) when you log in; log in to JupyterHub again, or push one");
   }
   Admission admission{site, backend->second, *token,
                       take_over_ports(caller.user, site, request.connection)};

@@ -21,7 +21,8 @@ std::string last_segment(const std::string& url) {
   auto end = url.find_last_not_of('/');
   if (end == std::string::npos) return url;
   auto slash = url.rfind('/', end);
-  return url.substr(slash == std::string::npos ? 0 : slash + 1, end - (slash == std::string::npos ? 0 : slash + 1) + 1);
+  return url.substr(slash == std::string::npos ? 0 : slash + 1,
+                    end - (slash == std::string::npos ? 0 : slash + 1) + 1);
 }
 
 std::string lower(std::string s) {
@@ -55,12 +56,14 @@ void KernelLifecycle::fail_unicore(const AllocPtr& alloc, const unicore::Unicore
                               alloc->owner + " while " + doing + ": " + error.message +
                               ". Log in to JupyterHub again so it pushes a fresh token.");
     case unicore::ErrorKind::submission_disabled:
-      return end_attached(alloc, EndCause::submit_failed,
-                          "site " + site + " does not accept jobs now: " +
-                              (error.server_message.empty() ? error.message : error.server_message) +
-                              ". Try again later.");
+      return end_attached(
+          alloc, EndCause::submit_failed,
+          "site " + site + " does not accept jobs now: " +
+              (error.server_message.empty() ? error.message : error.server_message) +
+              ". Try again later.");
     default:
-      return end_attached(alloc, alloc->job_url.empty() ? EndCause::submit_failed : EndCause::internal,
+      return end_attached(alloc,
+                          alloc->job_url.empty() ? EndCause::submit_failed : EndCause::internal,
                           "error while " + doing + " at site " + site + ": " + error.message);
   }
 }
@@ -76,33 +79,34 @@ void KernelLifecycle::submit(const AllocPtr& alloc,
   asio::post(io_, [this, alloc, description, alive] {
     if (alive.expired() || alloc->releasing()) return;
     auto creds = credentials_for(*alloc);
-    alloc->backend->submit(creds, *description, [this, alloc, alive](unicore::Result<std::string> r) {
-      if (alive.expired() || alloc->releasing()) {
-        // Shut down while submitting: the job must not stay behind.
-        if (!alive.expired() && r) {
+    alloc->backend->submit(
+        creds, *description, [this, alloc, alive](unicore::Result<std::string> r) {
+          if (alive.expired() || alloc->releasing()) {
+            // Shut down while submitting: the job must not stay behind.
+            if (!alive.expired() && r) {
+              alloc->job_url = r.value();
+              alloc->backend->abort(credentials_for(*alloc), r.value(), [](auto) {});
+            }
+            return;
+          }
+          if (!r) return fail_unicore(alloc, r.error(), "submitting the kernel's job");
+          note_site(alloc->site->name, "unicore", true, "");
           alloc->job_url = r.value();
-          alloc->backend->abort(credentials_for(*alloc), r.value(), [](auto) {});
-        }
-        return;
-      }
-      if (!r) return fail_unicore(alloc, r.error(), "submitting the kernel's job");
-      note_site(alloc->site->name, "unicore", true, "");
-      alloc->job_url = r.value();
-      alloc->job_id = last_segment(alloc->job_url);
-      alloc->working_dir = alloc->backend->working_directory(alloc->job_url, nullptr);
-      alloc->set_phase(AllocationPhase::submitted);
-      if (Kernel* k = attached(alloc)) {
-        k->view.job_id = alloc->job_id;
-        k->view.job_url = alloc->job_url;
-        set_state(*k, KernelState::submitted);
-        progress(*k, "job " + alloc->job_id + " submitted to site " + alloc->site->name);
-      }
-      if (alloc->site->agent.mode == AgentConfig::Mode::upload) {
-        upload_agent(alloc);
-      } else {
-        watch(alloc);
-      }
-    });
+          alloc->job_id = last_segment(alloc->job_url);
+          alloc->working_dir = alloc->backend->working_directory(alloc->job_url, nullptr);
+          alloc->set_phase(AllocationPhase::submitted);
+          if (Kernel* k = attached(alloc)) {
+            k->view.job_id = alloc->job_id;
+            k->view.job_url = alloc->job_url;
+            set_state(*k, KernelState::submitted);
+            progress(*k, "job " + alloc->job_id + " submitted to site " + alloc->site->name);
+          }
+          if (alloc->site->agent.mode == AgentConfig::Mode::upload) {
+            upload_agent(alloc);
+          } else {
+            watch(alloc);
+          }
+        });
   });
 }
 
@@ -175,9 +179,9 @@ void KernelLifecycle::on_job_change(const AllocPtr& alloc, const unicore::JobInf
         if (k->view.state == KernelState::requested || k->view.state == KernelState::submitted) {
           set_state(*k, KernelState::queued);
         }
-        std::string queue = !alloc->queue.empty() ? alloc->queue
+        std::string queue = !alloc->queue.empty()    ? alloc->queue
                             : alloc->resources.queue ? *alloc->resources.queue
-                                                      : std::string("the site's default queue");
+                                                     : std::string("the site's default queue");
         progress(*k, "job " + alloc->job_id + " queued in " + queue +
                          (info.batch_system_id.empty() || info.batch_system_id == "N/A"
                               ? std::string()
@@ -213,7 +217,8 @@ void KernelLifecycle::on_running(const AllocPtr& alloc, const unicore::JobInfo& 
                               [this, alloc, alive](unicore::Result<unicore::JobDetails> r) {
                                 if (alive.expired() || alloc->releasing()) return;
                                 if (!r || !r->available) return;  // the discovery file names it too
-                                std::string node = !r->nodes.empty() ? r->nodes.front() : r->batch_host;
+                                std::string node =
+                                    !r->nodes.empty() ? r->nodes.front() : r->batch_host;
                                 if (node.empty()) return;
                                 alloc->node = node;
                                 if (Kernel* k = attached(alloc)) {
@@ -253,12 +258,12 @@ void KernelLifecycle::poll_discovery(const AllocPtr& alloc) {
 
 void KernelLifecycle::retry_discovery(const AllocPtr& alloc) {
   if (clock_.now() - alloc->running_since > options_.discovery_timeout) {
-    return end_attached(alloc, EndCause::link_failed,
-                        "the agent did not write its discovery file (" + std::string(kDiscoveryFile) +
-                            ") within " + std::to_string(options_.discovery_timeout.count()) +
-                            " s after job " + alloc->job_id +
-                            " started; read the job's stderr in its working directory (" +
-                            alloc->working_dir + ") and check the site's agent setting");
+    return end_attached(
+        alloc, EndCause::link_failed,
+        "the agent did not write its discovery file (" + std::string(kDiscoveryFile) + ") within " +
+            std::to_string(options_.discovery_timeout.count()) + " s after job " + alloc->job_id +
+            " started; read the job's stderr in its working directory (" + alloc->working_dir +
+            ") and check the site's agent setting");
   }
   const auto delay = alloc->discovery_delay;
   alloc->discovery_delay =
@@ -277,15 +282,15 @@ void KernelLifecycle::poll_discovery_after(const AllocPtr& alloc, std::chrono::m
 }
 
 // The user's token expired between the job starting and the agent being found. The job runs
-// regardless, so this is not the end yet: like watching, the read is tried again with whatever token
-// JupyterHub pushes meanwhile — but only until the discovery timeout, because without the file the
-// bridge cannot tell a working agent from a broken one. Then the kernel ends as credentials_refused
-// (the agent, never reached, ends the job itself after its no-bridge time).
+// regardless, so this is not the end yet: like watching, the read is tried again with whatever
+// token JupyterHub pushes meanwhile — but only until the discovery timeout, because without the
+// file the bridge cannot tell a working agent from a broken one. Then the kernel ends as
+// credentials_refused (the agent, never reached, ends the job itself after its no-bridge time).
 void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error) {
-  const auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(
-      clock_.now() - alloc->running_since);
-  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                        options_.discovery_timeout) - elapsed;
+  const auto elapsed =
+      std::chrono::duration_cast<std::chrono::milliseconds>(clock_.now() - alloc->running_since);
+  const auto left =
+      std::chrono::duration_cast<std::chrono::milliseconds>(options_.discovery_timeout) - elapsed;
   const std::string situation = "the bridge looked for the agent of job " + alloc->job_id;
   if (left <= std::chrono::milliseconds(0)) {
     ++alloc->refused_discovery;
@@ -299,7 +304,8 @@ void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::Un
   }
   const auto delay = token_refused(
       alloc, alloc->refused_discovery, error, situation,
-      "the job runs, but the kernel cannot be reached until JupyterHub pushes a fresh token (log in "
+      "the job runs, but the kernel cannot be reached until JupyterHub pushes a fresh token (log "
+      "in "
       "again within " +
           std::to_string(std::chrono::duration_cast<std::chrono::seconds>(left).count()) + " s)",
       left);
@@ -317,12 +323,11 @@ std::chrono::milliseconds KernelLifecycle::token_refused(const AllocPtr& alloc, 
                                                          std::chrono::milliseconds cap) {
   ++refusals;
   const auto delay = std::min<std::chrono::milliseconds>(
-      {options_.rewatch_max, cap,
-       options_.rewatch_initial * (1LL << std::min(refusals - 1, 10))});
+      {options_.rewatch_max, cap, options_.rewatch_initial * (1LL << std::min(refusals - 1, 10))});
   note_site(alloc->site->name, "unicore", false, error.message);
-  spdlog::warn("[{}] site {} refused the credentials of user {} while {}: {}; trying again in {} ms",
-               alloc->log_id, alloc->site->name, alloc->owner, situation, error.message,
-               delay.count());
+  spdlog::warn(
+      "[{}] site {} refused the credentials of user {} while {}: {}; trying again in {} ms",
+      alloc->log_id, alloc->site->name, alloc->owner, situation, error.message, delay.count());
   if (refusals == 1) {
     progress(alloc, "site " + alloc->site->name + " refused the UNICORE token of user " +
                         alloc->owner + " while " + situation + ": " + consequence);

@@ -20,7 +20,8 @@ namespace asio = boost::asio;
 
 // The hub-side link of a new allocation. Its events come back to on_link_event, each on a fresh
 // stack, as long as the allocation and the lifecycle live.
-std::unique_ptr<KernelLink> KernelLifecycle::open_link(const AllocPtr& alloc, const LinkSpec& spec) {
+std::unique_ptr<KernelLink> KernelLifecycle::open_link(const AllocPtr& alloc,
+                                                       const LinkSpec& spec) {
   std::weak_ptr<Allocation> weak = alloc;
   std::weak_ptr<bool> alive = alive_;
   return links_(spec, [this, weak, alive](const LinkEvent& event) {
@@ -37,25 +38,24 @@ std::unique_ptr<KernelLink> KernelLifecycle::open_link(const AllocPtr& alloc, co
 void KernelLifecycle::on_link_event(const AllocPtr& alloc, const LinkEvent& event) {
   namespace hub_event = tunnel::hub_event;
   Kernel* k = attached(alloc);
-  std::visit(kb::Overloaded{
-                 [](const hub_event::Listening&) {},
-                 [&](const hub_event::LinkUp&) { on_link_up(alloc, k); },
-                 [&](const hub_event::LinkDown& down) { on_link_down(alloc, k, down); },
-                 [&](const hub_event::KernelStarted& started) {
-                   on_kernel_started(alloc, k, started);
-                 },
-                 [&](const hub_event::KernelExited& exited) { on_kernel_exited(alloc, k, exited); },
-                 [&](const hub_event::AgentTerminating& terminating) {
-                   on_agent_terminating(alloc, k, terminating);
-                 },
-                 [&](const SshRefused& refused) { on_ssh_refused(alloc, refused); },
-                 [&](const hub_event::Error& error) {
-                   alloc->last_link_error = error.message;
-                   if (k) progress(*k, error.message);
-                 },
-                 [&](const hub_event::Closed& closed) { on_link_closed(alloc, k, closed); },
-             },
-             event);
+  std::visit(
+      kb::Overloaded{
+          [](const hub_event::Listening&) {},
+          [&](const hub_event::LinkUp&) { on_link_up(alloc, k); },
+          [&](const hub_event::LinkDown& down) { on_link_down(alloc, k, down); },
+          [&](const hub_event::KernelStarted& started) { on_kernel_started(alloc, k, started); },
+          [&](const hub_event::KernelExited& exited) { on_kernel_exited(alloc, k, exited); },
+          [&](const hub_event::AgentTerminating& terminating) {
+            on_agent_terminating(alloc, k, terminating);
+          },
+          [&](const SshRefused& refused) { on_ssh_refused(alloc, refused); },
+          [&](const hub_event::Error& error) {
+            alloc->last_link_error = error.message;
+            if (k) progress(*k, error.message);
+          },
+          [&](const hub_event::Closed& closed) { on_link_closed(alloc, k, closed); },
+      },
+      event);
 }
 
 void KernelLifecycle::on_link_up(const AllocPtr& alloc, Kernel* k) {
@@ -72,8 +72,7 @@ void KernelLifecycle::on_link_up(const AllocPtr& alloc, Kernel* k) {
   }
   alloc->ever_up = true;
   if (k && alloc->kernel_running &&
-      (k->view.state == KernelState::reconnecting ||
-       k->view.state == KernelState::connecting)) {
+      (k->view.state == KernelState::reconnecting || k->view.state == KernelState::connecting)) {
     set_state(*k, KernelState::ready);
   }
 }
@@ -97,8 +96,8 @@ void KernelLifecycle::on_kernel_started(const AllocPtr& alloc, Kernel* k,
   alloc->set_phase(AllocationPhase::serving);
   alloc->connect_timer.cancel();
   if (!k) return;
-  progress(*k, std::string(was_restart ? "kernel restarted" : "kernel started") +
-                   " (pid " + std::to_string(started.pid) + ") on " +
+  progress(*k, std::string(was_restart ? "kernel restarted" : "kernel started") + " (pid " +
+                   std::to_string(started.pid) + ") on " +
                    (alloc->node.empty() ? std::string("the compute node") : alloc->node));
   if (alloc->link_up) set_state(*k, KernelState::ready);
 }
@@ -109,7 +108,7 @@ void KernelLifecycle::on_kernel_exited(const AllocPtr& alloc, Kernel* k,
   // Signal names are for people; the view keeps the number.
   std::string signal =
       exited.signal ? tunnel::ProcessExit::signal_name(*exited.signal) : std::string();
-  std::string how = exited.code ? "with code " + std::to_string(*exited.code)
+  std::string how = exited.code     ? "with code " + std::to_string(*exited.code)
                     : exited.signal ? "by " + signal
                                     : std::string("");
   if (alloc->restart_pending) {
@@ -145,15 +144,13 @@ void KernelLifecycle::on_ssh_refused(const AllocPtr& alloc, const SshRefused& re
     case SshRefused::Cause::host_key_mismatch:
       return end_attached(
           alloc, EndCause::host_key_mismatch,
-          refused.message +
-              ". The login host's key does not match the site's known_hosts (" +
+          refused.message + ". The login host's key does not match the site's known_hosts (" +
               alloc->site->known_hosts +
               "): ask the site for its host key fingerprint and update the file; nothing "
               "was sent over the refused connection.");
     case SshRefused::Cause::identity_refused:
-      return end_attached(
-          alloc, EndCause::link_failed,
-          refused.message + ". Check the site's ssh_user and ssh_identity.");
+      return end_attached(alloc, EndCause::link_failed,
+                          refused.message + ". Check the site's ssh_user and ssh_identity.");
   }
 }
 
@@ -166,8 +163,7 @@ void KernelLifecycle::on_link_closed(const AllocPtr& alloc, Kernel* k,
     if (!alloc->job_terminal && alloc->watcher) watch(alloc);  // its end says why
     return;
   }
-  end_attached(alloc, EndCause::link_failed,
-               "the link to the agent closed: " + closed.reason);
+  end_attached(alloc, EndCause::link_failed, "the link to the agent closed: " + closed.reason);
 }
 
 // The link's traffic since the last sample, into the channel byte counters.

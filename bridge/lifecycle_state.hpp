@@ -16,7 +16,9 @@
 namespace kb::bridge {
 
 // Whether a kernel has not ended yet.
-inline bool live(KernelState s) { return s != KernelState::ended; }
+inline bool live(KernelState s) {
+  return s != KernelState::ended;
+}
 
 // Where an allocation is in its life. Phases only move forward (Allocation::set_phase), and the
 // bridge may go to releasing from any of them. Being parked is not a phase: a parked allocation (no
@@ -34,13 +36,20 @@ enum class AllocationPhase {
 
 inline const char* to_string(AllocationPhase phase) {
   switch (phase) {
-    case AllocationPhase::submitting: return "submitting";
-    case AllocationPhase::submitted: return "submitted";
-    case AllocationPhase::discovering: return "discovering";
-    case AllocationPhase::connecting: return "connecting";
-    case AllocationPhase::serving: return "serving";
-    case AllocationPhase::releasing: return "releasing";
-    case AllocationPhase::aborting: return "aborting";
+    case AllocationPhase::submitting:
+      return "submitting";
+    case AllocationPhase::submitted:
+      return "submitted";
+    case AllocationPhase::discovering:
+      return "discovering";
+    case AllocationPhase::connecting:
+      return "connecting";
+    case AllocationPhase::serving:
+      return "serving";
+    case AllocationPhase::releasing:
+      return "releasing";
+    case AllocationPhase::aborting:
+      return "aborting";
   }
   return "?";
 }
@@ -61,7 +70,7 @@ struct KernelLifecycle::Allocation {
   unicore::Credentials last_credentials;  // fallback when the store has none any more (abort)
   std::string job_url, job_id, working_dir, queue, node;
   std::optional<unicore::JobStatus> job_status;  // the last one UNICORE reported
-  AgentAddress agent;  // from the discovery file, on entering connecting
+  AgentAddress agent;                            // from the discovery file, on entering connecting
   AllocationPhase phase = AllocationPhase::submitting;
   // Not phases: each of these changes independently of the phase, or back and forth within one.
   // The job's end as UNICORE reports it (or that the job no longer exists): it comes from the site

@@ -1,8 +1,6 @@
 // Tests of bridge/job_script.*: the job script is run with bash (a fake agent prints the argv it
 // gets), so hostile kernel arguments are shown to arrive verbatim and unexpanded; the job
 // description is checked field by field.
-#include "bridge/job_script.hpp"
-
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -10,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "bridge/job_script.hpp"
 #include "tests/bridge/temp_dir.hpp"
 
 namespace kb::bridge {
