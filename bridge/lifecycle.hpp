@@ -9,6 +9,9 @@
 // closed, job aborted), as does the end of the grace.
 // Thread model: construct, call and destroy on the io_context's thread; every callback and listener
 // runs there. Nothing blocks.
+// Code: lifecycle.cpp (kernels, ending them, releasing allocations, leases, shutdown),
+// lifecycle_admit.cpp (create), lifecycle_job.cpp (the UNICORE job and discovery),
+// lifecycle_link.cpp (the link's events); their shared private state is lifecycle_state.hpp.
 #include <boost/asio/io_context.hpp>
 
 #include <chrono>
@@ -18,10 +21,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "bridge/config.hpp"
 #include "auth/credentials_store.hpp"
+#include "bridge/job_script.hpp"
 #include "bridge/kernel_service.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "common/clock.hpp"
@@ -30,12 +35,6 @@
 namespace kb::bridge {
 
 struct BridgeMetrics;
-
-// Names of the files the job and the agent keep in the job's working directory.
-inline constexpr const char* kJobScriptFile = "kernel-bridge-job.sh";
-inline constexpr const char* kSecretFile = "kernel-bridge-link.secret";
-inline constexpr const char* kDiscoveryFile = "kernel-bridge-agent.json";
-inline constexpr const char* kUploadedAgentFile = "kernel-bridge-agent";
 
 struct LifecycleOptions {
   std::chrono::seconds restart_grace{30};
@@ -66,22 +65,6 @@ struct LifecycleOptions {
   kb::Clock* clock = nullptr;
 };
 
-// The job a kernel's allocation runs (pure; exposed for tests and `kernel-bridge doctor`).
-struct JobPlan {
-  std::string kernel_id;
-  std::string owner;
-  const SiteConfig* site = nullptr;
-  KernelRequest request;  // resources already defaulted and checked
-  std::string secret_hex;
-  std::chrono::seconds agent_no_bridge_timeout{600};
-};
-// The shell script the job runs: finds the node's address, then the site's job_template with
-// {agent} (the agent's command line, which runs the kernel) and {kernel_argv} expanded.
-std::string build_job_script(const JobPlan& plan);
-unicore::JobDescription build_job_description(const JobPlan& plan);
-// POSIX shell single-quoting.
-std::string shell_quote(const std::string& word);
-
 class KernelLifecycle final : public KernelService {
  public:
   // `config`, `credentials`, `metrics` (may be null) and the backends must outlive this object.
@@ -103,8 +86,8 @@ class KernelLifecycle final : public KernelService {
   void watched(std::string_view id) override;
   std::vector<HealthCheck> health() const override;
 
-  // Bridge shutdown: refuses new kernels, ends every kernel (reason: the bridge stopped), asks every
-  // agent to stop its kernel and aborts every job; `done` once all have answered or after
+  // Bridge shutdown: refuses new kernels, ends every kernel (reason: the bridge stopped), asks
+  // every agent to stop its kernel and aborts every job; `done` once all have answered or after
   // options.shutdown_timeout.
   void shutdown(std::function<void()> done);
 
@@ -113,9 +96,10 @@ class KernelLifecycle final : public KernelService {
  private:
   struct Allocation;
   struct Kernel;
+  struct Admission;
   using AllocPtr = std::shared_ptr<Allocation>;
 
-  // Kernels
+  // Kernels (lifecycle.cpp)
   Kernel* find(std::string_view id);
   const Kernel* find(std::string_view id) const;
   Kernel* attached(const AllocPtr& alloc);
@@ -130,9 +114,23 @@ class KernelLifecycle final : public KernelService {
   // Shuts down every live kernel whose lease (KernelRequest::lease) ran out; runs on every tick.
   void expire_leases();
 
-  // Allocations
-  unicore::Credentials credentials_for(const Allocation& alloc);
-  void submit(const AllocPtr& alloc);
+  // Admission, create's steps (lifecycle_admit.cpp): checks the request; finds the parked
+  // allocation a Jupyter restart asks for again (releasing the same user's allocations on those
+  // ports with another key); refuses ports in use and a user over the limit; makes the kernel; and
+  // attaches it to the reused allocation, or starts a new one.
+  std::variant<Admission, ServiceError> admit(const Caller& caller, const KernelRequest& request);
+  AllocPtr take_over_ports(const std::string& user, const SiteConfig* site,
+                           const HubConnection& hub);
+  std::optional<ServiceError> refuse_ports(const std::string& user, const HubConnection& hub) const;
+  std::optional<ServiceError> refuse_over_limit(const std::string& user) const;
+  Kernel new_kernel(const Caller& caller, const SiteConfig& site, const KernelRequest& request);
+  void reuse_allocation(const AllocPtr& reuse, Kernel k, const std::string& user,
+                        const CreateCallback& done);
+  void start_allocation(const Admission& admission, Kernel k, const Caller& caller,
+                        KernelRequest request, const CreateCallback& done);
+
+  // The job (lifecycle_job.cpp): submission, stage-in, watching, discovery, the job's end.
+  void submit(const AllocPtr& alloc, std::shared_ptr<const unicore::JobDescription> description);
   void upload_agent(const AllocPtr& alloc);
   void start_job(const AllocPtr& alloc);
   void watch(const AllocPtr& alloc);
@@ -144,24 +142,38 @@ class KernelLifecycle final : public KernelService {
   void retry_discovery(const AllocPtr& alloc);
   void poll_discovery_after(const AllocPtr& alloc, std::chrono::milliseconds delay);
   void discovery_refused(const AllocPtr& alloc, const unicore::UnicoreError& error);
-  std::chrono::milliseconds token_refused(const AllocPtr& alloc, int& refusals,
-                                          const unicore::UnicoreError& error,
-                                          const std::string& situation,
-                                          const std::string& consequence,
-                                          std::chrono::milliseconds cap =
-                                              std::chrono::milliseconds::max());
+  std::chrono::milliseconds token_refused(
+      const AllocPtr& alloc, int& refusals, const unicore::UnicoreError& error,
+      const std::string& situation, const std::string& consequence,
+      std::chrono::milliseconds cap = std::chrono::milliseconds::max());
   void token_accepted(const AllocPtr& alloc, int& refusals, const std::string& resuming);
   void on_discovery(const AllocPtr& alloc, const std::string& bytes);
-  void on_link_event(const AllocPtr& alloc, const LinkEvent& event);
   void fail_unicore(const AllocPtr& alloc, const unicore::UnicoreError& error,
                     const std::string& doing);
+
+  // The link (lifecycle_link.cpp): one handler per event; `k` is the attached kernel, if any.
+  std::unique_ptr<KernelLink> open_link(const AllocPtr& alloc, const LinkSpec& spec);
+  void on_link_event(const AllocPtr& alloc, const LinkEvent& event);
+  void on_link_up(const AllocPtr& alloc, Kernel* k);
+  void on_link_down(const AllocPtr& alloc, Kernel* k, const tunnel::hub_event::LinkDown& down);
+  void on_kernel_started(const AllocPtr& alloc, Kernel* k,
+                         const tunnel::hub_event::KernelStarted& started);
+  void on_kernel_exited(const AllocPtr& alloc, Kernel* k,
+                        const tunnel::hub_event::KernelExited& exited);
+  void on_agent_terminating(const AllocPtr& alloc, Kernel* k,
+                            const tunnel::hub_event::AgentTerminating& terminating);
+  void on_ssh_refused(const AllocPtr& alloc, const SshRefused& refused);
+  void on_link_closed(const AllocPtr& alloc, Kernel* k, const tunnel::hub_event::Closed& closed);
+  void sample_traffic(Allocation& alloc);
+
+  // Allocations (lifecycle.cpp)
+  unicore::Credentials credentials_for(const Allocation& alloc);
   void park(const AllocPtr& alloc);
   void teardown(const AllocPtr& alloc, const std::string& why);
   void forget(const AllocPtr& alloc);
   void note_site(const std::string& site, const std::string& component, bool ok,
                  const std::string& detail);
   void tick();
-  void sample_traffic(Allocation& alloc);
 
   boost::asio::io_context& io_;
   const BridgeConfig& config_;
