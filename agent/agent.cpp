@@ -2,13 +2,13 @@
 
 #include "link/tcp_transport.hpp"
 
-#include <boost/asio/ip/address.hpp>
-#include <boost/asio/post.hpp>
 #include <fcntl.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/post.hpp>
 
 #include <algorithm>
 #include <cerrno>
@@ -98,8 +98,9 @@ Agent::Agent(asio::io_context& io, AgentOptions options)
       signals_(io),
       exit_timer_(io) {
   if (options_.kernel_argv.empty()) {
-    throw AgentError("no kernel command given: put it after '--', e.g. -- /usr/bin/python3 -m "
-                     "ipykernel_launcher -f {connection_file}");
+    throw AgentError(
+        "no kernel command given: put it after '--', e.g. -- /usr/bin/python3 -m "
+        "ipykernel_launcher -f {connection_file}");
   }
   try {
     secret_ = kb::auth::LinkSecret::read_file(options_.secret_file);
@@ -123,8 +124,8 @@ Agent::Agent(asio::io_context& io, AgentOptions options)
   // A private directory per agent: the connection file holds the kernel's key.
   std::string tmpl = (fs::path(base) / "kernel-bridge-agent-XXXXXX").string();
   if (!::mkdtemp(tmpl.data())) {
-    throw AgentError("cannot create a private directory in " + base + ": " +
-                     std::strerror(errno) + " (give a writable node-local directory with "
+    throw AgentError("cannot create a private directory in " + base + ": " + std::strerror(errno) +
+                     " (give a writable node-local directory with "
                      "--runtime-dir)");
   }
   runtime_subdir_ = tmpl;
@@ -149,8 +150,8 @@ void Agent::start() {
     asio::ip::tcp::resolver resolver(io_);
     auto results = resolver.resolve(host, std::to_string(options_.listen_port), ec);
     if (ec || results.empty()) {
-      throw AgentError("--listen: cannot resolve '" + host + "': " +
-                       (ec ? ec.message() : std::string("no address")));
+      throw AgentError("--listen: cannot resolve '" + host +
+                       "': " + (ec ? ec.message() : std::string("no address")));
     }
     endpoint = results.begin()->endpoint();
   } else {
@@ -170,10 +171,12 @@ void Agent::start() {
 
   // The discovery file tells the bridge where to knock. A wildcard address is useless to it, so
   // then the host name stands in.
-  std::string advertised = endpoint.address().is_unspecified() ? local_hostname()
-                                                               : endpoint.address().to_string();
-  nlohmann::json discovery = {{"host", advertised},       {"port", port_},
-                              {"pid", ::getpid()},         {"hostname", local_hostname()},
+  std::string advertised =
+      endpoint.address().is_unspecified() ? local_hostname() : endpoint.address().to_string();
+  nlohmann::json discovery = {{"host", advertised},
+                              {"port", port_},
+                              {"pid", ::getpid()},
+                              {"hostname", local_hostname()},
                               {"version", KB_VERSION}};
   try {
     write_file_atomic(options_.discovery_file, discovery.dump() + "\n", 0644);
@@ -217,8 +220,8 @@ void Agent::make_session() {
   auto options = options_.link;
   if (options.log_id.empty()) options.log_id = log_id_;
   closing_session_ = false;
-  session_ = LinkSession::create(io_, LinkSession::Role::agent, *secret_, options,
-                                 std::move(handlers));
+  session_ =
+      LinkSession::create(io_, LinkSession::Role::agent, *secret_, options, std::move(handlers));
 }
 
 void Agent::accept_next() {
@@ -241,7 +244,8 @@ void Agent::accept_next() {
     ::fcntl(socket.native_handle(), F_SETFD, FD_CLOEXEC);
     spdlog::info("[{}] connection from {}:{}: authenticating", log_id_,
                  rec ? "?" : peer.address().to_string(), rec ? 0 : peer.port());
-    if (session_ && !exiting_code_) session_->attach_transport(make_tcp_transport(std::move(socket)));
+    if (session_ && !exiting_code_)
+      session_->attach_transport(make_tcp_transport(std::move(socket)));
     accept_next();
   });
 }
@@ -284,9 +288,10 @@ void Agent::arm_no_bridge_timer() {
   no_bridge_timer_.async_wait([this, alive](const error_code& ec) {
     if (alive.expired() || ec) return;
     if (session_ && session_->state() == LinkState::up) return;
-    spdlog::error("[{}] no authenticated bridge for {:.3g} s (--no-bridge-timeout): stopping the "
-                  "kernel and exiting, so an orphaned job does not burn compute hours",
-                  log_id_, options_.no_bridge_timeout.count() / 1000.0);
+    spdlog::error(
+        "[{}] no authenticated bridge for {:.3g} s (--no-bridge-timeout): stopping the "
+        "kernel and exiting, so an orphaned job does not burn compute hours",
+        log_id_, options_.no_bridge_timeout.count() / 1000.0);
     stop_and_exit(kAgentExitNoBridge, "no bridge");
   });
 }
@@ -296,8 +301,8 @@ void Agent::on_signal(int sig) {
   if (exiting_code_) {
     spdlog::warn("[{}] {} received while already exiting", log_id_, name);
   } else {
-    std::string reason = sig == SIGTERM ? "SIGTERM received (allocation ending)"
-                                        : name + " received";
+    std::string reason =
+        sig == SIGTERM ? "SIGTERM received (allocation ending)" : name + " received";
     spdlog::warn("[{}] {}: stopping the kernel and exiting", log_id_, reason);
     send({{"type", "agent_terminating"}, {"reason", reason}});
     stop_and_exit(128 + sig, reason);
@@ -342,8 +347,9 @@ void Agent::handle_start(const nlohmann::json& m) {
   std::string name = m.value("kernel_name", std::string());
   if (kernel_state_ == KernelState::running || kernel_state_ == KernelState::stopping) {
     if (key->get<std::string>() != info_.key) {
-      send_error("start_kernel: a kernel is already running with another key; send "
-                 "restart_kernel or shutdown first");
+      send_error(
+          "start_kernel: a kernel is already running with another key; send "
+          "restart_kernel or shutdown first");
       return;
     }
     // A bridge that reconnected with a fresh session asks again: tell it what runs.
@@ -359,8 +365,8 @@ void Agent::handle_start(const nlohmann::json& m) {
   probe["signature_scheme"] = scheme;
   probe["kernel_name"] = name;
   try {
-    ConnectionInfo checked = parse_connection_info(probe, "start_kernel",
-                                                   ParseOptions{.allow_zero_ports = true});
+    ConnectionInfo checked =
+        parse_connection_info(probe, "start_kernel", ParseOptions{.allow_zero_ports = true});
     info_.key = checked.key;
     info_.signature_scheme = checked.signature_scheme;
     info_.kernel_name = checked.kernel_name;
@@ -405,21 +411,22 @@ void Agent::start_kernel(bool restart) {
   std::vector<std::string> argv;
   for (const auto& a : options_.kernel_argv) argv.push_back(substitute(a, connection_file_));
   std::weak_ptr<bool> alive = alive_;
-  if (error.empty() &&
-      kernel_.start(argv,
-                    [this, alive](const ProcessExit& e) {
-                      if (!alive.expired()) on_kernel_exit(e);
-                    },
-                    error)) {
+  if (error.empty() && kernel_.start(
+                           argv,
+                           [this, alive](const ProcessExit& e) {
+                             if (!alive.expired()) on_kernel_exit(e);
+                           },
+                           error)) {
     kernel_state_ = KernelState::running;
     kernel_started_at_ = std::chrono::steady_clock::now();
     ++kernel_generation_;
-    spdlog::info("[{}] kernel started: pid {}{}; connection file {} (ports shell {} iopub {} "
-                 "stdin {} control {} hb {} on 127.0.0.1)",
-                 log_id_, kernel_.pid(), restart ? " (restart)" : "", connection_file_,
-                 info_.port(ChannelKind::shell), info_.port(ChannelKind::iopub),
-                 info_.port(ChannelKind::stdin_), info_.port(ChannelKind::control),
-                 info_.port(ChannelKind::hb));
+    spdlog::info(
+        "[{}] kernel started: pid {}{}; connection file {} (ports shell {} iopub {} "
+        "stdin {} control {} hb {} on 127.0.0.1)",
+        log_id_, kernel_.pid(), restart ? " (restart)" : "", connection_file_,
+        info_.port(ChannelKind::shell), info_.port(ChannelKind::iopub),
+        info_.port(ChannelKind::stdin_), info_.port(ChannelKind::control),
+        info_.port(ChannelKind::hb));
     send({{"type", "kernel_started"}, {"pid", kernel_.pid()}, {"restart", restart}});
     // Streams waiting for a kernel try at once.
     for (auto& [id, p] : pending_) {
@@ -480,8 +487,8 @@ void Agent::try_connect(std::uint32_t id) {
     if (waiting_for_start && now - p.requested_at < options_.stream_wait) {
       retry_later(id);
     } else {
-      refuse(id, kernel_state_ == KernelState::none ? "no kernel was started"
-                                                    : "no kernel is running");
+      refuse(id,
+             kernel_state_ == KernelState::none ? "no kernel was started" : "no kernel is running");
     }
     return;
   }
@@ -492,40 +499,39 @@ void Agent::try_connect(std::uint32_t id) {
   if (p.socket.is_open()) p.socket.close(ec);
   p.socket.open(asio::ip::tcp::v4(), ec);
   if (!ec) ::fcntl(p.socket.native_handle(), F_SETFD, FD_CLOEXEC);
-  p.socket.async_connect(
-      {asio::ip::address_v4::loopback(), port},
-      [this, alive, id, port, generation](const error_code& ec) {
-        if (alive.expired() || ec == asio::error::operation_aborted) return;
-        auto it = pending_.find(id);
-        if (it == pending_.end()) return;
-        PendingStream& p = *it->second;
-        error_code lec, rec;
-        if (!ec && p.socket.local_endpoint(lec) == p.socket.remote_endpoint(rec) && !lec && !rec) {
-          // Retrying a loopback port nobody listens on yet can "succeed" as a TCP self-connect
-          // (our ephemeral source port equals the kernel's port): that is not the kernel.
-          error_code ignored;
-          p.socket.close(ignored);
-          retry_later(id);
-          return;
-        }
-        if (!ec && generation == kernel_generation_ && kernel_state_ == KernelState::running) {
-          auto socket = std::move(p.socket);
-          pending_.erase(it);
-          spdlog::debug("[{}] stream {} ({}) connected to the kernel's port {}", log_id_, id,
-                        to_string(p.kind), port);
-          session_->attach_stream(id, std::move(socket));
-          return;
-        }
-        auto now = std::chrono::steady_clock::now();
-        bool kernel_young = now - kernel_started_at_ < options_.stream_wait;
-        if (kernel_state_ != KernelState::running || generation != kernel_generation_ ||
-            kernel_young) {
-          retry_later(id);  // the kernel is still starting (or changed): try again soon
-          return;
-        }
-        refuse(id, std::string("the kernel does not accept connections on its ") +
-                       to_string(p.kind) + " port " + std::to_string(port) + ": " + ec.message());
-      });
+  p.socket.async_connect({asio::ip::address_v4::loopback(), port}, [this, alive, id, port,
+                                                                    generation](
+                                                                       const error_code& ec) {
+    if (alive.expired() || ec == asio::error::operation_aborted) return;
+    auto it = pending_.find(id);
+    if (it == pending_.end()) return;
+    PendingStream& p = *it->second;
+    error_code lec, rec;
+    if (!ec && p.socket.local_endpoint(lec) == p.socket.remote_endpoint(rec) && !lec && !rec) {
+      // Retrying a loopback port nobody listens on yet can "succeed" as a TCP self-connect
+      // (our ephemeral source port equals the kernel's port): that is not the kernel.
+      error_code ignored;
+      p.socket.close(ignored);
+      retry_later(id);
+      return;
+    }
+    if (!ec && generation == kernel_generation_ && kernel_state_ == KernelState::running) {
+      auto socket = std::move(p.socket);
+      pending_.erase(it);
+      spdlog::debug("[{}] stream {} ({}) connected to the kernel's port {}", log_id_, id,
+                    to_string(p.kind), port);
+      session_->attach_stream(id, std::move(socket));
+      return;
+    }
+    auto now = std::chrono::steady_clock::now();
+    bool kernel_young = now - kernel_started_at_ < options_.stream_wait;
+    if (kernel_state_ != KernelState::running || generation != kernel_generation_ || kernel_young) {
+      retry_later(id);  // the kernel is still starting (or changed): try again soon
+      return;
+    }
+    refuse(id, std::string("the kernel does not accept connections on its ") + to_string(p.kind) +
+                   " port " + std::to_string(port) + ": " + ec.message());
+  });
 }
 
 void Agent::retry_later(std::uint32_t id) {
@@ -597,8 +603,8 @@ void Agent::close_when_flushed(std::chrono::steady_clock::time_point deadline) {
   // closing the session drops what the peer has not acknowledged yet. Wait (bounded) until the
   // replay buffer is empty, i.e. the bridge has acknowledged everything.
   std::weak_ptr<bool> alive = alive_;
-  bool flushed = !session_ || session_->state() != LinkState::up ||
-                 session_->stats().replay_bytes == 0;
+  bool flushed =
+      !session_ || session_->state() != LinkState::up || session_->stats().replay_bytes == 0;
   if (!flushed && std::chrono::steady_clock::now() < deadline) {
     exit_timer_.expires_after(std::chrono::milliseconds(10));
     exit_timer_.async_wait([this, alive, deadline](const error_code& ec) {
@@ -610,9 +616,9 @@ void Agent::close_when_flushed(std::chrono::steady_clock::time_point deadline) {
   if (session_) {
     closing_session_ = true;
     session_->close(code == kAgentExitShutdown ? "agent shut down as requested"
-                    : code == kAgentExitNoBridge ? "agent exiting: no bridge"
-                                                 : "agent exiting: " +
-                                                       ProcessExit::signal_name(code - 128));
+                    : code == kAgentExitNoBridge
+                        ? "agent exiting: no bridge"
+                        : "agent exiting: " + ProcessExit::signal_name(code - 128));
   }
   // Give the GOODBYE a moment to reach the bridge, then stop.
   exit_timer_.expires_after(std::chrono::milliseconds(300));

@@ -6,8 +6,8 @@
 // batch system sends SIGTERM, or when no bridge has been authenticated for too long.
 // Thread model: construct, start and destroy on the thread that runs the io_context; everything
 // (link handlers, signal handlers, the kernel's exit) runs on that thread.
-#include "link/connection_file.hpp"
 #include "agent/kernel_process.hpp"
+#include "link/connection_file.hpp"
 #include "link/session.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -27,9 +27,9 @@
 namespace kb::tunnel {
 
 // Exit statuses of `kernel-bridge agent` (docs/agent.md).
-inline constexpr int kAgentExitShutdown = 0;   // the bridge asked for shutdown
-inline constexpr int kAgentExitUsage = 2;      // bad options, secret, address, directories
-inline constexpr int kAgentExitNoBridge = 3;   // no authenticated bridge within the timeout
+inline constexpr int kAgentExitShutdown = 0;  // the bridge asked for shutdown
+inline constexpr int kAgentExitUsage = 2;     // bad options, secret, address, directories
+inline constexpr int kAgentExitNoBridge = 3;  // no authenticated bridge within the timeout
 // 128 + N: ended by signal N (SIGTERM from the batch system: 143), after cleaning up.
 
 // Thrown at start-up only; the message says what is wrong and what to do.
@@ -38,11 +38,11 @@ struct AgentError : std::runtime_error {
 };
 
 struct AgentOptions {
-  std::string listen_host;         // address (or name) on the compute node's network
-  std::uint16_t listen_port = 0;   // 0: ephemeral
-  std::string secret_file;         // LinkSecret file (0600)
+  std::string listen_host;        // address (or name) on the compute node's network
+  std::uint16_t listen_port = 0;  // 0: ephemeral
+  std::string secret_file;        // LinkSecret file (0600)
   std::string discovery_file = "kernel-bridge-agent.json";
-  std::string runtime_dir;         // empty: $TMPDIR, else /tmp
+  std::string runtime_dir;                              // empty: $TMPDIR, else /tmp
   std::chrono::milliseconds no_bridge_timeout{600000};  // 0: never
   std::chrono::milliseconds kernel_grace{5000};
   std::vector<std::string> kernel_argv;  // "{connection_file}" is substituted

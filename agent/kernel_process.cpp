@@ -1,6 +1,5 @@
 #include "agent/kernel_process.hpp"
 
-#include <boost/asio/post.hpp>
 #include <fcntl.h>
 #include <linux/close_range.h>
 #include <signal.h>
@@ -10,6 +9,7 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <boost/asio/post.hpp>
 
 #include <cerrno>
 #include <cstdlib>
@@ -88,8 +88,8 @@ KernelProcess::KernelProcess(boost::asio::io_context& io, std::string log_id)
 KernelProcess::~KernelProcess() {
   *alive_ = false;
   if (pid_ > 0) {
-    spdlog::warn("[{}] kernel pid {} still running at shutdown: killing its process group",
-                 log_id_, pid_);
+    spdlog::warn("[{}] kernel pid {} still running at shutdown: killing its process group", log_id_,
+                 pid_);
     ::kill(-pid_, SIGKILL);
     int status = 0;
     ::waitpid(pid_, &status, WNOHANG);

@@ -4,11 +4,11 @@
 // SIGINT, terminated with SIGTERM to the whole group and SIGKILL after a grace period.
 // Thread model: create, call and destroy it only on the thread that runs its io_context; the exit
 // handler runs there too.
+#include <sys/types.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <sys/types.h>
 
 #include <chrono>
 #include <functional>

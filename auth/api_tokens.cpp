@@ -13,8 +13,8 @@
 #include <sstream>
 
 #include "auth/secret.hpp"
-#include "common/files.hpp"
 #include "common/config_error.hpp"
+#include "common/files.hpp"
 
 namespace kb::auth {
 namespace {

@@ -27,8 +27,8 @@ Bytes random_bytes(std::size_t n) {
 Digest hmac_sha256(std::span<const std::uint8_t> key, std::span<const std::uint8_t> data) {
   Digest out{};
   unsigned int len = 0;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), data.data(), data.size(),
-       out.data(), &len);
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), data.data(), data.size(), out.data(),
+       &len);
   return out;
 }
 
@@ -71,7 +71,9 @@ bool from_hex(std::string_view hex, Bytes& out) {
   return true;
 }
 
-LinkSecret LinkSecret::generate() { return LinkSecret{random_bytes(kSize)}; }
+LinkSecret LinkSecret::generate() {
+  return LinkSecret{random_bytes(kSize)};
+}
 
 LinkSecret LinkSecret::read_file(const std::string& path) {
   struct stat st {};

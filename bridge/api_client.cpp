@@ -24,15 +24,18 @@ std::string ControlResponse::error_message() const {
   if (body.is_object()) {
     const nlohmann::json* e = &body;
     if (body.contains("error") && body["error"].is_object()) e = &body["error"];
-    if (e->contains("message") && (*e)["message"].is_string()) message = (*e)["message"].get<std::string>();
-    else if (body.contains("error") && body["error"].is_string()) message = body["error"].get<std::string>();
+    if (e->contains("message") && (*e)["message"].is_string())
+      message = (*e)["message"].get<std::string>();
+    else if (body.contains("error") && body["error"].is_string())
+      message = body["error"].get<std::string>();
     if (e->contains("field") && (*e)["field"].is_string()) field = (*e)["field"].get<std::string>();
   }
   if (message.empty()) {
     message = "the bridge answered HTTP " + std::to_string(status);
     if (!raw.empty()) message += ": " + raw.substr(0, 300);
   }
-  if (!field.empty() && message.find(field) == std::string::npos) message += " (field " + field + ")";
+  if (!field.empty() && message.find(field) == std::string::npos)
+    message += " (field " + field + ")";
   return message;
 }
 
@@ -60,7 +63,8 @@ std::string unreachable_hint(const std::string& path, const boost::system::error
   }
   if (ec == boost::system::errc::permission_denied) {
     return "cannot reach the kernel-bridge daemon: permission denied on " + path +
-           ". Your user may not use this socket; ask the operator to grant access (socket mode/group).";
+           ". Your user may not use this socket; ask the operator to grant access (socket "
+           "mode/group).";
   }
   return "cannot reach the kernel-bridge daemon on " + path + ": " + why +
          ". Is `kernel-bridge serve` running?";
@@ -113,11 +117,14 @@ ControlResponse ControlClient::request(std::string_view method, const std::strin
   if (ec) {
     const bool timed_out = ec == boost::system::errc::resource_unavailable_try_again ||
                            ec == boost::system::errc::operation_would_block;
-    throw ControlUnreachable(
-        timed_out ? "the kernel-bridge daemon on " + socket_path_ + " did not answer within " +
-                        std::to_string(timeout.count() / 1000) + " s; is it overloaded or stuck? (see its log)"
-                  : "the kernel-bridge daemon on " + socket_path_ + " ended the connection without a "
-                        "complete answer (" + ec.message() + "); is it shutting down?");
+    throw ControlUnreachable(timed_out ? "the kernel-bridge daemon on " + socket_path_ +
+                                             " did not answer within " +
+                                             std::to_string(timeout.count() / 1000) +
+                                             " s; is it overloaded or stuck? (see its log)"
+                                       : "the kernel-bridge daemon on " + socket_path_ +
+                                             " ended the connection without a "
+                                             "complete answer (" +
+                                             ec.message() + "); is it shutting down?");
   }
   auto res = parser.release();
   ControlResponse out;

@@ -12,7 +12,8 @@
 
 namespace kb::bridge {
 
-// The daemon could not be reached or did not answer in time. what() says which socket and what to do.
+// The daemon could not be reached or did not answer in time. what() says which socket and what to
+// do.
 struct ControlUnreachable : std::runtime_error {
   using std::runtime_error::runtime_error;
 };

@@ -405,7 +405,7 @@ std::optional<ApiError> parse_connection(const json& j, HubConnection& c) {
 json credentials_json(const std::string& user, const auth::CredentialsStore::Info& info) {
   const char* status = info.status == auth::CredentialsStore::Status::valid     ? "valid"
                        : info.status == auth::CredentialsStore::Status::expired ? "expired"
-                                                                          : "missing";
+                                                                                : "missing";
   return json{
       {"user", user},
       {"status", status},

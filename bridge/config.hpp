@@ -96,7 +96,7 @@ struct ApiConfig {
   std::chrono::seconds idle_timeout{120};  // between keep-alive requests
   std::size_t max_connections = 1024;      // per listener; the last 64 (or 1/8) kept for admins
   std::size_t max_connections_per_user = 64;  // per uid / token user; admins exempt
-  std::chrono::seconds max_wait{60};  // upper bound of a long poll (?wait=)
+  std::chrono::seconds max_wait{60};          // upper bound of a long poll (?wait=)
 };
 
 struct BridgeConfig {

@@ -35,8 +35,7 @@ std::optional<std::string> ConnectionLimits::admit_unix(Id id, uid_t uid, bool a
 
 std::vector<ConnectionLimits::Id> ConnectionLimits::admit_tcp(Id id) {
   std::vector<Id> drop;
-  if (tcp_authenticated_ + pending_.size() >= settings_.max_per_listener &&
-      pending_.size() == 0) {
+  if (tcp_authenticated_ + pending_.size() >= settings_.max_per_listener && pending_.size() == 0) {
     drop.push_back(id);  // full of authenticated connections: this one cannot be let in
     return drop;
   }
@@ -55,8 +54,8 @@ std::optional<std::string> ConnectionLimits::authenticated_tcp(Id id, const std:
   auto it = held_.find(id);
   if (it == held_.end() || it->second.kind != Held::Kind::tcp_pending) return std::nullopt;
   // This connection is counted already (as pending); it does not count against itself.
-  if (auto refusal = check(tcp_authenticated_, tcp_per_user_, user, "the token user " + user,
-                           admin, "TCP listener")) {
+  if (auto refusal = check(tcp_authenticated_, tcp_per_user_, user, "the token user " + user, admin,
+                           "TCP listener")) {
     return refusal;
   }
   pending_.erase(it->second.pending);

@@ -15,9 +15,9 @@
 #include <optional>
 #include <string>
 
+#include "auth/credentials_store.hpp"
 #include "bridge/api_forms.hpp"  // the JSON forms, e.g. format_time_utc and parse_time_utc
 #include "bridge/config.hpp"
-#include "auth/credentials_store.hpp"
 #include "bridge/kernel_service.hpp"
 #include "bridge/metrics.hpp"
 

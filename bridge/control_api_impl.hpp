@@ -25,10 +25,10 @@
 #include <variant>
 #include <vector>
 
+#include "auth/api_tokens.hpp"
 #include "bridge/api_forms.hpp"
 #include "bridge/connection_limits.hpp"
 #include "bridge/control_api.hpp"
-#include "auth/api_tokens.hpp"
 
 namespace kb::bridge {
 

@@ -4,8 +4,8 @@
 // lifecycle_admit.cpp (create), lifecycle_job.cpp (UNICORE), lifecycle_link.cpp (the link).
 #include "bridge/lifecycle.hpp"
 
-#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 
 #include <algorithm>
 

@@ -24,8 +24,8 @@
 #include <variant>
 #include <vector>
 
-#include "bridge/config.hpp"
 #include "auth/credentials_store.hpp"
+#include "bridge/config.hpp"
 #include "bridge/job_script.hpp"
 #include "bridge/kernel_service.hpp"
 #include "bridge/lifecycle_backend.hpp"

@@ -6,8 +6,8 @@
 
 #include "bridge/metrics.hpp"
 #include "link/connection_file.hpp"
-#include "tunnel/hub_kernel.hpp"
 #include "ssh/connection.hpp"
+#include "tunnel/hub_kernel.hpp"
 #include "unicore/client.hpp"
 
 namespace kb::bridge {
@@ -256,8 +256,7 @@ class SshKernelLink final : public KernelLink {
     std::string via = login_host();
     connection->async_open_channel(
         agent.host, agent.port,
-        [this, weak, done = std::move(done), via](boost::system::error_code ec,
-                                                  std::string message,
+        [this, weak, done = std::move(done), via](boost::system::error_code ec, std::string message,
                                                   tunnel::ByteTransportPtr transport) {
           auto shared = weak.lock();
           if (!shared) return;

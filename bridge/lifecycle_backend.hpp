@@ -20,8 +20,8 @@
 #include "auth/secret.hpp"
 #include "bridge/config.hpp"
 #include "bridge/kernel_service.hpp"
-#include "tunnel/hub_kernel.hpp"
 #include "ssh/connection.hpp"
+#include "tunnel/hub_kernel.hpp"
 #include "unicore/credentials.hpp"
 #include "unicore/job_description.hpp"
 #include "unicore/replies.hpp"
@@ -59,9 +59,8 @@ class JobBackend {
   // A small file of the job's working directory (the agent's discovery file).
   virtual void download(const Credentials& creds, const std::string& storage,
                         const std::string& path, Callback<std::string> done) = 0;
-  virtual void upload(const Credentials& creds, const std::string& storage,
-                      const std::string& path, std::string bytes,
-                      Callback<unicore::Done> done) = 0;
+  virtual void upload(const Credentials& creds, const std::string& storage, const std::string& path,
+                      std::string bytes, Callback<unicore::Done> done) = 0;
   virtual void abort(const Credentials& creds, const std::string& job,
                      Callback<unicore::Done> done) = 0;
   // The storage URL of a job's working directory.
@@ -77,7 +76,7 @@ std::unique_ptr<JobBackend> make_unicore_backend(boost::asio::io_context& io,
 
 // Where the agent listens, from its discovery file, and how the bridge reaches it.
 struct AgentAddress {
-  std::string host;      // address as seen from the login host (the direct-tcpip target)
+  std::string host;  // address as seen from the login host (the direct-tcpip target)
   std::uint16_t port = 0;
   std::string hostname;  // the compute node's name (for people)
 };
@@ -91,17 +90,16 @@ struct SshRefused {
 };
 
 // What a KernelLink reports: tunnel::HubKernel's events as it reports them, plus SshRefused.
-using LinkEvent =
-    std::variant<tunnel::hub_event::Listening, tunnel::hub_event::LinkUp,
-                 tunnel::hub_event::LinkDown, tunnel::hub_event::KernelStarted,
-                 tunnel::hub_event::KernelExited, tunnel::hub_event::AgentTerminating,
-                 tunnel::hub_event::Error, tunnel::hub_event::Closed, SshRefused>;
+using LinkEvent = std::variant<tunnel::hub_event::Listening, tunnel::hub_event::LinkUp,
+                               tunnel::hub_event::LinkDown, tunnel::hub_event::KernelStarted,
+                               tunnel::hub_event::KernelExited, tunnel::hub_event::AgentTerminating,
+                               tunnel::hub_event::Error, tunnel::hub_event::Closed, SshRefused>;
 using LinkEventSink = std::function<void(const LinkEvent& event)>;
 
 struct LinkSpec {
-  std::string kernel_id;       // for logs
+  std::string kernel_id;  // for logs
   const SiteConfig* site = nullptr;
-  HubConnection connection;    // hub-side endpoints and the Jupyter key
+  HubConnection connection;  // hub-side endpoints and the Jupyter key
   kb::auth::LinkSecret secret;
 };
 

@@ -1,8 +1,8 @@
 // The job side of the kernel lifecycle: submitting the job, the agent's stage-in and the job's
 // start, watching the job, finding the agent through its discovery file (also with a refused
 // token), the job's end, and what a failed UNICORE call ends a kernel with.
-#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 
 #include <algorithm>
 #include <cctype>

@@ -1,8 +1,8 @@
 // The link side of the kernel lifecycle: what the hub-side link reports (up, down, kernel started
 // or exited, agent terminating, SSH refused, closed) turned into kernel states, progress lines and
 // ends, and the link's traffic counted into the metrics.
-#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_state.hpp"

@@ -126,17 +126,17 @@ struct BridgeMetrics {
   explicit BridgeMetrics(MetricsRegistry& registry);
 
   MetricsRegistry& registry;
-  GaugeFamily& kernels;              // kb_kernels{state}: set by a collector from the service
-  CounterFamily& channel_bytes;      // kb_channel_bytes_total{channel,direction}
-                                     //   channel: shell|iopub|stdin|control|hb,
-                                     //   direction: to_kernel|from_kernel
-  CounterFamily& link_reconnects;    // kb_link_reconnects_total{site}
-  HistogramFamily& unicore_latency;  // kb_unicore_request_duration_seconds{site,method}
-  CounterFamily& unicore_errors;     // kb_unicore_request_errors_total{site,kind}
-  CounterFamily& api_requests;       // kb_api_requests_total{method,route,code}
+  GaugeFamily& kernels;                    // kb_kernels{state}: set by a collector from the service
+  CounterFamily& channel_bytes;            // kb_channel_bytes_total{channel,direction}
+                                           //   channel: shell|iopub|stdin|control|hb,
+                                           //   direction: to_kernel|from_kernel
+  CounterFamily& link_reconnects;          // kb_link_reconnects_total{site}
+  HistogramFamily& unicore_latency;        // kb_unicore_request_duration_seconds{site,method}
+  CounterFamily& unicore_errors;           // kb_unicore_request_errors_total{site,kind}
+  CounterFamily& api_requests;             // kb_api_requests_total{method,route,code}
   CounterFamily& api_connections_refused;  // kb_api_connections_refused_total (limits)
   CounterFamily& api_internal_errors;      // kb_api_internal_errors_total (500s, handler faults)
-  GaugeFamily& up_since;             // kb_start_time_seconds (unix time)
+  GaugeFamily& up_since;                   // kb_start_time_seconds (unix time)
 };
 
 }  // namespace kb::bridge

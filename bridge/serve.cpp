@@ -1,9 +1,9 @@
 #include "bridge/serve.hpp"
 
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/signal_set.hpp>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
 
 #include <csignal>
 #include <cstdio>
@@ -13,9 +13,9 @@
 #include <memory>
 #include <sstream>
 
+#include "auth/credentials_store.hpp"
 #include "bridge/config.hpp"
 #include "bridge/control_api.hpp"
-#include "auth/credentials_store.hpp"
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
@@ -54,9 +54,10 @@ void raise_descriptor_limit(const BridgeConfig& config) {
   }
   const rlim_t needed = 2 * config.api.max_connections + 256;
   if (limit.rlim_cur < needed) {
-    spdlog::warn("the open-file limit ({}) is below what api.max_connections needs for both "
-                 "listeners ({}); raise LimitNOFILE",
-                 limit.rlim_cur, needed);
+    spdlog::warn(
+        "the open-file limit ({}) is below what api.max_connections needs for both "
+        "listeners ({}); raise LimitNOFILE",
+        limit.rlim_cur, needed);
   }
 }
 
@@ -82,7 +83,11 @@ class SignalHandler {
  public:
   SignalHandler(boost::asio::io_context& io, ControlApi& api, KernelLifecycle& lifecycle,
                 tunnel::SshConnectionPool& pool)
-      : io_(io), api_(api), lifecycle_(lifecycle), pool_(pool), signals_(io, SIGTERM, SIGINT, SIGHUP) {
+      : io_(io),
+        api_(api),
+        lifecycle_(lifecycle),
+        pool_(pool),
+        signals_(io, SIGTERM, SIGINT, SIGHUP) {
     wait();
   }
 
@@ -185,9 +190,9 @@ int run_serve(const ServeOptions& options) {
     return 2;
   }
 
-  auto lifecycle = std::make_unique<KernelLifecycle>(io, config, credentials, &metrics, backends,
-                                                     make_ssh_link_factory(io, pool),
-                                                     lifecycle_options);
+  auto lifecycle =
+      std::make_unique<KernelLifecycle>(io, config, credentials, &metrics, backends,
+                                        make_ssh_link_factory(io, pool), lifecycle_options);
   auto api = std::make_unique<ControlApi>(io, config, *lifecycle, credentials, metrics);
   try {
     api->start();

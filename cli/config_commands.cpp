@@ -3,8 +3,8 @@
 #include <cstdio>
 #include <string>
 
-#include "cli/commands.hpp"
 #include "bridge/config.hpp"
+#include "cli/commands.hpp"
 
 namespace kb::bridge {
 

@@ -27,13 +27,19 @@ using nlohmann::json;
 struct Report {
   std::ostream& out;
   int failed = 0;
-  void pass(const std::string& what, const std::string& detail) { out << "PASS  " << what << ": " << detail << "\n"; }
+  void pass(const std::string& what, const std::string& detail) {
+    out << "PASS  " << what << ": " << detail << "\n";
+  }
   void fail(const std::string& what, const std::string& detail, const std::string& todo) {
     ++failed;
     out << "FAIL  " << what << ": " << detail << "\n      → " << todo << "\n";
   }
-  void skip(const std::string& what, const std::string& why) { out << "SKIP  " << what << ": " << why << "\n"; }
-  void warn(const std::string& what, const std::string& detail) { out << "WARN  " << what << ": " << detail << "\n"; }
+  void skip(const std::string& what, const std::string& why) {
+    out << "SKIP  " << what << ": " << why << "\n";
+  }
+  void warn(const std::string& what, const std::string& detail) {
+    out << "WARN  " << what << ": " << detail << "\n";
+  }
 };
 
 // One request on a private event loop: the CLI may block, the engine itself never does.
@@ -46,8 +52,8 @@ unicore::HttpResponse fetch(unicore::HttpRequest request) {
   return out;
 }
 
-unicore::HttpRequest base_request(const SiteConfig& site, const std::string& url, const std::string& token,
-                                  int timeout_seconds) {
+unicore::HttpRequest base_request(const SiteConfig& site, const std::string& url,
+                                  const std::string& token, int timeout_seconds) {
   unicore::HttpRequest r;
   r.url = url;
   r.headers = {"Accept: application/json"};
@@ -65,7 +71,8 @@ std::string read_token(const DoctorOptions& options, std::string* source) {
     try {
       token = read_small_file(options.token_file, 1024 * 1024);
     } catch (const FileReadError& e) {
-      throw std::runtime_error("cannot read the token file " + options.token_file + ": " + e.reason());
+      throw std::runtime_error("cannot read the token file " + options.token_file + ": " +
+                               e.reason());
     }
     token = token.substr(0, token.find('\n'));
     while (!token.empty() && (token.back() == '\r' || token.back() == ' ')) token.pop_back();
@@ -87,14 +94,21 @@ std::string error_of(const unicore::HttpResponse& r) {
   return "HTTP " + std::to_string(r.status);
 }
 
-void check_unicore(const SiteConfig& site, const std::string& token, const std::string& token_source,
-                   const DoctorOptions& options, Report& report, bool* token_ok) {
+void check_unicore(const SiteConfig& site, const std::string& token,
+                   const std::string& token_source, const DoctorOptions& options, Report& report,
+                   bool* token_ok) {
   const std::string what = "site " + site.name + ": UNICORE " + site.unicore_url;
   auto anon = fetch(base_request(site, site.unicore_url, "", options.timeout_seconds));
   if (anon.error != unicore::TransportError::none) {
-    std::string todo = "check unicore_url in " + options.config_file + " and that this host reaches the server";
-    if (anon.error == unicore::TransportError::tls) todo = "check ca_file (the CA that signed the server's certificate) or the server's certificate";
-    report.fail(what, std::string("not reachable (") + unicore::to_string(anon.error) + ": " + anon.error_message + ")", todo);
+    std::string todo =
+        "check unicore_url in " + options.config_file + " and that this host reaches the server";
+    if (anon.error == unicore::TransportError::tls)
+      todo =
+          "check ca_file (the CA that signed the server's certificate) or the server's certificate";
+    report.fail(what,
+                std::string("not reachable (") + unicore::to_string(anon.error) + ": " +
+                    anon.error_message + ")",
+                todo);
     return;
   }
   json info = json::parse(anon.body, nullptr, false);
@@ -107,26 +121,35 @@ void check_unicore(const SiteConfig& site, const std::string& token, const std::
   report.pass(what, "reachable, UNICORE " + version);
   const std::string cwhat = "site " + site.name + ": UNICORE credentials";
   if (token.empty()) {
-    report.skip(cwhat, "no token given; pass --token-file FILE (or set KERNEL_BRIDGE_UNICORE_TOKEN) with a user's access token");
+    report.skip(cwhat,
+                "no token given; pass --token-file FILE (or set KERNEL_BRIDGE_UNICORE_TOKEN) with "
+                "a user's access token");
     return;
   }
   auto authed = fetch(base_request(site, site.unicore_url, token, options.timeout_seconds));
   json me = json::parse(authed.body, nullptr, false);
   if (authed.error != unicore::TransportError::none || authed.status != 200 || !me.is_object()) {
-    report.fail(cwhat, "the token from " + token_source + " was refused (" +
-                           (authed.error != unicore::TransportError::none ? authed.error_message : error_of(authed)) + ")",
-                "get a fresh access token; in production the JupyterHub hook pushes it (docs/operations.md)");
+    report.fail(cwhat,
+                "the token from " + token_source + " was refused (" +
+                    (authed.error != unicore::TransportError::none ? authed.error_message
+                                                                   : error_of(authed)) +
+                    ")",
+                "get a fresh access token; in production the JupyterHub hook pushes it "
+                "(docs/operations.md)");
     return;
   }
   std::string role, uid;
   if (me.contains("client") && me["client"].is_object()) {
     const json& c = me["client"];
-    if (c.contains("role") && c["role"].is_object()) role = c["role"].value("selected", std::string());
-    if (c.contains("xlogin") && c["xlogin"].is_object()) uid = c["xlogin"].value("UID", std::string());
+    if (c.contains("role") && c["role"].is_object())
+      role = c["role"].value("selected", std::string());
+    if (c.contains("xlogin") && c["xlogin"].is_object())
+      uid = c["xlogin"].value("UID", std::string());
   }
   if (role.empty() || role == "anonymous") {
-    report.fail(cwhat, "the token from " + token_source + " was not accepted (role: anonymous)",
-                "the token is not valid for this server; get one from the site's identity provider");
+    report.fail(
+        cwhat, "the token from " + token_source + " was not accepted (role: anonymous)",
+        "the token is not valid for this server; get one from the site's identity provider");
     return;
   }
   *token_ok = true;
@@ -155,19 +178,29 @@ void check_ssh(const SiteConfig& site, const DoctorOptions& options, Report& rep
     io.run_for(std::chrono::seconds(options.timeout_seconds + 5));
     using S = tunnel::SshConnection::State;
     if (final_state == S::connected) {
-      report.pass(what, "host key matches " + site.known_hosts + ", service key " + site.ssh_identity + " accepted");
+      report.pass(what, "host key matches " + site.known_hosts + ", service key " +
+                            site.ssh_identity + " accepted");
     } else {
       if (reason.empty()) reason = conn->last_error();
-      if (reason.empty()) reason = "no answer within " + std::to_string(options.timeout_seconds) + " s";
-      std::string todo = "check that the login host is reachable from here (address, port, firewall)";
-      if (reason.find("host key") != std::string::npos || reason.find("known_hosts") != std::string::npos) {
-        todo = "verify the login host's key with the site (ssh-keyscan + fingerprint from the site's docs) and fix " + site.known_hosts;
-      } else if (reason.find("denied") != std::string::npos || reason.find("auth") != std::string::npos ||
+      if (reason.empty())
+        reason = "no answer within " + std::to_string(options.timeout_seconds) + " s";
+      std::string todo =
+          "check that the login host is reachable from here (address, port, firewall)";
+      if (reason.find("host key") != std::string::npos ||
+          reason.find("known_hosts") != std::string::npos) {
+        todo =
+            "verify the login host's key with the site (ssh-keyscan + fingerprint from the site's "
+            "docs) and fix " +
+            site.known_hosts;
+      } else if (reason.find("denied") != std::string::npos ||
+                 reason.find("auth") != std::string::npos ||
                  reason.find("refused the key") != std::string::npos) {
         todo = "ask the site to authorize the service key (" + site.ssh_identity +
-               ".pub) as restrict,port-forwarding,permitopen=\"<compute nodes>:*\" for " + site.ssh_user;
+               ".pub) as restrict,port-forwarding,permitopen=\"<compute nodes>:*\" for " +
+               site.ssh_user;
       } else if (reason.find("identity") != std::string::npos) {
-        todo = "ssh_identity must be an unencrypted OpenSSH private key readable by the bridge (0600)";
+        todo =
+            "ssh_identity must be an unencrypted OpenSSH private key readable by the bridge (0600)";
       }
       report.fail(what, reason, todo);
     }
@@ -177,8 +210,8 @@ void check_ssh(const SiteConfig& site, const DoctorOptions& options, Report& rep
   }
 }
 
-void check_agent(const SiteConfig& site, const std::string& token, bool token_ok, const DoctorOptions& options,
-                 Report& report) {
+void check_agent(const SiteConfig& site, const std::string& token, bool token_ok,
+                 const DoctorOptions& options, Report& report) {
   const std::string what = "site " + site.name + ": agent";
   if (site.agent.mode == AgentConfig::Mode::upload) {
     if (::access(site.agent.path.c_str(), X_OK) == 0) {
@@ -190,7 +223,8 @@ void check_agent(const SiteConfig& site, const std::string& token, bool token_ok
     return;
   }
   if (!token_ok) {
-    report.skip(what, "installed at " + site.agent.path + "; checking it needs a valid UNICORE token (--token-file)");
+    report.skip(what, "installed at " + site.agent.path +
+                          "; checking it needs a valid UNICORE token (--token-file)");
     return;
   }
   // A short job on the login node tests the path on the site's shared file system (the compute
@@ -208,22 +242,27 @@ void check_agent(const SiteConfig& site, const std::string& token, bool token_ok
   auto created = fetch(submit);
   const std::string* location = created.header("location");
   if (created.error != unicore::TransportError::none || created.status != 201 || !location) {
-    report.fail(what, "could not submit the check job (" +
-                          (created.error != unicore::TransportError::none ? created.error_message : error_of(created)) + ")",
+    report.fail(what,
+                "could not submit the check job (" +
+                    (created.error != unicore::TransportError::none ? created.error_message
+                                                                    : error_of(created)) +
+                    ")",
                 "see the UNICORE server's log; the bridge submits the same way");
     return;
   }
   const std::string job_url = *location;
   std::string status, message;
   std::string exit_code;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(options.timeout_seconds * 3);
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(options.timeout_seconds * 3);
   while (std::chrono::steady_clock::now() < deadline) {
     auto r = fetch(base_request(site, job_url, token, options.timeout_seconds));
     json j = json::parse(r.body, nullptr, false);
     if (r.status == 200 && j.is_object()) {
       status = j.value("status", std::string());
       message = j.value("statusMessage", std::string());
-      if (j.contains("exitCode") && j["exitCode"].is_string()) exit_code = j["exitCode"].get<std::string>();
+      if (j.contains("exitCode") && j["exitCode"].is_string())
+        exit_code = j["exitCode"].get<std::string>();
       if (status == "SUCCESSFUL" || status == "FAILED") break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
@@ -234,12 +273,16 @@ void check_agent(const SiteConfig& site, const std::string& token, bool token_ok
   if (status == "SUCCESSFUL") {
     report.pass(what, site.agent.path + " is executable on the site (checked by a login-node job)");
   } else if (status == "FAILED") {
-    report.fail(what, site.agent.path + " is not executable on the site (test -x failed" +
-                          (exit_code.empty() ? "" : ", exit code " + exit_code) + ")",
-                "install kernel-bridge on the site at that path, or use agent = { mode = \"upload\" }");
+    report.fail(
+        what,
+        site.agent.path + " is not executable on the site (test -x failed" +
+            (exit_code.empty() ? "" : ", exit code " + exit_code) + ")",
+        "install kernel-bridge on the site at that path, or use agent = { mode = \"upload\" }");
   } else {
-    report.fail(what, "the check job did not finish (last status " + (status.empty() ? "unknown" : status) + ")",
-                "the site's login-node jobs are slow or stuck; check UNICORE's TSI");
+    report.fail(
+        what,
+        "the check job did not finish (last status " + (status.empty() ? "unknown" : status) + ")",
+        "the site's login-node jobs are slow or stuck; check UNICORE's TSI");
   }
 }
 
@@ -252,19 +295,23 @@ int run_doctor(const DoctorOptions& options, std::ostream& out) {
     config = load_config(options.config_file);
     report.pass("config " + config.file, std::to_string(config.sites.size()) + " site(s), valid");
   } catch (const ConfigError& e) {
-    report.fail("config " + options.config_file, e.what(), "fix the file (docs/configuration.md describes every key)");
+    report.fail("config " + options.config_file, e.what(),
+                "fix the file (docs/configuration.md describes every key)");
     return report.failed;
   } catch (const std::exception& e) {
-    report.fail("config " + options.config_file, e.what(), "fix the file (docs/configuration.md describes every key)");
+    report.fail("config " + options.config_file, e.what(),
+                "fix the file (docs/configuration.md describes every key)");
     return report.failed;
   }
 
   const std::string socket = !options.socket.empty() ? options.socket : config.api.unix_socket;
   if (!socket.empty()) {
     try {
-      auto res = ControlClient(socket).request("GET", "/v1/health", nullptr, std::chrono::seconds(10));
+      auto res =
+          ControlClient(socket).request("GET", "/v1/health", nullptr, std::chrono::seconds(10));
       if (res.ok() && res.body.is_object()) {
-        report.pass("daemon on " + socket, "answers, status " + res.body.value("status", std::string("?")));
+        report.pass("daemon on " + socket,
+                    "answers, status " + res.body.value("status", std::string("?")));
       } else {
         report.warn("daemon on " + socket, res.error_message());
       }
@@ -293,10 +340,12 @@ int run_doctor(const DoctorOptions& options, std::ostream& out) {
     std::vector<std::string> names;
     for (const auto& s : config.sites) names.push_back(s.name);
     std::string guess = closest_match(options.site, names);
-    report.fail("site " + options.site, "not in " + config.file,
-                guess.empty() ? "use one of the configured [[site]] names" : "did you mean " + guess + "?");
+    report.fail(
+        "site " + options.site, "not in " + config.file,
+        guess.empty() ? "use one of the configured [[site]] names" : "did you mean " + guess + "?");
   }
-  out << (report.failed ? std::to_string(report.failed) + " check(s) failed\n" : "all checks passed\n");
+  out << (report.failed ? std::to_string(report.failed) + " check(s) failed\n"
+                        : "all checks passed\n");
   return report.failed;
 }
 

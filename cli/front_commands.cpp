@@ -24,17 +24,23 @@ using nlohmann::json;
 
 // Resource options as typed on the command line; turned into a WrapperRequest after parsing.
 struct ResourceOptions {
-  std::string socket, site, kernel, kernel_argv, queue, runtime, project, reservation, qos, memory, name;
+  std::string socket, site, kernel, kernel_argv, queue, runtime, project, reservation, qos, memory,
+      name;
   int nodes = 0, gpus = -1, lease = 0;
-  CLI::Option *kernel_opt = nullptr, *nodes_opt = nullptr, *gpus_opt = nullptr, *lease_opt = nullptr;
+  CLI::Option *kernel_opt = nullptr, *nodes_opt = nullptr, *gpus_opt = nullptr,
+              *lease_opt = nullptr;
 
   void add_to(CLI::App& cmd, bool with_label = true) {
     cmd.add_option("--socket", socket,
-                   "the daemon's control socket (default $KERNEL_BRIDGE_SOCKET or /run/kernel-bridge/api.sock)");
+                   "the daemon's control socket (default $KERNEL_BRIDGE_SOCKET or "
+                   "/run/kernel-bridge/api.sock)");
     cmd.add_option("--site", site, "the [[site]] name in the bridge's configuration")->required();
-    kernel_opt = cmd.add_option("--kernel", kernel, "a kernel named in the site's [site.kernels] (default: the site's default_kernel)");
+    kernel_opt = cmd.add_option(
+        "--kernel", kernel,
+        "a kernel named in the site's [site.kernels] (default: the site's default_kernel)");
     cmd.add_option("--kernel-argv", kernel_argv,
-                   "the kernel's command line on the compute node, with {connection_file}: words, or a JSON array");
+                   "the kernel's command line on the compute node, with {connection_file}: words, "
+                   "or a JSON array");
     cmd.add_option("--partition,--queue", queue, "batch partition (UNICORE queue)");
     nodes_opt = cmd.add_option("--nodes", nodes, "number of nodes")->check(CLI::Range(1, 100000));
     gpus_opt = cmd.add_option("--gpus", gpus, "GPUs per node")->check(CLI::Range(0, 1024));
@@ -45,11 +51,13 @@ struct ResourceOptions {
     cmd.add_option("--memory", memory, "memory per node, e.g. 16G");
     // kernelspec install has its own --name (the kernelspec's); its kernels are labelled with it.
     if (with_label) cmd.add_option("--name", name, "a label shown by `kernel-bridge list`");
-    lease_opt = cmd.add_option("--lease", lease,
-                               "seconds without a word from the wrapper after which the daemon shuts the kernel "
-                               "down, so that a killed wrapper leaves no job behind (default " +
-                                   std::to_string(kDefaultWrapperLease) + ")")
-                    ->check(CLI::Range(5, 86400));
+    lease_opt =
+        cmd.add_option(
+               "--lease", lease,
+               "seconds without a word from the wrapper after which the daemon shuts the kernel "
+               "down, so that a killed wrapper leaves no job behind (default " +
+                   std::to_string(kDefaultWrapperLease) + ")")
+            ->check(CLI::Range(5, 86400));
   }
 
   WrapperRequest request() const {
@@ -112,8 +120,9 @@ void print_table(const std::vector<std::vector<std::string>>& rows) {
   }
 }
 
-ControlResponse call(const std::string& socket, const std::string& method, const std::string& target,
-                     const json* body = nullptr, std::chrono::seconds timeout = std::chrono::seconds(30)) {
+ControlResponse call(const std::string& socket, const std::string& method,
+                     const std::string& target, const json* body = nullptr,
+                     std::chrono::seconds timeout = std::chrono::seconds(30)) {
   try {
     return ControlClient(socket.empty() ? ControlClient::default_socket() : socket)
         .request(method, target, body, timeout);
@@ -142,30 +151,35 @@ void print_status(const json& k) {
   if (k.contains("resources") && k["resources"].is_object() && !k["resources"].empty()) {
     std::string r;
     for (auto it = k["resources"].begin(); it != k["resources"].end(); ++it) {
-      r += (r.empty() ? "" : ", ") + it.key() + "=" + (it->is_string() ? it->get<std::string>() : it->dump());
+      r += (r.empty() ? "" : ", ") + it.key() + "=" +
+           (it->is_string() ? it->get<std::string>() : it->dump());
     }
     line("resources", r);
   }
   if (k.contains("kernel_argv") && k["kernel_argv"].is_array()) {
     std::string a;
-    for (const auto& w : k["kernel_argv"]) a += (a.empty() ? "" : " ") + (w.is_string() ? w.get<std::string>() : w.dump());
+    for (const auto& w : k["kernel_argv"])
+      a += (a.empty() ? "" : " ") + (w.is_string() ? w.get<std::string>() : w.dump());
     line("kernel argv", a);
   }
   if (k.contains("connection") && k["connection"].is_object()) {
     const json& c = k["connection"];
-    line("endpoints", s(c, "ip") + " shell " + s(c, "shell_port") + ", iopub " + s(c, "iopub_port") + ", stdin " +
-                          s(c, "stdin_port") + ", control " + s(c, "control_port") + ", hb " + s(c, "hb_port"));
+    line("endpoints", s(c, "ip") + " shell " + s(c, "shell_port") + ", iopub " +
+                          s(c, "iopub_port") + ", stdin " + s(c, "stdin_port") + ", control " +
+                          s(c, "control_port") + ", hb " + s(c, "hb_port"));
   }
   line("restarts", s(k, "restarts"));
   line("link reconnects", s(k, "link_reconnects"));
   line("created", s(k, "created_at"));
   if (k.contains("history") && k["history"].is_array()) {
     std::cout << "history:\n";
-    for (const auto& h : k["history"]) std::cout << "  " << s(h, "at") << "  " << s(h, "state") << "\n";
+    for (const auto& h : k["history"])
+      std::cout << "  " << s(h, "at") << "  " << s(h, "state") << "\n";
   }
   if (k.contains("progress") && k["progress"].is_array() && !k["progress"].empty()) {
     std::cout << "progress:\n";
-    for (const auto& p : k["progress"]) std::cout << "  " << s(p, "at") << "  " << s(p, "message") << "\n";
+    for (const auto& p : k["progress"])
+      std::cout << "  " << s(p, "at") << "  " << s(p, "message") << "\n";
   }
 }
 
@@ -178,8 +192,10 @@ void add_front_commands(CLI::App& app) {
     auto file = std::make_shared<std::string>();
     auto* cmd = app.add_subcommand(
         "kernel",
-        "Run a remote kernel for Jupyter (used as a kernelspec's argv): reads Jupyter's connection file, "
-        "asks the daemon for the kernel on exactly those ports with that key, reports progress on stderr, "
+        "Run a remote kernel for Jupyter (used as a kernelspec's argv): reads Jupyter's connection "
+        "file, "
+        "asks the daemon for the kernel on exactly those ports with that key, reports progress on "
+        "stderr, "
         "lives as long as the kernel. SIGINT interrupts it, SIGTERM shuts it down.");
     opts->add_to(*cmd);
     cmd->add_option("connection_file", *file, "Jupyter's connection file")->required();
@@ -197,22 +213,29 @@ void add_front_commands(CLI::App& app) {
 
   // --- kernelspec install ------------------------------------------------------------------------
   {
-    auto* ks = app.add_subcommand("kernelspec", "Manage Jupyter kernelspecs that run kernels through kernel-bridge");
+    auto* ks = app.add_subcommand(
+        "kernelspec", "Manage Jupyter kernelspecs that run kernels through kernel-bridge");
     ks->require_subcommand(1);
     auto opts = std::make_shared<ResourceOptions>();
     auto spec = std::make_shared<KernelspecInstall>();
     auto user = std::make_shared<bool>(false);
-    auto* install = ks->add_subcommand(
-        "install", "Write <jupyter data dir>/kernels/NAME/kernel.json whose argv runs `kernel-bridge kernel …`");
-    install->add_option("--name", spec->name, "kernel name (letters, digits, '.', '_', '-')")->required();
+    auto* install = ks->add_subcommand("install",
+                                       "Write <jupyter data dir>/kernels/NAME/kernel.json whose "
+                                       "argv runs `kernel-bridge kernel …`");
+    install->add_option("--name", spec->name, "kernel name (letters, digits, '.', '_', '-')")
+        ->required();
     install->add_option("--display-name", spec->display_name, "name shown in Jupyter's launcher");
-    install->add_option("--language", spec->language, "the kernel's language")->capture_default_str();
+    install->add_option("--language", spec->language, "the kernel's language")
+        ->capture_default_str();
     install->add_option("--executable", spec->executable,
                         "kernel-bridge's path in argv (default: this executable)");
-    auto* u = install->add_flag("--user", *user, "install into your Jupyter data dir (the default)");
-    auto* p = install->add_option("--prefix", spec->prefix, "install into PREFIX/share/jupyter/kernels");
-    auto* j = install->add_option("--jupyter-path", spec->jupyter_path,
-                                  "install into DIR/kernels (DIR is a Jupyter data dir, as listed in JUPYTER_PATH)");
+    auto* u =
+        install->add_flag("--user", *user, "install into your Jupyter data dir (the default)");
+    auto* p =
+        install->add_option("--prefix", spec->prefix, "install into PREFIX/share/jupyter/kernels");
+    auto* j = install->add_option(
+        "--jupyter-path", spec->jupyter_path,
+        "install into DIR/kernels (DIR is a Jupyter data dir, as listed in JUPYTER_PATH)");
     u->excludes(p)->excludes(j);
     p->excludes(j);
     opts->add_to(*install, /*with_label=*/false);
@@ -222,14 +245,16 @@ void add_front_commands(CLI::App& app) {
         s.request = opts->request();
         s.request.name = validate_kernel_name(s.name);
         const std::string dir = install_kernelspec(s);
-        std::cout << "Installed kernelspec " << validate_kernel_name(s.name) << " in " << dir << "\n";
+        std::cout << "Installed kernelspec " << validate_kernel_name(s.name) << " in " << dir
+                  << "\n";
       } catch (const KernelspecError& e) {
         fail(e.what(), 2);
       }
     });
   }
 
-  // --- list ---------------------------------------------------------------------------------------
+  // --- list
+  // ---------------------------------------------------------------------------------------
   {
     auto socket = std::make_shared<std::string>();
     auto as_json = std::make_shared<bool>(false);
@@ -241,10 +266,12 @@ void add_front_commands(CLI::App& app) {
     cmd->callback([socket, as_json, all] {
       auto res = call(*socket, "GET", "/v1/kernels");
       if (!res.ok()) fail(res.error_message());
-      json kernels = res.body.is_object() && res.body.contains("kernels") ? res.body["kernels"] : json::array();
+      json kernels = res.body.is_object() && res.body.contains("kernels") ? res.body["kernels"]
+                                                                          : json::array();
       if (!*all) {
         json live = json::array();
-        for (const auto& k : kernels) if (s(k, "state") != "ended") live.push_back(k);
+        for (const auto& k : kernels)
+          if (s(k, "state") != "ended") live.push_back(k);
         kernels = live;
       }
       if (*as_json) {
@@ -255,57 +282,71 @@ void add_front_commands(CLI::App& app) {
         std::cout << (*all ? "no kernels\n" : "no running kernels (--all shows ended ones)\n");
         return;
       }
-      std::vector<std::vector<std::string>> rows{{"ID", "OWNER", "SITE", "STATE", "SINCE", "JOB", "NODE", "NAME", "REASON"}};
+      std::vector<std::vector<std::string>> rows{
+          {"ID", "OWNER", "SITE", "STATE", "SINCE", "JOB", "NODE", "NAME", "REASON"}};
       for (const auto& k : kernels) {
-        rows.push_back({s(k, "id"), s(k, "owner"), s(k, "site"), s(k, "state"), since_of(k), job_of(k), s(k, "node"),
-                        s(k, "name"), s(k, "state") == "ended" ? s(k, "reason") : ""});
+        rows.push_back({s(k, "id"), s(k, "owner"), s(k, "site"), s(k, "state"), since_of(k),
+                        job_of(k), s(k, "node"), s(k, "name"),
+                        s(k, "state") == "ended" ? s(k, "reason") : ""});
       }
       print_table(rows);
     });
   }
 
-  // --- status ID ----------------------------------------------------------------------------------
+  // --- status ID
+  // ----------------------------------------------------------------------------------
   {
     auto socket = std::make_shared<std::string>();
     auto id = std::make_shared<std::string>();
     auto as_json = std::make_shared<bool>(false);
-    auto* cmd = app.add_subcommand("status", "Show one kernel: state, reason, job, node, walltime end, history");
+    auto* cmd = app.add_subcommand(
+        "status", "Show one kernel: state, reason, job, node, walltime end, history");
     cmd->add_option("--socket", *socket, "the daemon's control socket");
     cmd->add_flag("--json", *as_json, "print the API's JSON");
     cmd->add_option("id", *id, "kernel id (from `kernel-bridge list`)")->required();
     cmd->callback([socket, id, as_json] {
       auto res = call(*socket, "GET", "/v1/kernels/" + url_segment(*id));
-      if (res.status == 404) fail("no kernel " + *id + " (or it is not yours); `kernel-bridge list` shows yours");
+      if (res.status == 404)
+        fail("no kernel " + *id + " (or it is not yours); `kernel-bridge list` shows yours");
       if (!res.ok()) fail(res.error_message());
-      if (*as_json) std::cout << res.body.dump(2) << "\n";
-      else print_status(res.body);
+      if (*as_json)
+        std::cout << res.body.dump(2) << "\n";
+      else
+        print_status(res.body);
     });
   }
 
-  // --- stop ID ------------------------------------------------------------------------------------
+  // --- stop ID
+  // ------------------------------------------------------------------------------------
   {
     auto socket = std::make_shared<std::string>();
     auto id = std::make_shared<std::string>();
     auto no_wait = std::make_shared<bool>(false);
     auto as_json = std::make_shared<bool>(false);
     auto timeout = std::make_shared<int>(60);
-    auto* cmd = app.add_subcommand("stop", "Shut a kernel down in order (kernel, agent and job end)");
+    auto* cmd =
+        app.add_subcommand("stop", "Shut a kernel down in order (kernel, agent and job end)");
     cmd->add_option("--socket", *socket, "the daemon's control socket");
     cmd->add_flag("--no-wait", *no_wait, "return once the daemon accepted the shutdown");
     cmd->add_flag("--json", *as_json, "print the kernel's final JSON");
-    cmd->add_option("--timeout", *timeout, "seconds to wait for the kernel to end")->capture_default_str();
+    cmd->add_option("--timeout", *timeout, "seconds to wait for the kernel to end")
+        ->capture_default_str();
     cmd->add_option("id", *id, "kernel id (from `kernel-bridge list`)")->required();
     cmd->callback([socket, id, no_wait, as_json, timeout] {
       const std::string path = "/v1/kernels/" + url_segment(*id);
       auto res = call(*socket, "DELETE", path);
-      if (res.status == 404) fail("no kernel " + *id + " (or it is not yours); `kernel-bridge list` shows yours");
+      if (res.status == 404)
+        fail("no kernel " + *id + " (or it is not yours); `kernel-bridge list` shows yours");
       if (!res.ok()) fail(res.error_message());
       json view = res.body;
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(*timeout);
-      while (!*no_wait && s(view, "state") != "ended" && std::chrono::steady_clock::now() < deadline) {
-        auto left = std::chrono::duration_cast<std::chrono::seconds>(deadline - std::chrono::steady_clock::now());
+      while (!*no_wait && s(view, "state") != "ended" &&
+             std::chrono::steady_clock::now() < deadline) {
+        auto left = std::chrono::duration_cast<std::chrono::seconds>(
+            deadline - std::chrono::steady_clock::now());
         const long wait = std::max<long>(1, std::min<long>(left.count(), 30));
-        auto r = call(*socket, "GET", path + "?wait=" + std::to_string(wait) + "s&after=" + s(view, "version"),
+        auto r = call(*socket, "GET",
+                      path + "?wait=" + std::to_string(wait) + "s&after=" + s(view, "version"),
                       nullptr, std::chrono::seconds(wait + 15));
         if (!r.ok() || !r.body.is_object()) break;
         view = r.body;
@@ -322,19 +363,24 @@ void add_front_commands(CLI::App& app) {
     });
   }
 
-  // --- doctor -------------------------------------------------------------------------------------
+  // --- doctor
+  // -------------------------------------------------------------------------------------
   {
     auto options = std::make_shared<DoctorOptions>();
     auto* cmd = app.add_subcommand(
-        "doctor", "Check a deployment: configuration, UNICORE reachability and credentials, SSH host key and "
-                  "login, the agent on the site. One PASS/FAIL line per check; exit 1 if any failed.");
+        "doctor",
+        "Check a deployment: configuration, UNICORE reachability and credentials, SSH host key and "
+        "login, the agent on the site. One PASS/FAIL line per check; exit 1 if any failed.");
     cmd->add_option("--config", options->config_file, "the bridge's configuration file")
         ->default_val("/etc/kernel-bridge/kernel-bridge.toml");
     cmd->add_option("--site", options->site, "check only this site");
-    cmd->add_option("--token-file", options->token_file,
-                    "a file holding a user's UNICORE access token (or set KERNEL_BRIDGE_UNICORE_TOKEN)");
-    cmd->add_option("--socket", options->socket, "the daemon's socket to probe (default: the config's)");
-    cmd->add_option("--timeout", options->timeout_seconds, "seconds per network check")->capture_default_str();
+    cmd->add_option(
+        "--token-file", options->token_file,
+        "a file holding a user's UNICORE access token (or set KERNEL_BRIDGE_UNICORE_TOKEN)");
+    cmd->add_option("--socket", options->socket,
+                    "the daemon's socket to probe (default: the config's)");
+    cmd->add_option("--timeout", options->timeout_seconds, "seconds per network check")
+        ->capture_default_str();
     cmd->callback([options] {
       if (run_doctor(*options, std::cout) > 0) throw ExitStatus{1};
     });

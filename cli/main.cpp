@@ -11,12 +11,15 @@ namespace kb {
 namespace {
 GlobalOptions g_options;
 }
-const GlobalOptions& global_options() { return g_options; }
+const GlobalOptions& global_options() {
+  return g_options;
+}
 }  // namespace kb
 
 int main(int argc, char** argv) {
   CLI::App app{
-      "kernel-bridge runs Jupyter kernels on batch compute nodes: it submits the kernel's job through "
+      "kernel-bridge runs Jupyter kernels on batch compute nodes: it submits the kernel's job "
+      "through "
       "UNICORE and carries the kernel's five ZMQ channels over one SSH connection, so Jupyter "
       "clients use ordinary local endpoints.",
       "kernel-bridge"};

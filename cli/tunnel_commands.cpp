@@ -3,24 +3,24 @@
 // what only a command needs — connection files read and rewritten, events and stats as JSON lines
 // on stdout). The contract both follow is docs/agent.md and the CLI contract in the integration
 // tests (tests/integration).
+#include "agent/agent.hpp"
+#include "agent/kernel_process.hpp"
 #include "cli/commands.hpp"
 #include "common/overloaded.hpp"
-#include "agent/agent.hpp"
 #include "link/connection_file.hpp"
-#include "tunnel/hub_kernel.hpp"
-#include "agent/kernel_process.hpp"
 #include "ssh/connection.hpp"
+#include "tunnel/hub_kernel.hpp"
 
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <unistd.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/read_until.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/streambuf.hpp>
-#include <signal.h>
-#include <spdlog/spdlog.h>
-#include <sys/resource.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -124,8 +124,9 @@ void add_agent(CLI::App& app) {
       has_placeholder |= a.find("{connection_file}") != std::string::npos;
     }
     if (!has_placeholder) {
-      spdlog::warn("agent: the kernel command has no {{connection_file}}: the kernel will not "
-                   "know the ports and key the agent chose");
+      spdlog::warn(
+          "agent: the kernel command has no {{connection_file}}: the kernel will not "
+          "know the ports and key the agent chose");
     }
     ::signal(SIGPIPE, SIG_IGN);
     int code = run_agent(std::move(options));
@@ -167,7 +168,8 @@ KernelSpec parse_kernel_spec(const std::string& connection_file, const std::stri
   spec.secret_file = secret_file;
   spec.agent = agent;
   if (connection_file.empty() || agent.empty() || secret_file.empty()) {
-    usage_error("tunnel", where + ": needs a connection file, an agent HOST:PORT and a secret file");
+    usage_error("tunnel",
+                where + ": needs a connection file, an agent HOST:PORT and a secret file");
   }
   try {
     parse_listen_address(agent, spec.agent_host, spec.agent_port);
@@ -185,7 +187,8 @@ std::vector<KernelSpec> collect_kernels(const TunnelArgs& args) {
     auto first = k.find(',');
     auto last = k.rfind(',');
     if (first == std::string::npos || first == last) {
-      usage_error("tunnel", "--kernel " + k + ": expected CONNECTION_FILE,AGENT_HOST:PORT,SECRET_FILE");
+      usage_error("tunnel",
+                  "--kernel " + k + ": expected CONNECTION_FILE,AGENT_HOST:PORT,SECRET_FILE");
     }
     specs.push_back(parse_kernel_spec(k.substr(0, first), k.substr(first + 1, last - first - 1),
                                       k.substr(last + 1), "--kernel " + k));
@@ -210,8 +213,8 @@ std::vector<KernelSpec> collect_kernels(const TunnelArgs& args) {
         }
         return it->get<std::string>();
       };
-      specs.push_back(parse_kernel_spec(str("connection_file"), str("agent"), str("secret_file"),
-                                        where));
+      specs.push_back(
+          parse_kernel_spec(str("connection_file"), str("agent"), str("secret_file"), where));
     }
   }
   if (specs.empty()) usage_error("tunnel", "no kernels: give --kernel or --kernels-file");
@@ -243,41 +246,43 @@ void print_event(const nlohmann::json& event) {
 // the tunnel's output contract (tests/integration, bench/tunnel and the --help footer rely on it).
 nlohmann::json event_json(int kernel, const HubEvent& event) {
   namespace e = hub_event;
-  nlohmann::json j = std::visit(
-      kb::Overloaded{
-          [](const e::Listening& l) {
-            nlohmann::json ports = nlohmann::json::object();
-            for (ChannelKind kind : kAllChannelKinds) {
-              ports[to_string(kind)] = l.ports[static_cast<std::size_t>(kind)];
-            }
-            return nlohmann::json{{"event", "listening"}, {"ports", ports}};
-          },
-          [](const e::LinkUp&) { return nlohmann::json{{"event", "link_up"}}; },
-          [](const e::LinkDown& d) {
-            return nlohmann::json{{"event", "link_down"}, {"reason", d.reason}};
-          },
-          [](const e::KernelStarted& s) {
-            return nlohmann::json{
-                {"event", "kernel_started"}, {"pid", s.pid}, {"restart", s.restart}};
-          },
-          [](const e::KernelExited& x) {
-            return nlohmann::json{
-                {"event", "kernel_exited"},
-                {"code", x.code ? nlohmann::json(*x.code) : nlohmann::json()},
-                {"signal", x.signal ? nlohmann::json(ProcessExit::signal_name(*x.signal))
-                                    : nlohmann::json()}};
-          },
-          [](const e::AgentTerminating& t) {
-            return nlohmann::json{{"event", "agent_terminating"}, {"reason", t.reason}};
-          },
-          [](const e::Error& r) {
-            return nlohmann::json{{"event", "error"}, {"message", r.message}};
-          },
-          [](const e::Closed& c) {
-            return nlohmann::json{{"event", "closed"}, {"reason", c.reason}};
-          },
-      },
-      event);
+  nlohmann::json j =
+      std::visit(kb::Overloaded{
+                     [](const e::Listening& l) {
+                       nlohmann::json ports = nlohmann::json::object();
+                       for (ChannelKind kind : kAllChannelKinds) {
+                         ports[to_string(kind)] = l.ports[static_cast<std::size_t>(kind)];
+                       }
+                       return nlohmann::json{{"event", "listening"}, {"ports", ports}};
+                     },
+                     [](const e::LinkUp&) {
+                       return nlohmann::json{{"event", "link_up"}};
+                     },
+                     [](const e::LinkDown& d) {
+                       return nlohmann::json{{"event", "link_down"}, {"reason", d.reason}};
+                     },
+                     [](const e::KernelStarted& s) {
+                       return nlohmann::json{
+                           {"event", "kernel_started"}, {"pid", s.pid}, {"restart", s.restart}};
+                     },
+                     [](const e::KernelExited& x) {
+                       return nlohmann::json{
+                           {"event", "kernel_exited"},
+                           {"code", x.code ? nlohmann::json(*x.code) : nlohmann::json()},
+                           {"signal", x.signal ? nlohmann::json(ProcessExit::signal_name(*x.signal))
+                                               : nlohmann::json()}};
+                     },
+                     [](const e::AgentTerminating& t) {
+                       return nlohmann::json{{"event", "agent_terminating"}, {"reason", t.reason}};
+                     },
+                     [](const e::Error& r) {
+                       return nlohmann::json{{"event", "error"}, {"message", r.message}};
+                     },
+                     [](const e::Closed& c) {
+                       return nlohmann::json{{"event", "closed"}, {"reason", c.reason}};
+                     },
+                 },
+                 event);
   j["kernel"] = kernel;
   return j;
 }
@@ -316,9 +321,10 @@ ConnectionInfo read_hub_connection_file(const std::string& path, const std::stri
   auto address = asio::ip::make_address(bind, ec);
   if (!ec && !address.is_unspecified() && info.ip != bind &&
       !(info.ip == "localhost" && address.is_loopback())) {
-    spdlog::warn("tunnel: connection file {} says ip {} but the listeners bind {}: clients using "
-                 "the file may not reach them",
-                 path, info.ip, bind);
+    spdlog::warn(
+        "tunnel: connection file {} says ip {} but the listeners bind {}: clients using "
+        "the file may not reach them",
+        path, info.ip, bind);
   }
   return info;
 }
@@ -347,13 +353,18 @@ class TunnelRunner {
       ssh->on_state_change([this](SshConnection::State state, const std::string& reason) {
         const char* name = nullptr;
         switch (state) {
-          case SshConnection::State::connected: name = "connected"; break;
-          case SshConnection::State::reconnecting: name = "reconnecting"; break;
+          case SshConnection::State::connected:
+            name = "connected";
+            break;
+          case SshConnection::State::reconnecting:
+            name = "reconnecting";
+            break;
           case SshConnection::State::failed:
             name = "failed";
             ssh_failed_ = true;
             break;
-          default: break;
+          default:
+            break;
         }
         if (!name) return;
         nlohmann::json e = {{"event", "ssh"}, {"state", name}};
@@ -399,9 +410,9 @@ class TunnelRunner {
         o.connection = read_hub_connection_file(spec.connection_file, args_.bind);
         bool choose = false;
         for (auto port : o.connection.ports) choose |= port == 0;
-        kernel = HubKernel::create(
-            io_, std::move(o), std::move(provider),
-            [index](const HubEvent& e) { print_event(event_json(index, e)); });
+        kernel =
+            HubKernel::create(io_, std::move(o), std::move(provider),
+                              [index](const HubEvent& e) { print_event(event_json(index, e)); });
         const ConnectionInfo& bound = kernel->listen();
         // The file names the chosen ports before "listening" is printed: whoever reads that line
         // may read the file at once.
@@ -501,9 +512,12 @@ class TunnelRunner {
       nlohmann::json e = {{"event", "stats"}, {"kernels", kernels}};
       if (ssh_) {
         auto c = ssh_->counters();
-        e["ssh"] = {{"state", to_string(ssh_->state())}, {"bytes_in", c.bytes_in},
-                    {"bytes_out", c.bytes_out},         {"connects", c.connects},
-                    {"reconnects", c.reconnects},       {"channels_open", c.channels_open},
+        e["ssh"] = {{"state", to_string(ssh_->state())},
+                    {"bytes_in", c.bytes_in},
+                    {"bytes_out", c.bytes_out},
+                    {"connects", c.connects},
+                    {"reconnects", c.reconnects},
+                    {"channels_open", c.channels_open},
                     {"channels_opened", c.channels_opened}};
       }
       print_event(e);
@@ -620,8 +634,9 @@ void add_tunnel(CLI::App& app) {
       if (args->ssh_host.empty()) usage_error("tunnel", "--ssh-host is required (or --direct)");
       if (args->identity.empty()) usage_error("tunnel", "--identity is required (or --direct)");
       if (args->known_hosts.empty()) {
-        usage_error("tunnel", "--known-hosts is required (or --direct): host keys are checked "
-                              "strictly");
+        usage_error("tunnel",
+                    "--known-hosts is required (or --direct): host keys are checked "
+                    "strictly");
       }
       if (args->ssh_user.empty()) {
         const char* user = std::getenv("USER");

@@ -1,5 +1,6 @@
-// `kernel-bridge unicore …`: a small operator CLI over the UNICORE client, for checking a site by hand.
-// Runs its own io_context on the main thread (blocking is fine here: this is not the bridge's loop).
+// `kernel-bridge unicore …`: a small operator CLI over the UNICORE client, for checking a site by
+// hand. Runs its own io_context on the main thread (blocking is fine here: this is not the bridge's
+// loop).
 #include <sys/stat.h>
 
 #include <boost/asio/io_context.hpp>
@@ -48,7 +49,8 @@ struct CliOptions {
 
 std::string read_secret_file(const std::string& path, const char* what) {
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) usage_error(std::string("cannot read the ") + what + " file " + path);
+  if (::stat(path.c_str(), &st) != 0)
+    usage_error(std::string("cannot read the ") + what + " file " + path);
   if (st.st_mode & 077) {
     std::fprintf(stderr,
                  "kernel-bridge unicore: warning: %s file %s is readable by other users; "
@@ -61,7 +63,9 @@ std::string read_secret_file(const std::string& path, const char* what) {
   } catch (const FileReadError& e) {
     usage_error(std::string("cannot read the ") + what + " file " + path + ": " + e.reason());
   }
-  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t')) s.pop_back();
+  while (!s.empty() &&
+         (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+    s.pop_back();
   if (s.empty()) usage_error(std::string("the ") + what + " file " + path + " is empty");
   return s;
 }
@@ -73,7 +77,8 @@ Credentials credentials_from(const CliOptions& o) {
     if (!p) usage_error(p.error().message);
     prefs = p.value();
   }
-  if (!o.user.empty() && !o.token_file.empty()) usage_error("give either --token-file or --user, not both");
+  if (!o.user.empty() && !o.token_file.empty())
+    usage_error("give either --token-file or --user, not both");
   Credentials c;
   if (!o.user.empty()) {
     std::string password;
@@ -82,7 +87,9 @@ Credentials credentials_from(const CliOptions& o) {
     } else if (const char* env = std::getenv("KB_UNICORE_PASSWORD"); env && *env) {
       password = env;
     } else {
-      usage_error("--user needs --password-file F (or KB_UNICORE_PASSWORD); passwords never go on the command line");
+      usage_error(
+          "--user needs --password-file F (or KB_UNICORE_PASSWORD); passwords never go on the "
+          "command line");
     }
     c = Credentials::basic(o.user, password, prefs);
   } else if (!o.password_file.empty()) {
@@ -106,7 +113,8 @@ Result<T> run_sync(boost::asio::io_context& io, Start&& start) {
   io.restart();
   while (!out && io.run_one()) {
   }
-  if (!out) return UnicoreError{ErrorKind::cancelled, 0, "the request ended without an answer", "", ""};
+  if (!out)
+    return UnicoreError{ErrorKind::cancelled, 0, "the request ended without an answer", "", ""};
   return std::move(*out);
 }
 
@@ -127,8 +135,10 @@ struct Session {
     if (url.empty()) {
       if (const char* env = std::getenv("KB_UNICORE_URL"); env && *env) url = env;
     }
-    if (url.empty()) usage_error("no site: give --url https://<gateway>/<SITE>/rest/core (or KB_UNICORE_URL)");
-    if (o.insecure && !o.ca_file.empty()) usage_error("give either --ca-file or --insecure, not both");
+    if (url.empty())
+      usage_error("no site: give --url https://<gateway>/<SITE>/rest/core (or KB_UNICORE_URL)");
+    if (o.insecure && !o.ca_file.empty())
+      usage_error("give either --ca-file or --insecure, not both");
     if (o.timeout_s <= 0) usage_error("--timeout must be positive");
     ClientOptions opts;
     opts.base_url = url;
@@ -137,8 +147,10 @@ struct Session {
     opts.request_timeout = std::chrono::milliseconds(static_cast<long long>(o.timeout_s * 1000));
     opts.connect_timeout = std::min(opts.connect_timeout, opts.request_timeout);
     opts.retry.max_attempts = std::max(1, o.retries + 1);
-    if (o.gpu_mode == "batch_lines") opts.gpu_mode = GpuMode::batch_lines;
-    else if (o.gpu_mode != "gpus_per_node") usage_error("--gpu-mode is gpus_per_node or batch_lines");
+    if (o.gpu_mode == "batch_lines")
+      opts.gpu_mode = GpuMode::batch_lines;
+    else if (o.gpu_mode != "gpus_per_node")
+      usage_error("--gpu-mode is gpus_per_node or batch_lines");
     creds = credentials_from(o);
     json = o.json;
     try {
@@ -156,7 +168,9 @@ struct Session {
   }
 };
 
-void print_json(const nlohmann::json& j) { std::cout << j.dump(2) << "\n"; }
+void print_json(const nlohmann::json& j) {
+  std::cout << j.dump(2) << "\n";
+}
 
 std::string joined(const std::vector<std::string>& v, const char* sep = ", ") {
   std::string out;
@@ -184,7 +198,8 @@ nlohmann::json job_json(const JobInfo& j) {
 
 void cmd_info(const CliOptions& o) {
   Session s(o);
-  CoreInfo i = must(run_sync<CoreInfo>(s.io, [&](auto cb) { s.client->get_core_info(s.creds, cb); }));
+  CoreInfo i =
+      must(run_sync<CoreInfo>(s.io, [&](auto cb) { s.client->get_core_info(s.creds, cb); }));
   if (s.json) {
     print_json({{"url", s.client->base_url()},
                 {"siteName", i.site_name},
@@ -206,10 +221,13 @@ void cmd_info(const CliOptions& o) {
             << (i.server_version.empty() ? "version unknown" : i.server_version) << ")\n"
             << "url:         " << s.client->base_url() << "\n"
             << "user:        " << (i.dn.empty() ? "-" : i.dn) << ", role " << i.role;
-  if (!i.authentication_method.empty()) std::cout << ", authenticated by " << i.authentication_method;
+  if (!i.authentication_method.empty())
+    std::cout << ", authenticated by " << i.authentication_method;
   std::cout << "\n"
-            << "uid:         " << (i.uid.empty() ? "-" : i.uid) << " (available: " << joined(i.available_uids) << ")\n"
-            << "group:       " << (i.group.empty() ? "-" : i.group) << " (projects: " << joined(i.available_groups) << ")\n"
+            << "uid:         " << (i.uid.empty() ? "-" : i.uid)
+            << " (available: " << joined(i.available_uids) << ")\n"
+            << "group:       " << (i.group.empty() ? "-" : i.group)
+            << " (projects: " << joined(i.available_groups) << ")\n"
             << "queues:      " << joined(i.queues) << "\n"
             << "submission:  " << (i.job_submission_enabled ? "enabled" : "DISABLED");
   if (!i.job_submission_message.empty()) std::cout << " (" << i.job_submission_message << ")";
@@ -226,7 +244,8 @@ void cmd_jobs(const CliOptions& o, const std::vector<std::string>& tags) {
       if (!one.empty()) q.tags.push_back(one);
     }
   }
-  auto jobs = must(run_sync<std::vector<std::string>>(s.io, [&](auto cb) { s.client->list_jobs(s.creds, q, cb); }));
+  auto jobs = must(run_sync<std::vector<std::string>>(
+      s.io, [&](auto cb) { s.client->list_jobs(s.creds, q, cb); }));
   if (s.json) return print_json(jobs);
   for (const auto& j : jobs) std::cout << j << "\n";
   if (jobs.empty()) std::cerr << "no jobs" << (q.tags.empty() ? "" : " with these tags") << "\n";
@@ -238,8 +257,10 @@ void cmd_status(const CliOptions& o, const std::string& id) {
   if (s.json) return print_json(job_json(j));
   std::cout << "job:         " << j.url << "\n"
             << "status:      " << to_string(j.status) << "\n";
-  if (j.status == JobStatus::failed) std::cout << "reason:      " << j.failure_reason() << "\n";
-  else if (!j.status_message.empty()) std::cout << "message:     " << j.status_message << "\n";
+  if (j.status == JobStatus::failed)
+    std::cout << "reason:      " << j.failure_reason() << "\n";
+  else if (!j.status_message.empty())
+    std::cout << "message:     " << j.status_message << "\n";
   std::cout << "exit code:   " << (j.exit_code ? std::to_string(*j.exit_code) : "-") << "\n"
             << "name:        " << (j.name.empty() ? "-" : j.name) << "\n"
             << "queue:       " << (j.queue.empty() ? "-" : j.queue) << "\n"
@@ -253,10 +274,16 @@ void cmd_status(const CliOptions& o, const std::string& id) {
 void cmd_details(const CliOptions& o, const std::string& id) {
   Session s(o);
   std::string url = s.job(id);
-  JobDetails d = must(run_sync<JobDetails>(s.io, [&](auto cb) { s.client->get_details(s.creds, url, cb); }));
+  JobDetails d =
+      must(run_sync<JobDetails>(s.io, [&](auto cb) { s.client->get_details(s.creds, url, cb); }));
   if (s.json) {
-    print_json({{"available", d.available}, {"batchJobId", d.batch_job_id}, {"jobState", d.job_state},
-                {"batchHost", d.batch_host}, {"nodeList", d.node_list}, {"nodes", d.nodes}, {"raw", d.raw}});
+    print_json({{"available", d.available},
+                {"batchJobId", d.batch_job_id},
+                {"jobState", d.job_state},
+                {"batchHost", d.batch_host},
+                {"nodeList", d.node_list},
+                {"nodes", d.nodes},
+                {"raw", d.raw}});
     return;
   }
   if (!d.available) {
@@ -285,12 +312,18 @@ void cmd_ls(const CliOptions& o, const std::string& id, const std::string& path)
   Session s(o);
   JobInfo j = s.job_info(id);
   std::string storage = s.client->working_directory(j);
-  FileInfo f = must(run_sync<FileInfo>(s.io, [&](auto cb) { s.client->stat(s.creds, storage, path, cb); }));
+  FileInfo f =
+      must(run_sync<FileInfo>(s.io, [&](auto cb) { s.client->stat(s.creds, storage, path, cb); }));
   if (s.json) {
     nlohmann::json entries = nlohmann::json::array();
-    for (const auto& e : f.content) entries.push_back({{"path", e.path}, {"isDirectory", e.is_directory}, {"size", e.size}});
-    print_json({{"path", f.path}, {"isDirectory", f.is_directory}, {"size", f.size},
-                {"permissions", f.permissions}, {"owner", f.owner}, {"content", entries}});
+    for (const auto& e : f.content)
+      entries.push_back({{"path", e.path}, {"isDirectory", e.is_directory}, {"size", e.size}});
+    print_json({{"path", f.path},
+                {"isDirectory", f.is_directory},
+                {"size", f.size},
+                {"permissions", f.permissions},
+                {"owner", f.owner},
+                {"content", entries}});
     return;
   }
   if (!f.is_directory) {
@@ -298,16 +331,16 @@ void cmd_ls(const CliOptions& o, const std::string& id, const std::string& path)
               << (f.path.empty() ? path : f.path) << "\n";
     return;
   }
-  for (const auto& e : f.content) std::cout << (e.is_directory ? "d  " : "-  ") << e.size << "  " << e.path << "\n";
+  for (const auto& e : f.content)
+    std::cout << (e.is_directory ? "d  " : "-  ") << e.size << "  " << e.path << "\n";
 }
 
 void cmd_cat(const CliOptions& o, const std::string& id, const std::string& path) {
   Session s(o);
   JobInfo j = s.job_info(id);
   std::string storage = s.client->working_directory(j);
-  Download d = must(run_sync<Download>(s.io, [&](auto cb) {
-    s.client->download(s.creds, storage, path, std::nullopt, cb);
-  }));
+  Download d = must(run_sync<Download>(
+      s.io, [&](auto cb) { s.client->download(s.creds, storage, path, std::nullopt, cb); }));
   std::cout.write(d.bytes.data(), static_cast<std::streamsize>(d.bytes.size()));
   std::cout.flush();
 }
@@ -316,8 +349,10 @@ void cmd_action(const CliOptions& o, const std::string& id, bool remove) {
   Session s(o);
   std::string url = s.job(id);
   must(run_sync<Done>(s.io, [&](auto cb) {
-    if (remove) s.client->remove(s.creds, url, cb);
-    else s.client->abort(s.creds, url, cb);
+    if (remove)
+      s.client->remove(s.creds, url, cb);
+    else
+      s.client->abort(s.creds, url, cb);
   }));
   if (s.json) return print_json({{"job", url}, {"action", remove ? "deleted" : "aborted"}});
   std::cout << (remove ? "deleted " : "aborted ") << url << "\n";
@@ -350,7 +385,8 @@ void cmd_submit(const CliOptions& o, const SubmitArgs& a) {
   if (a.gpus >= 0) d.resources.gpus_per_node = a.gpus;
   if (!a.name.empty()) d.name = a.name;
   d.tags = a.tags;
-  std::string url = must(run_sync<std::string>(s.io, [&](auto cb) { s.client->submit(s.creds, d, cb); }));
+  std::string url =
+      must(run_sync<std::string>(s.io, [&](auto cb) { s.client->submit(s.creds, d, cb); }));
   if (s.json) return print_json({{"job", url}});
   std::cout << url << "\n";
 }
@@ -361,7 +397,8 @@ void add_commands(CLI::App& app) {
   auto opts = std::make_shared<CliOptions>();
   CLI::App* uni = app.add_subcommand(
       "unicore",
-      "Talk to a UNICORE site by hand: check credentials and the site (info), list, inspect, submit, "
+      "Talk to a UNICORE site by hand: check credentials and the site (info), list, inspect, "
+      "submit, "
       "abort and delete jobs, list and read the files in a job's working directory.\n"
       "Credentials: a bearer token from --token-file or the environment variable KB_UNICORE_TOKEN, "
       "or --user with --password-file (or KB_UNICORE_PASSWORD); secrets never go on the command "
@@ -375,20 +412,25 @@ void add_commands(CLI::App& app) {
   uni->add_option("--token-file", opts->token_file, "File holding the bearer (OIDC access) token");
   uni->add_option("--user", opts->user, "User name for Basic authentication (test sites)");
   uni->add_option("--password-file", opts->password_file, "File holding the password for --user");
-  uni->add_option("--ca-file", opts->ca_file, "PEM bundle of CAs to trust instead of the system bundle");
-  uni->add_flag("--insecure", opts->insecure, "Do not verify the site's TLS certificate (test sites only!)");
+  uni->add_option("--ca-file", opts->ca_file,
+                  "PEM bundle of CAs to trust instead of the system bundle");
+  uni->add_flag("--insecure", opts->insecure,
+                "Do not verify the site's TLS certificate (test sites only!)");
   uni->add_option("--preferences", opts->preferences,
                   "User preferences, e.g. uid:alice,group:proj1,role:user (group = HPC project)");
-  uni->add_option("--timeout", opts->timeout_s, "Seconds allowed per request")->capture_default_str();
-  uni->add_option("--retries", opts->retries, "Retries of transient failures (5xx, timeouts)")->capture_default_str();
+  uni->add_option("--timeout", opts->timeout_s, "Seconds allowed per request")
+      ->capture_default_str();
+  uni->add_option("--retries", opts->retries, "Retries of transient failures (5xx, timeouts)")
+      ->capture_default_str();
   uni->add_option("--gpu-mode", opts->gpu_mode,
                   "How submit asks for GPUs: gpus_per_node (resource GPUsPerNode) or batch_lines "
                   "(raw #SBATCH header; for sites with the GPUsPerNode bug)")
       ->capture_default_str();
   uni->add_flag("--json", opts->json, "Machine-readable JSON output");
 
-  uni->add_subcommand("info", "Who the site thinks you are (uid, projects, role), server version, queues, "
-                              "whether job submission is enabled")
+  uni->add_subcommand("info",
+                      "Who the site thinks you are (uid, projects, role), server version, queues, "
+                      "whether job submission is enabled")
       ->callback([opts] { cmd_info(*opts); });
 
   auto tags = std::make_shared<std::vector<std::string>>();
@@ -399,20 +441,24 @@ void add_commands(CLI::App& app) {
   auto job_id = std::make_shared<std::string>();
   auto path = std::make_shared<std::string>();
 
-  auto status = uni->add_subcommand("status", "A job's status, exit code, and for failed jobs the reason");
+  auto status =
+      uni->add_subcommand("status", "A job's status, exit code, and for failed jobs the reason");
   status->add_option("JOB", *job_id, "Job id or URL")->required();
   status->callback([opts, job_id] { cmd_status(*opts, *job_id); });
 
-  auto details = uni->add_subcommand("details", "The batch system's view of a job: batch id, state, nodes");
+  auto details =
+      uni->add_subcommand("details", "The batch system's view of a job: batch id, state, nodes");
   details->add_option("JOB", *job_id, "Job id or URL")->required();
   details->callback([opts, job_id] { cmd_details(*opts, *job_id); });
 
-  auto ls = uni->add_subcommand("ls", "List a directory in the job's working directory (default: its root)");
+  auto ls = uni->add_subcommand(
+      "ls", "List a directory in the job's working directory (default: its root)");
   ls->add_option("JOB", *job_id, "Job id or URL")->required();
   ls->add_option("PATH", *path, "Path inside the working directory");
   ls->callback([opts, job_id, path] { cmd_ls(*opts, *job_id, *path); });
 
-  auto cat = uni->add_subcommand("cat", "Print a file from the job's working directory (bytes as they are)");
+  auto cat = uni->add_subcommand(
+      "cat", "Print a file from the job's working directory (bytes as they are)");
   cat->add_option("JOB", *job_id, "Job id or URL")->required();
   cat->add_option("PATH", *path, "Path inside the working directory, e.g. stdout")->required();
   cat->callback([opts, job_id, path] { cmd_cat(*opts, *job_id, *path); });
@@ -427,7 +473,10 @@ void add_commands(CLI::App& app) {
 
   auto sub = std::make_shared<SubmitArgs>();
   auto submit = uni->add_subcommand("submit", "Submit a batch job; prints the job's URL");
-  submit->add_option("--executable", sub->executable, "Command line to run (in bash, in the job directory)")->required();
+  submit
+      ->add_option("--executable", sub->executable,
+                   "Command line to run (in bash, in the job directory)")
+      ->required();
   submit->add_option("--arg", sub->args, "An argument (repeatable)");
   submit->add_option("--env", sub->env, "NAME=VALUE for the job's environment (repeatable)");
   submit->add_option("--queue", sub->queue, "Batch queue (partition)");

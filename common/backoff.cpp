@@ -82,7 +82,9 @@ std::chrono::milliseconds Backoff::delay(int step) {
   return b;
 }
 
-std::chrono::milliseconds Backoff::next() { return delay(steps_++); }
+std::chrono::milliseconds Backoff::next() {
+  return delay(steps_++);
+}
 
 std::uint64_t process_backoff_seed() {
   static const std::uint64_t seed = read_process_seed();

@@ -23,12 +23,14 @@ struct BackoffPolicy {
   double spread = 0.0;  // Jitter::proportional only; clamped to [0, 1]
 };
 
-// Who may call: one owner at a time (not thread-safe); any thread. Pure apart from its random stream.
+// Who may call: one owner at a time (not thread-safe); any thread. Pure apart from its random
+// stream.
 class Backoff {
  public:
   Backoff(BackoffPolicy policy, std::uint64_t seed);
 
-  // Base of the step-th delay (0 = the first): min * growth^step, capped at max, whole milliseconds.
+  // Base of the step-th delay (0 = the first): min * growth^step, capped at max, whole
+  // milliseconds.
   std::chrono::milliseconds base(int step) const;
   // The step-th delay, jittered; for callers that count their own attempts (per request, per
   // connection). Advances the random stream, not steps().

@@ -15,8 +15,8 @@ class AsioTimer final : public Timer {
   void wait(std::chrono::milliseconds delay, std::function<void()> fire) override {
     const std::uint64_t mine = ++*generation_;
     timer_.expires_after(delay);  // cancels a pending wait
-    timer_.async_wait([generation = generation_, mine, fire = std::move(fire)](
-                          const boost::system::error_code& ec) {
+    timer_.async_wait([generation = generation_, mine,
+                       fire = std::move(fire)](const boost::system::error_code& ec) {
       // A handler Asio had already queued when cancel() came does not fire: cancel means cancel.
       if (!ec && *generation == mine) fire();
     });
@@ -61,9 +61,13 @@ class ManualClock::ManualTimer final : public Timer {
 
 ManualClock::ManualClock(boost::asio::io_context* io) : io_(io) {}
 
-ManualClock::~ManualClock() { alive_.reset(); }
+ManualClock::~ManualClock() {
+  alive_.reset();
+}
 
-std::unique_ptr<Timer> ManualClock::make_timer() { return std::make_unique<ManualTimer>(*this); }
+std::unique_ptr<Timer> ManualClock::make_timer() {
+  return std::make_unique<ManualTimer>(*this);
+}
 
 ManualClock::Key ManualClock::add(ManualTimer* timer, time_point at, std::function<void()> fire) {
   Key key{at, order_++};
@@ -71,7 +75,9 @@ ManualClock::Key ManualClock::add(ManualTimer* timer, time_point at, std::functi
   return key;
 }
 
-void ManualClock::remove(const Key& key) { waits_.erase(key); }
+void ManualClock::remove(const Key& key) {
+  waits_.erase(key);
+}
 
 std::optional<ManualClock::time_point> ManualClock::next_deadline() const {
   if (waits_.empty()) return std::nullopt;

@@ -40,13 +40,12 @@ std::string read_small_file(const std::string& path, std::size_t max_bytes) {
   Fd file{::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)};
   if (file.fd < 0) throw FileReadError(path, std::strerror(errno));
   struct stat st {};
-  if (::fstat(file.fd, &st) != 0)
-    throw FileReadError(path, std::strerror(errno));
+  if (::fstat(file.fd, &st) != 0) throw FileReadError(path, std::strerror(errno));
   if (!S_ISREG(st.st_mode))
     throw FileReadError(path, std::string("it is ") + kind_of(st.st_mode) + ", not a regular file");
   const auto too_large = [&] {
-    return FileReadError(path, "it is larger than " + describe_bytes(max_bytes) +
-                                   "; is it the right file?");
+    return FileReadError(
+        path, "it is larger than " + describe_bytes(max_bytes) + "; is it the right file?");
   };
   if (static_cast<std::size_t>(st.st_size) > max_bytes) throw too_large();
   std::string content;

@@ -73,7 +73,8 @@ void report_changes(const json& view, Reported& seen) {
   if (auto p = view.find("progress"); p != view.end() && p->is_array()) {
     for (const json& e : *p) {
       std::string key = str(e, "at") + " " + str(e, "message");
-      if (seen.progress.insert(key).second) say("kernel " + str(view, "id") + ": " + str(e, "message"));
+      if (seen.progress.insert(key).second)
+        say("kernel " + str(view, "id") + ": " + str(e, "message"));
     }
     // The service keeps the most recent lines only; so do we.
     if (seen.progress.size() > 1000) seen.progress.clear();
@@ -83,7 +84,7 @@ void report_changes(const json& view, Reported& seen) {
 // Shared between the main thread (owns the kernel's life) and the signal thread.
 struct WrapperState {
   std::mutex mutex;
-  std::string kernel_id;          // empty until the daemon accepted the kernel
+  std::string kernel_id;  // empty until the daemon accepted the kernel
   bool shutdown_requested = false;
   bool shutdown_sent = false;
   std::atomic<bool> finished{false};
@@ -91,7 +92,8 @@ struct WrapperState {
 
 bool send_shutdown(const ControlClient& client, const std::string& id) {
   try {
-    auto res = client.request("DELETE", "/v1/kernels/" + url_segment(id), nullptr, std::chrono::seconds(20));
+    auto res = client.request("DELETE", "/v1/kernels/" + url_segment(id), nullptr,
+                              std::chrono::seconds(20));
     if (res.ok() || res.status == 404) return true;
     say("shutting kernel " + id + " down failed: " + res.error_message());
   } catch (const ControlUnreachable& e) {
@@ -119,15 +121,18 @@ void signal_loop(const ControlClient& client, WrapperState& state, sigset_t set)
       try {
         auto res = client.request("POST", "/v1/kernels/" + url_segment(id) + "/interrupt", nullptr,
                                   std::chrono::seconds(20));
-        if (res.ok()) say("kernel " + id + " interrupt sent");
-        else say("interrupting kernel " + id + " failed: " + res.error_message());
+        if (res.ok())
+          say("kernel " + id + " interrupt sent");
+        else
+          say("interrupting kernel " + id + " failed: " + res.error_message());
       } catch (const ControlUnreachable& e) {
         say(std::string("interrupting kernel ") + id + " failed: " + e.what());
       }
       continue;
     }
     if (sig == SIGUSR1) return;  // the main thread is done: wake-up only
-    say(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGHUP") + ": shutting the kernel down");
+    say(std::string("received ") + (sig == SIGTERM ? "SIGTERM" : "SIGHUP") +
+        ": shutting the kernel down");
     if (id.empty()) continue;  // the main thread sends DELETE as soon as it has the id
     bool first = false;
     {
@@ -146,7 +151,8 @@ std::string progress_line(const std::string& message) {
 }
 
 json make_create_request(const WrapperRequest& request, const std::string& connection_file) {
-  if (request.site.empty()) throw KernelspecError("--site is required (the [[site]] name from the bridge's configuration)");
+  if (request.site.empty())
+    throw KernelspecError("--site is required (the [[site]] name from the bridge's configuration)");
   if (request.kernel && !request.kernel_argv.empty()) {
     throw KernelspecError("give either --kernel or --kernel-argv, not both");
   }
@@ -155,8 +161,9 @@ json make_create_request(const WrapperRequest& request, const std::string& conne
                      {"transport", info.transport},
                      {"key", info.key},
                      {"signature_scheme", info.signature_scheme}};
-  for (auto kind : {tunnel::ChannelKind::shell, tunnel::ChannelKind::iopub, tunnel::ChannelKind::stdin_,
-                    tunnel::ChannelKind::control, tunnel::ChannelKind::hb}) {
+  for (auto kind :
+       {tunnel::ChannelKind::shell, tunnel::ChannelKind::iopub, tunnel::ChannelKind::stdin_,
+        tunnel::ChannelKind::control, tunnel::ChannelKind::hb}) {
     connection[tunnel::port_field(kind)] = info.port(kind);
   }
   if (!info.kernel_name.empty()) connection["kernel_name"] = info.kernel_name;
@@ -191,7 +198,8 @@ int exit_status_for(const json& view) {
 }
 
 int run_kernel_wrapper(const WrapperRequest& request, const std::string& connection_file) {
-  const ControlClient client(request.socket.empty() ? ControlClient::default_socket() : request.socket);
+  const ControlClient client(request.socket.empty() ? ControlClient::default_socket()
+                                                    : request.socket);
   json body;
   try {
     body = make_create_request(request, connection_file);
@@ -218,7 +226,8 @@ int run_kernel_wrapper(const WrapperRequest& request, const std::string& connect
     return status;
   };
 
-  say("asking the kernel-bridge daemon (" + client.socket_path() + ") for a kernel on site " + request.site);
+  say("asking the kernel-bridge daemon (" + client.socket_path() + ") for a kernel on site " +
+      request.site);
   json view;
   try {
     auto res = client.request("POST", "/v1/kernels", &body, std::chrono::seconds(60));
@@ -240,8 +249,8 @@ int run_kernel_wrapper(const WrapperRequest& request, const std::string& connect
     if (shutdown_now) state.shutdown_sent = true;
   }
   say("kernel " + id + " accepted on site " + str(view, "site") + "; Jupyter's endpoints " +
-      str(body["connection"], "ip") + ":" + std::to_string(body["connection"].value("shell_port", 0)) +
-      "… accept connections now");
+      str(body["connection"], "ip") + ":" +
+      std::to_string(body["connection"].value("shell_port", 0)) + "… accept connections now");
   if (shutdown_now) send_shutdown(client, id);
 
   Reported seen;
@@ -258,9 +267,10 @@ int run_kernel_wrapper(const WrapperRequest& request, const std::string& connect
   while (true) {
     if (str(view, "state") == "ended") break;
     try {
-      auto res = client.request("GET",
-                                "/v1/kernels/" + url_segment(id) + "?wait=" + wait + "&after=" + std::to_string(version),
-                                nullptr, std::chrono::seconds(50));
+      auto res = client.request(
+          "GET",
+          "/v1/kernels/" + url_segment(id) + "?wait=" + wait + "&after=" + std::to_string(version),
+          nullptr, std::chrono::seconds(50));
       if (unreachable_since) {
         say("the kernel-bridge daemon answers again");
         unreachable_since.reset();
@@ -281,10 +291,11 @@ int run_kernel_wrapper(const WrapperRequest& request, const std::string& connect
       const auto now = std::chrono::steady_clock::now();
       if (!unreachable_since) {
         unreachable_since = now;
-        say(std::string(e.what()) + " (retrying for " + std::to_string(unreachable_limit.count()) + " s)");
+        say(std::string(e.what()) + " (retrying for " + std::to_string(unreachable_limit.count()) +
+            " s)");
       } else if (now - *unreachable_since > unreachable_limit) {
-        say("the kernel-bridge daemon stayed unreachable for " + std::to_string(unreachable_limit.count()) +
-            " s; giving the kernel up");
+        say("the kernel-bridge daemon stayed unreachable for " +
+            std::to_string(unreachable_limit.count()) + " s; giving the kernel up");
         return finish(1);
       }
       std::this_thread::sleep_for(std::chrono::seconds(1));

@@ -16,7 +16,8 @@ namespace kb::bridge {
 
 // The control API request for this connection file (no network). Throws KernelspecError (bad
 // request options) or tunnel::ConnectionFileError (bad connection file, message names file+field).
-nlohmann::json make_create_request(const WrapperRequest& request, const std::string& connection_file);
+nlohmann::json make_create_request(const WrapperRequest& request,
+                                   const std::string& connection_file);
 
 // The wrapper's exit status for an ended kernel view: 0 after an orderly shutdown, the kernel's
 // exit code (128+signal for a signal) when it exited by itself, 1 for every other end.

@@ -53,7 +53,8 @@ nlohmann::json resources_json(const WrapperRequest& r) {
 }
 
 std::string validate_kernel_name(const std::string& name) {
-  if (name.empty()) throw KernelspecError("the kernel name is empty; give --name, e.g. --name hpc-python");
+  if (name.empty())
+    throw KernelspecError("the kernel name is empty; give --name, e.g. --name hpc-python");
   if (name.size() > 128) throw KernelspecError("the kernel name is longer than 128 characters");
   std::string lower;
   for (char c : name) {
@@ -65,7 +66,8 @@ std::string validate_kernel_name(const std::string& name) {
     }
     lower.push_back(static_cast<char>((c >= 'A' && c <= 'Z') ? c - 'A' + 'a' : c));
   }
-  if (lower == "." || lower == "..") throw KernelspecError("kernel name '" + name + "' is not a name");
+  if (lower == "." || lower == "..")
+    throw KernelspecError("kernel name '" + name + "' is not a name");
   return lower;
 }
 
@@ -74,11 +76,13 @@ std::vector<std::string> split_command_line(const std::string& text) {
   if (first != std::string::npos && text[first] == '[') {
     nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
     if (j.is_discarded() || !j.is_array()) {
-      throw KernelspecError("the kernel argv starts with '[' but is not a JSON array of strings: " + text);
+      throw KernelspecError("the kernel argv starts with '[' but is not a JSON array of strings: " +
+                            text);
     }
     std::vector<std::string> out;
     for (const auto& item : j) {
-      if (!item.is_string()) throw KernelspecError("the kernel argv's JSON array holds a non-string: " + item.dump());
+      if (!item.is_string())
+        throw KernelspecError("the kernel argv's JSON array holds a non-string: " + item.dump());
       out.push_back(item.get<std::string>());
     }
     return out;
@@ -113,7 +117,8 @@ std::vector<std::string> split_command_line(const std::string& text) {
       in_word = true;
     }
   }
-  if (quote) throw KernelspecError(std::string("unbalanced ") + quote + " in the kernel argv: " + text);
+  if (quote)
+    throw KernelspecError(std::string("unbalanced ") + quote + " in the kernel argv: " + text);
   if (in_word) words.push_back(std::move(word));
   return words;
 }
@@ -127,7 +132,8 @@ std::string jupyter_user_data_dir() {
   } else if (const passwd* pw = ::getpwuid(::getuid()); pw && pw->pw_dir) {
     home = pw->pw_dir;
   } else {
-    throw KernelspecError("cannot find your home directory (HOME is unset); give --jupyter-path DIR");
+    throw KernelspecError(
+        "cannot find your home directory (HOME is unset); give --jupyter-path DIR");
   }
   return home + "/.local/share/jupyter";
 }
@@ -135,21 +141,28 @@ std::string jupyter_user_data_dir() {
 std::string self_executable() {
   std::error_code ec;
   auto path = fs::read_symlink("/proc/self/exe", ec);
-  if (ec) throw KernelspecError("cannot find the kernel-bridge executable (/proc/self/exe): " + ec.message());
+  if (ec)
+    throw KernelspecError("cannot find the kernel-bridge executable (/proc/self/exe): " +
+                          ec.message());
   return path.string();
 }
 
 nlohmann::json make_kernel_json(const KernelspecInstall& spec) {
-  if (spec.request.site.empty()) throw KernelspecError("--site is required: the [[site]] name from the bridge's configuration");
+  if (spec.request.site.empty())
+    throw KernelspecError("--site is required: the [[site]] name from the bridge's configuration");
   if (spec.request.kernel && !spec.request.kernel_argv.empty()) {
-    throw KernelspecError("give either --kernel (a kernel the site's configuration names) or --kernel-argv, not both");
+    throw KernelspecError(
+        "give either --kernel (a kernel the site's configuration names) or --kernel-argv, not "
+        "both");
   }
   if (!spec.request.kernel_argv.empty()) {
     bool has_placeholder = false;
-    for (const auto& a : spec.request.kernel_argv) has_placeholder |= a.find("{connection_file}") != std::string::npos;
+    for (const auto& a : spec.request.kernel_argv)
+      has_placeholder |= a.find("{connection_file}") != std::string::npos;
     if (!has_placeholder) {
-      throw KernelspecError("--kernel-argv must contain {connection_file} (the agent puts the kernel's "
-                            "connection file there), e.g. \"python3 -m ipykernel_launcher -f {connection_file}\"");
+      throw KernelspecError(
+          "--kernel-argv must contain {connection_file} (the agent puts the kernel's "
+          "connection file there), e.g. \"python3 -m ipykernel_launcher -f {connection_file}\"");
     }
   }
   nlohmann::json argv = nlohmann::json::array();
@@ -162,14 +175,15 @@ nlohmann::json make_kernel_json(const KernelspecInstall& spec) {
 
   std::string display = spec.display_name;
   if (display.empty()) display = spec.request.site + ": Python (kernel-bridge)";
-  return nlohmann::json{{"argv", argv},
-                        {"display_name", display},
-                        {"language", spec.language},
-                        // Jupyter sends SIGINT to the wrapper, which turns it into an interrupt of the
-                        // remote kernel; "message" would need the hub-side control channel to be up.
-                        {"interrupt_mode", "signal"},
-                        {"env", nlohmann::json::object()},
-                        {"metadata", {{"kernel_bridge", meta}}}};
+  return nlohmann::json{
+      {"argv", argv},
+      {"display_name", display},
+      {"language", spec.language},
+      // Jupyter sends SIGINT to the wrapper, which turns it into an interrupt of the
+      // remote kernel; "message" would need the hub-side control channel to be up.
+      {"interrupt_mode", "signal"},
+      {"env", nlohmann::json::object()},
+      {"metadata", {{"kernel_bridge", meta}}}};
 }
 
 std::string install_kernelspec(const KernelspecInstall& spec) {

@@ -20,19 +20,19 @@ struct KernelspecError : std::runtime_error {
 // What the wrapper asks for: everything `kernel-bridge kernel` accepts besides the connection file.
 // Shared by `kernelspec install` (written into argv) and `kernel` (sent to the daemon).
 struct WrapperRequest {
-  std::string socket;                     // control API socket; empty: the default
+  std::string socket;  // control API socket; empty: the default
   std::string site;
-  std::optional<std::string> kernel;      // a [site.kernels] name
-  std::vector<std::string> kernel_argv;   // a raw argv with {connection_file}; empty: site default
-  std::optional<std::string> queue;       // partition
+  std::optional<std::string> kernel;     // a [site.kernels] name
+  std::vector<std::string> kernel_argv;  // a raw argv with {connection_file}; empty: site default
+  std::optional<std::string> queue;      // partition
   std::optional<int> nodes;
   std::optional<int> gpus;
-  std::optional<std::string> runtime;     // "2h", "90m", … as the daemon parses it
+  std::optional<std::string> runtime;  // "2h", "90m", … as the daemon parses it
   std::optional<std::string> project;
   std::optional<std::string> reservation;
   std::optional<std::string> qos;
-  std::optional<std::string> memory;      // "16G"
-  std::string name;                       // label for `kernel-bridge list`
+  std::optional<std::string> memory;  // "16G"
+  std::string name;                   // label for `kernel-bridge list`
   // Seconds the daemon waits without a status request from this wrapper before it treats the
   // wrapper as gone (killed, host lost) and shuts the kernel down. Empty: kDefaultWrapperLease.
   std::optional<int> lease;
@@ -62,9 +62,9 @@ std::string jupyter_user_data_dir();
 
 struct KernelspecInstall {
   std::string name;
-  std::string display_name;               // empty: "<site>: Python (kernel-bridge)"
+  std::string display_name;  // empty: "<site>: Python (kernel-bridge)"
   std::string language = "python";
-  std::string executable;                 // absolute path of kernel-bridge in argv
+  std::string executable;  // absolute path of kernel-bridge in argv
   WrapperRequest request;
   // Exactly one destination: the user's data dir (default), --prefix (PREFIX/share/jupyter), or
   // --jupyter-path (a data dir, as in JUPYTER_PATH).

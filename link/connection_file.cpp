@@ -1,12 +1,12 @@
 #include "link/connection_file.hpp"
 
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
 
 #include <cerrno>
 #include <cstring>
@@ -46,11 +46,16 @@ bool valid_scheme(const std::string& scheme) {
 
 const char* port_field(ChannelKind kind) {
   switch (kind) {
-    case ChannelKind::shell: return "shell_port";
-    case ChannelKind::iopub: return "iopub_port";
-    case ChannelKind::stdin_: return "stdin_port";
-    case ChannelKind::control: return "control_port";
-    case ChannelKind::hb: return "hb_port";
+    case ChannelKind::shell:
+      return "shell_port";
+    case ChannelKind::iopub:
+      return "iopub_port";
+    case ChannelKind::stdin_:
+      return "stdin_port";
+    case ChannelKind::control:
+      return "control_port";
+    case ChannelKind::hb:
+      return "hb_port";
   }
   return "unknown_port";
 }
@@ -120,8 +125,8 @@ ConnectionInfo parse_connection_info(const nlohmann::json& j, const std::string&
 
   for (auto it = j.begin(); it != j.end(); ++it) {
     static const std::set<std::string> known{
-        "ip", "transport", "shell_port", "iopub_port", "stdin_port", "control_port",
-        "hb_port", "key", "signature_scheme", "kernel_name"};
+        "ip",           "transport", "shell_port", "iopub_port",       "stdin_port",
+        "control_port", "hb_port",   "key",        "signature_scheme", "kernel_name"};
     if (!known.count(it.key())) info.extra[it.key()] = it.value();
   }
   return info;

@@ -24,7 +24,7 @@ struct ConnectionInfo {
   std::string ip = "127.0.0.1";
   std::string transport = "tcp";
   std::array<std::uint16_t, kChannelKinds> ports{};  // indexed by ChannelKind
-  std::string key;                                   // the Jupyter HMAC key (may be empty: unsigned)
+  std::string key;  // the Jupyter HMAC key (may be empty: unsigned)
   std::string signature_scheme = "hmac-sha256";
   std::string kernel_name;
   // Fields we do not interpret (e.g. jupyter_client's "jupyter_session") are kept when the file

@@ -2,20 +2,23 @@
 // thread; see ssh_connection.hpp for the contract and docs/ssh-transport.md for the design.
 //
 // How libssh is driven (facts about libssh 0.10.6 this code relies on):
-//  * Asio owns the TCP socket; libssh gets a dup() of its fd through SSH_OPTIONS_FD, so the two never
+//  * Asio owns the TCP socket; libssh gets a dup() of its fd through SSH_OPTIONS_FD, so the two
+//  never
 //    close each other's descriptor (libssh closes its copy itself on some errors).
-//  * libssh puts the fd back into blocking mode when it sees the connect complete; we put it back to
-//    non-blocking right after, because a blocking send() of a big output buffer would stall the loop.
-//    libssh only writes after its own poll() reported POLLOUT with no write since, so a non-blocking
-//    send always has room for at least part of the buffer (libssh treats EAGAIN on send as fatal).
+//  * libssh puts the fd back into blocking mode when it sees the connect complete; we put it back
+//  to
+//    non-blocking right after, because a blocking send() of a big output buffer would stall the
+//    loop. libssh only writes after its own poll() reported POLLOUT with no write since, so a
+//    non-blocking send always has room for at least part of the buffer (libssh treats EAGAIN on
+//    send as fatal).
 //  * libssh reads at most 4 KiB per poll round; after each round we poll() the fd ourselves and go
 //    on while it is readable (bounded, then we yield with a post), because Asio's epoll reactor is
 //    edge-triggered: an async_wait armed while data is already queued would never fire.
 //  * Once authenticated, the session's poll handle is moved into an ssh_event, and
 //    ssh_event_dopoll(event, 0) is the one "pump" that reads, decrypts and dispatches packets.
-//    Channel data arrives through per-channel callbacks: it goes straight into the buffer of a pending
-//    read, or stays in libssh's channel buffer (libssh re-opens a channel's window only as that buffer
-//    drains, so an unread channel holds at most ~1.28 MB and never stalls the others).
+//    Channel data arrives through per-channel callbacks: it goes straight into the buffer of a
+//    pending read, or stays in libssh's channel buffer (libssh re-opens a channel's window only as
+//    that buffer drains, so an unread channel holds at most ~1.28 MB and never stalls the others).
 //  * ssh_channel_write() copies into libssh's output buffer up to the peer's window and returns a
 //    partial count (0 when the window is exhausted); we keep the remainder and retry when
 //    ssh_channel_window_size() grows. New data is only handed to libssh while its output buffer is
@@ -27,14 +30,14 @@
 #include "common/backoff.hpp"
 #include "link/tcp_transport.hpp"
 
-#include <boost/asio/connect.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <libssh/callbacks.h>
 #include <libssh/libssh.h>
 #include <libssh/server.h>  // ssh_send_keepalive lives here in 0.10
 #include <spdlog/spdlog.h>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include <fcntl.h>
 #include <poll.h>
@@ -60,16 +63,26 @@ class SshCategory final : public boost::system::error_category {
   const char* name() const noexcept override { return "kb.ssh"; }
   std::string message(int ev) const override {
     switch (static_cast<SshError>(ev)) {
-      case SshError::connection_lost: return "SSH connection lost";
-      case SshError::connect_failed: return "could not connect to the SSH server";
-      case SshError::host_key_unknown: return "SSH host key not in known_hosts";
-      case SshError::host_key_changed: return "SSH host key changed";
-      case SshError::host_key_error: return "SSH host key could not be checked";
-      case SshError::auth_denied: return "SSH public key refused";
-      case SshError::identity_unreadable: return "SSH identity file unreadable";
-      case SshError::channel_open_refused: return "SSH server refused the channel";
-      case SshError::open_timeout: return "SSH connection not established in time";
-      case SshError::shut_down: return "SSH connection shut down";
+      case SshError::connection_lost:
+        return "SSH connection lost";
+      case SshError::connect_failed:
+        return "could not connect to the SSH server";
+      case SshError::host_key_unknown:
+        return "SSH host key not in known_hosts";
+      case SshError::host_key_changed:
+        return "SSH host key changed";
+      case SshError::host_key_error:
+        return "SSH host key could not be checked";
+      case SshError::auth_denied:
+        return "SSH public key refused";
+      case SshError::identity_unreadable:
+        return "SSH identity file unreadable";
+      case SshError::channel_open_refused:
+        return "SSH server refused the channel";
+      case SshError::open_timeout:
+        return "SSH connection not established in time";
+      case SshError::shut_down:
+        return "SSH connection shut down";
     }
     return "unknown SSH error";
   }
@@ -97,7 +110,8 @@ using KeyPtr = std::unique_ptr<ssh_key_struct, KeyFree>;
 using EventPtr = std::unique_ptr<ssh_event_struct, EventFree>;
 using CStringPtr = std::unique_ptr<char, CharFree>;
 
-constexpr std::size_t kMaxReadChunk = 256 * 1024;  // keeps libssh from growing a window past ~1.28 MB
+constexpr std::size_t kMaxReadChunk =
+    256 * 1024;  // keeps libssh from growing a window past ~1.28 MB
 constexpr std::size_t kMaxWriteChunk = 64 * 1024;  // per ssh_channel_write call
 constexpr int kPumpBudget = 64;                    // socket rounds per handler before yielding
 
@@ -135,15 +149,22 @@ const boost::system::error_category& ssh_category() {
   return category;
 }
 
-error_code make_error_code(SshError e) { return error_code(static_cast<int>(e), ssh_category()); }
+error_code make_error_code(SshError e) {
+  return error_code(static_cast<int>(e), ssh_category());
+}
 
 const char* to_string(SshConnection::State s) {
   switch (s) {
-    case SshConnection::State::idle: return "idle";
-    case SshConnection::State::connecting: return "connecting";
-    case SshConnection::State::connected: return "connected";
-    case SshConnection::State::reconnecting: return "reconnecting";
-    case SshConnection::State::failed: return "failed";
+    case SshConnection::State::idle:
+      return "idle";
+    case SshConnection::State::connecting:
+      return "connecting";
+    case SshConnection::State::connected:
+      return "connected";
+    case SshConnection::State::reconnecting:
+      return "reconnecting";
+    case SshConnection::State::failed:
+      return "failed";
   }
   return "?";
 }
@@ -272,7 +293,7 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
   uint64_t open_check_packets = ~uint64_t{0};
 
   uint64_t next_id = 1;
-  std::deque<std::shared_ptr<OpenRequest>> waiting;  // not yet sent to sshd
+  std::deque<std::shared_ptr<OpenRequest>> waiting;   // not yet sent to sshd
   std::vector<std::shared_ptr<OpenRequest>> opening;  // sent, waiting for sshd's answer
   std::map<uint64_t, std::shared_ptr<ChannelState>> channels;
   kb::Backoff backoff;  // reconnect delays; `attempt` is its step
@@ -299,7 +320,8 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
   void want_connection() {
     if (shut || st == State::failed) return;
     if (phase != Phase::down) return;
-    if (backoff_timer.expiry() > Clock::now() && st == State::reconnecting) return;  // timer pending
+    if (backoff_timer.expiry() > Clock::now() && st == State::reconnecting)
+      return;  // timer pending
     start_attempt();
   }
 
@@ -316,7 +338,8 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     }
     if (!identity) {
       ssh_key key = nullptr;
-      int rc = ssh_pki_import_privkey_file(opt.identity_file.c_str(), nullptr, nullptr, nullptr, &key);
+      int rc =
+          ssh_pki_import_privkey_file(opt.identity_file.c_str(), nullptr, nullptr, nullptr, &key);
       if (rc != SSH_OK || key == nullptr) {
         fail(SshError::identity_unreadable,
              "cannot load SSH identity file " + opt.identity_file +
@@ -358,12 +381,18 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
 
   std::string phase_name() const {
     switch (phase) {
-      case Phase::down: return "down";
-      case Phase::resolving: return "resolving the host name";
-      case Phase::tcp_connecting: return "TCP connect";
-      case Phase::handshaking: return "SSH key exchange";
-      case Phase::authenticating: return "authentication";
-      case Phase::ready: return "connected";
+      case Phase::down:
+        return "down";
+      case Phase::resolving:
+        return "resolving the host name";
+      case Phase::tcp_connecting:
+        return "TCP connect";
+      case Phase::handshaking:
+        return "SSH key exchange";
+      case Phase::authenticating:
+        return "authentication";
+      case Phase::ready:
+        return "connected";
     }
     return "?";
   }
@@ -507,13 +536,14 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
         spdlog::info("ssh {}: host key {} {} matches {}", label, type, fp, opt.known_hosts_file);
         return true;
       case SSH_KNOWN_HOSTS_CHANGED:
-        fail(SshError::host_key_changed,
-             "host key for " + where + " has CHANGED: " + presented + ", which is not the key in " +
-                 opt.known_hosts_file +
-                 ". Someone may be intercepting the connection, or the host was reinstalled: verify "
-                 "the fingerprint with the site and replace the entry for " +
-                 where + " in " + opt.known_hosts_file + ". Refusing to connect.",
-             true);
+        fail(
+            SshError::host_key_changed,
+            "host key for " + where + " has CHANGED: " + presented + ", which is not the key in " +
+                opt.known_hosts_file +
+                ". Someone may be intercepting the connection, or the host was reinstalled: verify "
+                "the fingerprint with the site and replace the entry for " +
+                where + " in " + opt.known_hosts_file + ". Refusing to connect.",
+            true);
         return false;
       case SSH_KNOWN_HOSTS_OTHER:
         fail(SshError::host_key_changed,
@@ -535,8 +565,10 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
       case SSH_KNOWN_HOSTS_NOT_FOUND:
         fail(SshError::host_key_unknown,
              "known_hosts file " + opt.known_hosts_file + " does not exist, so host " + where +
-                 " cannot be verified (" + presented + "). Verify the fingerprint with the site and "
-                 "write the host's key to " + opt.known_hosts_file + ". Refusing to connect.",
+                 " cannot be verified (" + presented +
+                 "). Verify the fingerprint with the site and "
+                 "write the host's key to " +
+                 opt.known_hosts_file + ". Refusing to connect.",
              true);
         return false;
       case SSH_KNOWN_HOSTS_ERROR:
@@ -605,8 +637,8 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     }
     const auto cap = backoff.base(attempt - 1);
     const auto delay = backoff.delay(attempt - 1);
-    spdlog::info("ssh {}: reconnect attempt {} in {} ms (backoff cap {} ms): {}", label, attempt + 1,
-                 delay.count(), static_cast<int64_t>(cap.count()), reason);
+    spdlog::info("ssh {}: reconnect attempt {} in {} ms (backoff cap {} ms): {}", label,
+                 attempt + 1, delay.count(), static_cast<int64_t>(cap.count()), reason);
     set_state(State::reconnecting, reason);
     backoff_timer.expires_after(delay);
     backoff_timer.async_wait([self = shared_from_this(), g = gen](error_code ec) {
@@ -899,8 +931,8 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
     for (auto& [id, cs] : channels) {
       if (!cs->reading || !cs->channel) continue;
       if (cs->buffered > 0) {
-        const auto want = static_cast<uint32_t>(
-            std::min<std::size_t>(cs->read_buffer.size(), kMaxReadChunk));
+        const auto want =
+            static_cast<uint32_t>(std::min<std::size_t>(cs->read_buffer.size(), kMaxReadChunk));
         int n = ssh_channel_read_nonblocking(cs->channel.get(), cs->read_buffer.data(), want, 0);
         if (n > 0) {
           cs->buffered -= std::min<uint32_t>(cs->buffered, static_cast<uint32_t>(n));
@@ -942,8 +974,8 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
         if (ssh_get_poll_flags(session.get()) & SSH_WRITE_PENDING) return progress;
         const uint32_t window = ssh_channel_window_size(cs->channel.get());
         if (window == 0) break;  // wait for the peer's WINDOW_ADJUST
-        const auto chunk = static_cast<uint32_t>(
-            std::min<std::size_t>({cs->write_left, static_cast<std::size_t>(window), kMaxWriteChunk}));
+        const auto chunk = static_cast<uint32_t>(std::min<std::size_t>(
+            {cs->write_left, static_cast<std::size_t>(window), kMaxWriteChunk}));
         int n = ssh_channel_write(cs->channel.get(), cs->write_data, chunk);
         if (n < 0) {
           if (dead()) return progress;
@@ -1057,8 +1089,8 @@ struct SshConnection::Core : std::enable_shared_from_this<SshConnection::Core> {
 namespace {
 class SshChannelTransport final : public ByteTransport {
  public:
-  SshChannelTransport(std::shared_ptr<SshConnection> conn, std::shared_ptr<SshConnection::Core> core,
-                      std::shared_ptr<ChannelState> cs)
+  SshChannelTransport(std::shared_ptr<SshConnection> conn,
+                      std::shared_ptr<SshConnection::Core> core, std::shared_ptr<ChannelState> cs)
       : conn_(std::move(conn)), core_(std::move(core)), cs_(std::move(cs)) {}
   ~SshChannelTransport() override { close(); }
 
@@ -1109,7 +1141,9 @@ std::shared_ptr<SshConnection> SshConnection::create(asio::io_context& ioc, SshO
 
 SshConnection::SshConnection(std::shared_ptr<Core> core) : core_(std::move(core)) {}
 
-SshConnection::~SshConnection() { core_->shutdown(); }
+SshConnection::~SshConnection() {
+  core_->shutdown();
+}
 
 void SshConnection::async_open_channel(std::string host, uint16_t port, OpenHandler handler) {
   Core& c = *core_;
@@ -1164,10 +1198,18 @@ void SshConnection::on_state_change(StateObserver observer) {
   core_->observers.push_back(std::move(observer));
 }
 
-SshConnection::State SshConnection::state() const { return core_->st; }
-std::string SshConnection::last_error() const { return core_->last_err; }
-const SshOptions& SshConnection::options() const { return core_->opt; }
-std::string SshConnection::describe() const { return core_->label; }
+SshConnection::State SshConnection::state() const {
+  return core_->st;
+}
+std::string SshConnection::last_error() const {
+  return core_->last_err;
+}
+const SshOptions& SshConnection::options() const {
+  return core_->opt;
+}
+std::string SshConnection::describe() const {
+  return core_->label;
+}
 
 SshCounters SshConnection::counters() const {
   SshCounters c = core_->totals;
@@ -1176,8 +1218,12 @@ SshCounters SshConnection::counters() const {
   return c;
 }
 
-void SshConnection::shutdown() { core_->shutdown(); }
-bool SshConnection::is_shut_down() const { return core_->shut; }
+void SshConnection::shutdown() {
+  core_->shutdown();
+}
+bool SshConnection::is_shut_down() const {
+  return core_->shut;
+}
 
 // ----------------------------------------------------------------------- SshConnectionPool
 std::shared_ptr<SshConnection> SshConnectionPool::get(const SshOptions& options) {
@@ -1188,9 +1234,10 @@ std::shared_ptr<SshConnection> SshConnectionPool::get(const SshOptions& options)
       const SshOptions& have = it->second->options();
       if (have.identity_file != options.identity_file ||
           have.known_hosts_file != options.known_hosts_file || have.ciphers != options.ciphers) {
-        spdlog::warn("ssh {}: already connected with identity {}, known_hosts {}; ignoring the "
-                     "different settings of this caller",
-                     key, have.identity_file, have.known_hosts_file);
+        spdlog::warn(
+            "ssh {}: already connected with identity {}, known_hosts {}; ignoring the "
+            "different settings of this caller",
+            key, have.identity_file, have.known_hosts_file);
       }
       return it->second;
     }

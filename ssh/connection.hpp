@@ -7,9 +7,9 @@
 // is not thread-safe per session). Handlers are never invoked from inside the initiating call.
 //
 // How it drives libssh: Asio owns the TCP socket (async resolve/connect with timeout, TCP_NODELAY,
-// SO_KEEPALIVE); libssh gets a dup of the fd (SSH_OPTIONS_FD) in non-blocking mode; whenever a libssh
-// step says SSH_AGAIN the socket gets an async_wait for read and/or write as ssh_get_poll_flags()
-// says. Nothing spins, sleeps or blocks the loop. See docs/ssh-transport.md.
+// SO_KEEPALIVE); libssh gets a dup of the fd (SSH_OPTIONS_FD) in non-blocking mode; whenever a
+// libssh step says SSH_AGAIN the socket gets an async_wait for read and/or write as
+// ssh_get_poll_flags() says. Nothing spins, sleeps or blocks the loop. See docs/ssh-transport.md.
 #include "link/transport.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -59,10 +59,10 @@ const boost::system::error_category& ssh_category();
 boost::system::error_code make_error_code(SshError e);
 
 struct SshCounters {
-  uint64_t bytes_in = 0;   // bytes read from the TCP socket (all connections so far)
-  uint64_t bytes_out = 0;  // bytes written to the TCP socket
-  uint64_t connects = 0;   // successful (re)connects
-  uint64_t reconnects = 0; // connects after the first one
+  uint64_t bytes_in = 0;    // bytes read from the TCP socket (all connections so far)
+  uint64_t bytes_out = 0;   // bytes written to the TCP socket
+  uint64_t connects = 0;    // successful (re)connects
+  uint64_t reconnects = 0;  // connects after the first one
   uint64_t channels_opened = 0;
   uint64_t channels_open = 0;  // currently open
 };

@@ -3,9 +3,9 @@
 #include "link/process_exit.hpp"
 #include "link/tcp_transport.hpp"
 
+#include <spdlog/spdlog.h>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/address.hpp>
-#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -52,21 +52,22 @@ TransportProvider make_direct_provider(asio::io_context& io, std::string host, s
         [attempt, where](const error_code& ec, asio::ip::tcp::resolver::results_type results) {
           if (attempt->finished) return;
           if (ec) {
-            attempt->finish({ec, "cannot resolve the agent's host in " + where + ": " +
-                                     ec.message(), nullptr});
+            attempt->finish(
+                {ec, "cannot resolve the agent's host in " + where + ": " + ec.message(), nullptr});
             return;
           }
-          asio::async_connect(attempt->socket, results,
-                              [attempt, where](const error_code& ec, const asio::ip::tcp::endpoint&) {
-                                if (attempt->finished) return;
-                                if (ec) {
-                                  attempt->finish({ec, "cannot connect to the agent at " + where +
-                                                           ": " + ec.message(), nullptr});
-                                  return;
-                                }
-                                attempt->finish(
-                                    {{}, {}, make_tcp_transport(std::move(attempt->socket))});
-                              });
+          asio::async_connect(
+              attempt->socket, results,
+              [attempt, where](const error_code& ec, const asio::ip::tcp::endpoint&) {
+                if (attempt->finished) return;
+                if (ec) {
+                  attempt->finish({ec,
+                                   "cannot connect to the agent at " + where + ": " + ec.message(),
+                                   nullptr});
+                  return;
+                }
+                attempt->finish({{}, {}, make_tcp_transport(std::move(attempt->socket))});
+              });
         });
   };
 }
@@ -147,8 +148,9 @@ const ConnectionInfo& HubKernel::listen() {
 }
 
 void HubKernel::start() {
-  if (!session_) throw HubKernelError("kernel " + std::to_string(options_.index) +
-                                      ": start() before listen(): call listen() first");
+  if (!session_)
+    throw HubKernelError("kernel " + std::to_string(options_.index) +
+                         ": start() before listen(): call listen() first");
   const ConnectionInfo& info = options_.connection;
   spdlog::info("[{}] listening on {} (shell {} iopub {} stdin {} control {} hb {}); agent {}",
                log_id_, options_.bind_address, info.port(ChannelKind::shell),
@@ -184,8 +186,7 @@ void HubKernel::accept_next(std::size_t i) {
       spdlog::warn("[{}] {} connection refused by the link (closed or too many streams)",
                    self->log_id_, to_string(kind));
     } else {
-      spdlog::debug("[{}] {} connection accepted as stream {}", self->log_id_, to_string(kind),
-                    id);
+      spdlog::debug("[{}] {} connection accepted as stream {}", self->log_id_, to_string(kind), id);
     }
     self->accept_next(i);
   });
@@ -303,9 +304,10 @@ void HubKernel::on_control(const nlohmann::json& m) {
     if (!signal.empty()) {
       exited.signal = ProcessExit::signal_number(signal);
       if (!exited.signal) {
-        spdlog::warn("[{}] the agent reported the kernel killed by \"{}\", which is not a signal "
-                     "name; reported without a signal",
-                     log_id_, signal);
+        spdlog::warn(
+            "[{}] the agent reported the kernel killed by \"{}\", which is not a signal "
+            "name; reported without a signal",
+            log_id_, signal);
       }
     }
     emit(exited);

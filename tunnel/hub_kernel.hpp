@@ -94,19 +94,19 @@ struct TransportResult {
 using TransportProvider = std::function<void(std::function<void(TransportResult)>)>;
 
 // A transport provider that connects over plain TCP to host:port (used with --direct).
-TransportProvider make_direct_provider(boost::asio::io_context& io, std::string host,
-                                       std::uint16_t port,
-                                       std::chrono::milliseconds timeout = std::chrono::seconds(10));
+TransportProvider make_direct_provider(
+    boost::asio::io_context& io, std::string host, std::uint16_t port,
+    std::chrono::milliseconds timeout = std::chrono::seconds(10));
 
 class HubKernel : public std::enable_shared_from_this<HubKernel> {
  public:
   struct Options {
-    int index = 0;                   // "kernel <index>" in errors, "k<index>" in logs
+    int index = 0;  // "kernel <index>" in errors, "k<index>" in logs
     // The hub-side endpoints and the Jupyter key sent to the agent in start_kernel. A port 0 is
     // chosen by listen(). Never logged.
     ConnectionInfo connection;
     std::string bind_address = "127.0.0.1";
-    std::string agent;               // "host:port", for logs and events
+    std::string agent;  // "host:port", for logs and events
     kb::auth::LinkSecret secret;
     LinkSession::Options link;
     std::chrono::milliseconds backoff_min{250}, backoff_max{10000};

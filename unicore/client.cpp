@@ -24,7 +24,8 @@ std::string percent_encode(std::string_view s, bool keep_slash) {
   static constexpr char kHex[] = "0123456789ABCDEF";
   std::string out;
   for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || (keep_slash && c == '/')) {
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~' ||
+        (keep_slash && c == '/')) {
       out += static_cast<char>(c);
     } else {
       out += '%';
@@ -89,11 +90,12 @@ struct UnicoreClient::CallState {
   Call call;
   Credentials creds;
   Callback<HttpResponse> done;
-  int attempts = 0;          // HTTP requests sent for this call so far
-  int failures = 0;          // transient failures so far (drives the backoff)
+  int attempts = 0;  // HTTP requests sent for this call so far
+  int failures = 0;  // transient failures so far (drives the backoff)
   bool session_retried = false;
   bool refreshed = false;
-  bool maybe_applied = false;  // an earlier attempt may have reached the server (DELETE → 404 is fine)
+  bool maybe_applied =
+      false;  // an earlier attempt may have reached the server (DELETE → 404 is fine)
 };
 
 UnicoreClient::UnicoreClient(asio::io_context& io, ClientOptions options)
@@ -114,7 +116,8 @@ UnicoreClient::UnicoreClient(asio::io_context& io, ClientOptions options)
   std::size_t host_end = base.find('/', scheme_end + 3);
   origin_ = base.substr(0, host_end);
   if (origin_.size() <= scheme_end + 3 || base.find_first_of("?# \t\r\n") != std::string::npos) {
-    throw std::invalid_argument("UNICORE base URL '" + base + "' has no host or contains ?, # or spaces");
+    throw std::invalid_argument("UNICORE base URL '" + base +
+                                "' has no host or contains ?, # or spaces");
   }
   if (options_.retry.max_attempts < 1) options_.retry.max_attempts = 1;
   auto salt = kb::auth::random_bytes(32);
@@ -136,8 +139,8 @@ UnicoreClient::~UnicoreClient() {
 
 std::string UnicoreClient::session_key(const Credentials& creds) const {
   std::string material = creds.authorization() + "\n" + creds.preferences.header_value();
-  auto salt = std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(session_salt_.data()),
-                                            session_salt_.size());
+  auto salt = std::span<const std::uint8_t>(
+      reinterpret_cast<const std::uint8_t*>(session_salt_.data()), session_salt_.size());
   auto data = std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(material.data()),
                                             material.size());
   auto digest = kb::auth::hmac_sha256(salt, data);
@@ -157,7 +160,8 @@ void UnicoreClient::remember_session(const std::string& key, const HttpResponse&
   }
   if (sessions_.size() >= kMaxSessions && !sessions_.count(key)) {
     auto now = std::chrono::steady_clock::now();
-    std::erase_if(sessions_, [now](const auto& kv) { return kv.second.expires && *kv.second.expires < now; });
+    std::erase_if(sessions_,
+                  [now](const auto& kv) { return kv.second.expires && *kv.second.expires < now; });
     if (sessions_.size() >= kMaxSessions) sessions_.erase(sessions_.begin());
   }
   sessions_[key] = std::move(s);
@@ -171,8 +175,8 @@ Result<std::string> UnicoreClient::same_site(const std::string& url, const char*
     }
     return url;
   }
-  return invalid_argument(std::string(what) + " '" + url + "' is not on the UNICORE site " + origin_ +
-                          "; credentials are only ever sent to the configured site");
+  return invalid_argument(std::string(what) + " '" + url + "' is not on the UNICORE site " +
+                          origin_ + "; credentials are only ever sent to the configured site");
 }
 
 Result<std::string> UnicoreClient::job_url(const std::string& id_or_url) const {
@@ -186,7 +190,8 @@ Result<std::string> UnicoreClient::job_url(const std::string& id_or_url) const {
   if (id_or_url.empty() || !std::all_of(id_or_url.begin(), id_or_url.end(), [](unsigned char c) {
         return std::isalnum(c) || c == '-' || c == '_' || c == '.';
       })) {
-    return invalid_argument("'" + id_or_url + "' is neither a job id (letters, digits, '-', '_', '.') nor a job URL");
+    return invalid_argument("'" + id_or_url +
+                            "' is neither a job id (letters, digits, '-', '_', '.') nor a job URL");
   }
   return options_.base_url + "/jobs/" + id_or_url;
 }
@@ -196,7 +201,8 @@ std::string UnicoreClient::working_directory(const JobInfo& job) const {
   return options_.base_url + "/storages/" + last_segment(job.url) + "-uspace";
 }
 
-Result<std::string> UnicoreClient::file_url(const std::string& storage, const std::string& path) const {
+Result<std::string> UnicoreClient::file_url(const std::string& storage,
+                                            const std::string& path) const {
   auto s = same_site(storage, "storage URL");
   if (!s) return s;
   std::string base = s.value();
@@ -285,7 +291,8 @@ void UnicoreClient::on_response(std::shared_ptr<CallState> state, HttpResponse r
     sessions_.erase(key);
     if (!state->session_retried) {
       state->session_retried = true;
-      spdlog::debug("unicore: security session expired at {}; retrying {} without it", options_.base_url, c.url);
+      spdlog::debug("unicore: security session expired at {}; retrying {} without it",
+                    options_.base_url, c.url);
       attempt(std::move(state));
       return;
     }
@@ -311,7 +318,8 @@ void UnicoreClient::on_response(std::shared_ptr<CallState> state, HttpResponse r
       return;
     }
   }
-  if (r.error == TransportError::none && r.status == 404 && c.method == "DELETE" && state->maybe_applied) {
+  if (r.error == TransportError::none && r.status == 404 && c.method == "DELETE" &&
+      state->maybe_applied) {
     // An earlier DELETE probably went through before its answer was lost.
     r.status = 204;
     state->done(std::move(r));
@@ -319,7 +327,8 @@ void UnicoreClient::on_response(std::shared_ptr<CallState> state, HttpResponse r
   }
 
   bool unicore_body = r.error == TransportError::none && is_unicore_error_body(r);
-  if (is_retryable(r, c.idempotent, unicore_body) && state->failures + 1 < options_.retry.max_attempts) {
+  if (is_retryable(r, c.idempotent, unicore_body) &&
+      state->failures + 1 < options_.retry.max_attempts) {
     ++state->failures;
     if (r.request_sent) state->maybe_applied = true;
     auto delay = retry_backoff_.delay(state->failures - 1);
@@ -328,17 +337,19 @@ void UnicoreClient::on_response(std::shared_ptr<CallState> state, HttpResponse r
       long s = std::strtol(after->c_str(), &end, 10);
       if (end && *end == '\0' && s > 0) {
         // Honoured up to max_delay: a site asking for more gets the error sooner instead.
-        delay = std::max(delay, std::min<std::chrono::milliseconds>(std::chrono::seconds(s), options_.retry.max_delay));
+        delay = std::max(delay, std::min<std::chrono::milliseconds>(std::chrono::seconds(s),
+                                                                    options_.retry.max_delay));
       }
     }
-    spdlog::info("unicore: {} {} failed ({}); retry {} of {} in {} ms", c.method, c.url,
-                 r.error == TransportError::none ? "HTTP " + std::to_string(r.status) : r.error_message,
-                 state->failures, options_.retry.max_attempts - 1, delay.count());
+    spdlog::info(
+        "unicore: {} {} failed ({}); retry {} of {} in {} ms", c.method, c.url,
+        r.error == TransportError::none ? "HTTP " + std::to_string(r.status) : r.error_message,
+        state->failures, options_.retry.max_attempts - 1, delay.count());
     auto timer = std::make_shared<asio::steady_timer>(io_, delay);
     std::erase_if(backoff_timers_, [](const auto& w) { return w.expired(); });
     backoff_timers_.push_back(timer);
-    timer->async_wait([this, alive = std::weak_ptr<bool>(alive_), state, timer](
-                          const boost::system::error_code& ec) {
+    timer->async_wait([this, alive = std::weak_ptr<bool>(alive_), state,
+                       timer](const boost::system::error_code& ec) {
       if (ec || alive.expired()) return;
       attempt(state);
     });
@@ -348,14 +359,15 @@ void UnicoreClient::on_response(std::shared_ptr<CallState> state, HttpResponse r
 }
 
 void UnicoreClient::finish_error(const std::shared_ptr<CallState>& state, const HttpResponse& r) {
-  RequestContext ctx{state->call.method, state->call.url, options_.base_url, state->creds.describe(),
-                     state->attempts, state->call.is_submit};
+  RequestContext ctx{state->call.method,      state->call.url, options_.base_url,
+                     state->creds.describe(), state->attempts, state->call.is_submit};
   UnicoreError e = error_from_response(r, ctx);
   spdlog::debug("unicore: {}", e.message);  // the caller reports it, with its own context
   state->done(std::move(e));
 }
 
-void UnicoreClient::get_json(const Credentials& creds, const std::string& url, Callback<json> done) {
+void UnicoreClient::get_json(const Credentials& creds, const std::string& url,
+                             Callback<json> done) {
   Call c;
   c.url = url;
   c.content_type = "application/json";  // pyunicore sends it on every JSON request (reference §2)
@@ -383,7 +395,8 @@ void UnicoreClient::get_core_info(const Credentials& creds, Callback<CoreInfo> d
   });
 }
 
-void UnicoreClient::submit(const Credentials& creds, const JobDescription& job, Callback<std::string> done) {
+void UnicoreClient::submit(const Credentials& creds, const JobDescription& job,
+                           Callback<std::string> done) {
   auto body = job.to_json(options_.gpu_mode);
   if (!body) {
     asio::post(io_, [done = std::move(done), e = body.error()]() { done(e); });
@@ -404,7 +417,8 @@ void UnicoreClient::submit(const Credentials& creds, const JobDescription& job, 
     if (r->status != 201 && r->status != 200) {
       return done(bad_reply(url, "HTTP " + std::to_string(r->status) + " instead of 201 Created"));
     }
-    if (!location || location->empty()) return done(bad_reply(url, "no Location header naming the new job"));
+    if (!location || location->empty())
+      return done(bad_reply(url, "no Location header naming the new job"));
     std::string loc = *location;
     if (loc.front() == '/') loc = origin_ + loc;
     auto job_url = same_site(loc, "new job URL");
@@ -414,8 +428,8 @@ void UnicoreClient::submit(const Credentials& creds, const JobDescription& job, 
   });
 }
 
-void UnicoreClient::post_action(const Credentials& creds, const std::string& job, const std::string& action,
-                                Callback<Done> done) {
+void UnicoreClient::post_action(const Credentials& creds, const std::string& job,
+                                const std::string& action, Callback<Done> done) {
   auto url = job_url(job);
   if (!url) {
     asio::post(io_, [done = std::move(done), e = url.error()]() { done(e); });
@@ -458,8 +472,8 @@ void UnicoreClient::remove(const Credentials& creds, const std::string& job, Cal
   });
 }
 
-void UnicoreClient::get_job(const Credentials& creds, const std::string& job, Callback<JobInfo> done,
-                            std::vector<std::string> fields) {
+void UnicoreClient::get_job(const Credentials& creds, const std::string& job,
+                            Callback<JobInfo> done, std::vector<std::string> fields) {
   auto url = job_url(job);
   if (!url) {
     asio::post(io_, [done = std::move(done), e = url.error()]() { done(e); });
@@ -472,15 +486,17 @@ void UnicoreClient::get_job(const Credentials& creds, const std::string& job, Ca
     request_url += "?fields=" + join(encoded, ",");
   }
   std::string job_url_value = url.value();
-  get_json(creds, request_url, [job_url_value, request_url, done = std::move(done)](Result<json> j) {
-    if (!j) return done(j.error());
-    auto info = parse_job(j.value(), request_url);
-    if (info) info->url = job_url_value;
-    done(std::move(info));
-  });
+  get_json(creds, request_url,
+           [job_url_value, request_url, done = std::move(done)](Result<json> j) {
+             if (!j) return done(j.error());
+             auto info = parse_job(j.value(), request_url);
+             if (info) info->url = job_url_value;
+             done(std::move(info));
+           });
 }
 
-void UnicoreClient::get_details(const Credentials& creds, const std::string& job, Callback<JobDetails> done) {
+void UnicoreClient::get_details(const Credentials& creds, const std::string& job,
+                                Callback<JobDetails> done) {
   auto url = job_url(job);
   if (!url) {
     asio::post(io_, [done = std::move(done), e = url.error()]() { done(e); });
@@ -515,27 +531,28 @@ void UnicoreClient::list_jobs(const Credentials& creds, ListJobsQuery query,
 void UnicoreClient::list_page(const Credentials& creds, std::string url,
                               std::shared_ptr<std::vector<std::string>> acc,
                               Callback<std::vector<std::string>> done) {
-  get_json(creds, url, [this, alive = std::weak_ptr<bool>(alive_), creds, url, acc,
-                        done = std::move(done)](Result<json> j) mutable {
-    if (alive.expired()) return;
-    if (!j) return done(j.error());
-    auto page = parse_job_list(j.value(), url);
-    if (!page) return done(page.error());
-    for (auto& job : page->jobs) {
-      if (acc->size() >= options_.max_listed_jobs) break;
-      acc->push_back(std::move(job));
-    }
-    if (!page->next || page->jobs.empty() || acc->size() >= options_.max_listed_jobs) {
-      return done(std::move(*acc));
-    }
-    auto next = same_site(*page->next, "next page URL");
-    if (!next) return done(bad_reply(url, next.error().message));
-    list_page(creds, next.value(), acc, std::move(done));
-  });
+  get_json(creds, url,
+           [this, alive = std::weak_ptr<bool>(alive_), creds, url, acc,
+            done = std::move(done)](Result<json> j) mutable {
+             if (alive.expired()) return;
+             if (!j) return done(j.error());
+             auto page = parse_job_list(j.value(), url);
+             if (!page) return done(page.error());
+             for (auto& job : page->jobs) {
+               if (acc->size() >= options_.max_listed_jobs) break;
+               acc->push_back(std::move(job));
+             }
+             if (!page->next || page->jobs.empty() || acc->size() >= options_.max_listed_jobs) {
+               return done(std::move(*acc));
+             }
+             auto next = same_site(*page->next, "next page URL");
+             if (!next) return done(bad_reply(url, next.error().message));
+             list_page(creds, next.value(), acc, std::move(done));
+           });
 }
 
-void UnicoreClient::stat(const Credentials& creds, const std::string& storage, const std::string& path,
-                         Callback<FileInfo> done) {
+void UnicoreClient::stat(const Credentials& creds, const std::string& storage,
+                         const std::string& path, Callback<FileInfo> done) {
   auto url = file_url(storage, path);
   if (!url) {
     asio::post(io_, [done = std::move(done), e = url.error()]() { done(e); });
@@ -548,9 +565,9 @@ void UnicoreClient::stat(const Credentials& creds, const std::string& storage, c
   });
 }
 
-void UnicoreClient::download(const Credentials& creds, const std::string& storage, const std::string& path,
-                             std::optional<ByteRange> range, Callback<Download> done,
-                             std::optional<std::size_t> max_bytes) {
+void UnicoreClient::download(const Credentials& creds, const std::string& storage,
+                             const std::string& path, std::optional<ByteRange> range,
+                             Callback<Download> done, std::optional<std::size_t> max_bytes) {
   auto url = file_url(storage, path);
   if (!url) {
     asio::post(io_, [done = std::move(done), e = url.error()]() { done(e); });
@@ -580,8 +597,8 @@ void UnicoreClient::download(const Credentials& creds, const std::string& storag
   });
 }
 
-void UnicoreClient::upload(const Credentials& creds, const std::string& storage, const std::string& path,
-                           std::string bytes, Callback<Done> done) {
+void UnicoreClient::upload(const Credentials& creds, const std::string& storage,
+                           const std::string& path, std::string bytes, Callback<Done> done) {
   auto url = file_url(storage, path);
   if (!url || path.empty() || path == "/") {
     auto e = url ? invalid_argument("upload needs a file path, not the storage root") : url.error();

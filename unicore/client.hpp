@@ -36,11 +36,11 @@ struct ClientOptions {
   GpuMode gpu_mode = GpuMode::gpus_per_node;
   // Seed of the retry delays' jitter. Unset: kb::backoff_seed() (replayable via KB_BACKOFF_SEED).
   std::optional<std::uint64_t> jitter_seed;
-  std::size_t max_listed_jobs = 10'000;      // list_jobs stops following pages here
+  std::size_t max_listed_jobs = 10'000;  // list_jobs stops following pages here
 };
 
-// Asked when a site refuses credentials (401/403). Given the refused credentials, it answers — now or
-// later, on the io_context's thread — with fresh ones (the request is retried once with them) or
+// Asked when a site refuses credentials (401/403). Given the refused credentials, it answers — now
+// or later, on the io_context's thread — with fresh ones (the request is retried once with them) or
 // nullopt (the request fails with ErrorKind::refused).
 using RefreshHook = std::function<void(const Credentials& refused,
                                        std::function<void(std::optional<Credentials>)> reply)>;
@@ -53,7 +53,7 @@ struct ListJobsQuery {
 
 struct Download {
   std::string bytes;
-  bool partial = false;                    // 206: the server honoured the range
+  bool partial = false;                     // 206: the server honoured the range
   std::optional<std::uint64_t> total_size;  // from Content-Range, when partial
 };
 
@@ -91,12 +91,14 @@ class UnicoreClient {
   // DELETE: aborts the job and deletes its working directory.
   void remove(const Credentials& creds, const std::string& job, Callback<Done> done);
 
-  // GET the job's properties; `fields` limits the reply (e.g. {"status","statusMessage","exitCode"}).
+  // GET the job's properties; `fields` limits the reply (e.g.
+  // {"status","statusMessage","exitCode"}).
   void get_job(const Credentials& creds, const std::string& job, Callback<JobInfo> done,
                std::vector<std::string> fields = {});
   void get_details(const Credentials& creds, const std::string& job, Callback<JobDetails> done);
   // Job URLs, following the site's paging up to options().max_listed_jobs.
-  void list_jobs(const Credentials& creds, ListJobsQuery query, Callback<std::vector<std::string>> done);
+  void list_jobs(const Credentials& creds, ListJobsQuery query,
+                 Callback<std::vector<std::string>> done);
 
   // Files in a storage (normally a job's working directory, JobInfo::working_directory). `path` is
   // relative to the storage root; "" or "/" is the root.
@@ -111,7 +113,8 @@ class UnicoreClient {
   // A job id or a full job URL → the job URL. Full URLs must belong to this site (same scheme, host
   // and port): credentials are never sent anywhere else.
   Result<std::string> job_url(const std::string& id_or_url) const;
-  // The storage URL of a job's working directory: its workingDirectory link, else BASE/storages/<id>-uspace.
+  // The storage URL of a job's working directory: its workingDirectory link, else
+  // BASE/storages/<id>-uspace.
   std::string working_directory(const JobInfo& job) const;
 
   // Exposed for tests and the CLI's --json output.
@@ -133,7 +136,8 @@ class UnicoreClient {
   void get_json(const Credentials& creds, const std::string& url, Callback<nlohmann::json> done);
   void post_action(const Credentials& creds, const std::string& job, const std::string& action,
                    Callback<Done> done);
-  void list_page(const Credentials& creds, std::string url, std::shared_ptr<std::vector<std::string>> acc,
+  void list_page(const Credentials& creds, std::string url,
+                 std::shared_ptr<std::vector<std::string>> acc,
                  Callback<std::vector<std::string>> done);
   Result<std::string> same_site(const std::string& url, const char* what) const;
   std::string session_key(const Credentials& creds) const;
@@ -147,7 +151,8 @@ class UnicoreClient {
   kb::Backoff retry_backoff_;  // options_.retry's delays; each request counts its own failures
   std::string session_salt_;
   std::unordered_map<std::string, Session> sessions_;  // per credentials (keyed by a salted hash)
-  std::vector<std::weak_ptr<boost::asio::steady_timer>> backoff_timers_;  // cancelled on destruction
+  std::vector<std::weak_ptr<boost::asio::steady_timer>>
+      backoff_timers_;  // cancelled on destruction
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 

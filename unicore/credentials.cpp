@@ -22,10 +22,9 @@ bool preference_value_ok(std::string_view value) {
 }
 
 UnicoreError bad_preferences(std::string why) {
-  return UnicoreError{ErrorKind::invalid_argument, 0,
-                      "bad user preferences: " + why +
-                          " (expected e.g. uid:alice,group:proj1,role:user)",
-                      "", ""};
+  return UnicoreError{
+      ErrorKind::invalid_argument, 0,
+      "bad user preferences: " + why + " (expected e.g. uid:alice,group:proj1,role:user)", "", ""};
 }
 
 }  // namespace
@@ -58,29 +57,39 @@ Result<Preferences> Preferences::parse(std::string_view text) {
   std::size_t pos = 0;
   while (pos <= text.size()) {
     std::size_t comma = text.find(',', pos);
-    std::string_view item = text.substr(pos, comma == std::string_view::npos ? text.npos : comma - pos);
+    std::string_view item =
+        text.substr(pos, comma == std::string_view::npos ? text.npos : comma - pos);
     pos = comma == std::string_view::npos ? text.size() + 1 : comma + 1;
     if (item.empty()) continue;
     auto colon = item.find(':');
-    if (colon == std::string_view::npos) return bad_preferences("'" + std::string(item) + "' has no ':'");
+    if (colon == std::string_view::npos)
+      return bad_preferences("'" + std::string(item) + "' has no ':'");
     std::string_view key = item.substr(0, colon);
     std::string_view value = item.substr(colon + 1);
     if (key == "supgids") {
       std::size_t s = 0;
       while (s <= value.size()) {
         std::size_t plus = value.find('+', s);
-        std::string_view g = value.substr(s, plus == std::string_view::npos ? value.npos : plus - s);
-        if (!preference_value_ok(g)) return bad_preferences("bad supplementary group in '" + std::string(item) + "'");
+        std::string_view g =
+            value.substr(s, plus == std::string_view::npos ? value.npos : plus - s);
+        if (!preference_value_ok(g))
+          return bad_preferences("bad supplementary group in '" + std::string(item) + "'");
         p.supplementary_groups.emplace_back(g);
         s = plus == std::string_view::npos ? value.size() + 1 : plus + 1;
       }
       continue;
     }
-    if (!preference_value_ok(value)) return bad_preferences("bad value in '" + std::string(item) + "'");
-    if (key == "uid") p.uid = value;
-    else if (key == "group" || key == "pgid") p.group = value;
-    else if (key == "role") p.role = value;
-    else return bad_preferences("unknown key '" + std::string(key) + "' (known: uid, group, role, supgids)");
+    if (!preference_value_ok(value))
+      return bad_preferences("bad value in '" + std::string(item) + "'");
+    if (key == "uid")
+      p.uid = value;
+    else if (key == "group" || key == "pgid")
+      p.group = value;
+    else if (key == "role")
+      p.role = value;
+    else
+      return bad_preferences("unknown key '" + std::string(key) +
+                             "' (known: uid, group, role, supgids)");
   }
   return p;
 }
@@ -110,18 +119,24 @@ Credentials Credentials::anonymous(Preferences preferences) {
 
 std::string Credentials::authorization() const {
   switch (kind) {
-    case Kind::bearer: return "Bearer " + token;
-    case Kind::basic: return "Basic " + base64_encode(user + ":" + password);
-    case Kind::none: return {};
+    case Kind::bearer:
+      return "Bearer " + token;
+    case Kind::basic:
+      return "Basic " + base64_encode(user + ":" + password);
+    case Kind::none:
+      return {};
   }
   return {};
 }
 
 std::string Credentials::describe() const {
   switch (kind) {
-    case Kind::bearer: return "a bearer token";
-    case Kind::basic: return "user '" + user + "' (password)";
-    case Kind::none: return "no credentials (anonymous)";
+    case Kind::bearer:
+      return "a bearer token";
+    case Kind::basic:
+      return "user '" + user + "' (password)";
+    case Kind::none:
+      return "no credentials (anonymous)";
   }
   return "?";
 }
@@ -129,7 +144,8 @@ std::string Credentials::describe() const {
 std::string Credentials::validate() const {
   if (kind == Kind::bearer) {
     if (token.empty()) return "the bearer token is empty";
-    if (!header_safe(token)) return "the bearer token contains a control character (e.g. a newline)";
+    if (!header_safe(token))
+      return "the bearer token contains a control character (e.g. a newline)";
     for (unsigned char c : token) {
       if (c == ' ') return "the bearer token contains a space";
     }
@@ -152,7 +168,8 @@ std::string base64_encode(std::string_view bytes) {
   std::size_t i = 0;
   for (; i + 2 < bytes.size(); i += 3) {
     unsigned v = (static_cast<unsigned char>(bytes[i]) << 16) |
-                 (static_cast<unsigned char>(bytes[i + 1]) << 8) | static_cast<unsigned char>(bytes[i + 2]);
+                 (static_cast<unsigned char>(bytes[i + 1]) << 8) |
+                 static_cast<unsigned char>(bytes[i + 2]);
     out += kAlphabet[(v >> 18) & 63];
     out += kAlphabet[(v >> 12) & 63];
     out += kAlphabet[(v >> 6) & 63];
@@ -165,7 +182,8 @@ std::string base64_encode(std::string_view bytes) {
     out += kAlphabet[(v >> 12) & 63];
     out += "==";
   } else if (rest == 2) {
-    unsigned v = (static_cast<unsigned char>(bytes[i]) << 16) | (static_cast<unsigned char>(bytes[i + 1]) << 8);
+    unsigned v = (static_cast<unsigned char>(bytes[i]) << 16) |
+                 (static_cast<unsigned char>(bytes[i + 1]) << 8);
     out += kAlphabet[(v >> 18) & 63];
     out += kAlphabet[(v >> 12) & 63];
     out += kAlphabet[(v >> 6) & 63];

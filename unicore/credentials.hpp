@@ -1,8 +1,8 @@
 #pragma once
 // Who a UNICORE request acts for: a bearer token (the normal case: the user's OIDC access token),
-// Basic user/password (test sites), or nobody (anonymous), plus the user's preferences (uid, group =
-// HPC project, role). Plain values; usable from any thread. Secrets are never logged: describe() omits
-// them.
+// Basic user/password (test sites), or nobody (anonymous), plus the user's preferences (uid, group
+// = HPC project, role). Plain values; usable from any thread. Secrets are never logged: describe()
+// omits them.
 #include <string>
 #include <string_view>
 #include <vector>

@@ -33,7 +33,8 @@ Result<std::vector<std::string>> expand_ranges(std::string_view list, std::strin
   std::size_t pos = 0;
   while (pos <= body.size()) {
     std::size_t comma = body.find(',', pos);
-    std::string_view part = body.substr(pos, comma == std::string_view::npos ? body.npos : comma - pos);
+    std::string_view part =
+        body.substr(pos, comma == std::string_view::npos ? body.npos : comma - pos);
     pos = comma == std::string_view::npos ? body.size() + 1 : comma + 1;
     auto dash = part.find('-');
     std::string_view lo = part.substr(0, dash);
@@ -61,7 +62,8 @@ Result<std::vector<std::string>> expand_item(std::string_view list, std::string_
   std::size_t pos = 0;
   while (pos < item.size()) {
     std::size_t open = item.find('[', pos);
-    std::string_view literal = item.substr(pos, open == std::string_view::npos ? item.npos : open - pos);
+    std::string_view literal =
+        item.substr(pos, open == std::string_view::npos ? item.npos : open - pos);
     if (literal.find(']') != std::string_view::npos) return hostlist_error(list, "unbalanced ']'");
     for (auto& n : names) n.append(literal);
     if (open == std::string_view::npos) break;

@@ -12,6 +12,7 @@ namespace kb::unicore {
 
 // Host names in order of appearance. Errors (kind bad_reply) name the offending part; expansions of
 // more than `max_hosts` names are refused so a hostile value cannot exhaust memory.
-Result<std::vector<std::string>> expand_hostlist(std::string_view list, std::size_t max_hosts = 65536);
+Result<std::vector<std::string>> expand_hostlist(std::string_view list,
+                                                 std::size_t max_hosts = 65536);
 
 }  // namespace kb::unicore

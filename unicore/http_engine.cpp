@@ -4,8 +4,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <cctype>
 #include <mutex>
@@ -17,15 +17,24 @@ namespace asio = boost::asio;
 
 const char* to_string(TransportError error) {
   switch (error) {
-    case TransportError::none: return "none";
-    case TransportError::resolve: return "resolve";
-    case TransportError::connect: return "connect";
-    case TransportError::tls: return "tls";
-    case TransportError::timeout: return "timeout";
-    case TransportError::body_too_large: return "body_too_large";
-    case TransportError::send: return "send";
-    case TransportError::receive: return "receive";
-    case TransportError::other: return "other";
+    case TransportError::none:
+      return "none";
+    case TransportError::resolve:
+      return "resolve";
+    case TransportError::connect:
+      return "connect";
+    case TransportError::tls:
+      return "tls";
+    case TransportError::timeout:
+      return "timeout";
+    case TransportError::body_too_large:
+      return "body_too_large";
+    case TransportError::send:
+      return "send";
+    case TransportError::receive:
+      return "receive";
+    case TransportError::other:
+      return "other";
   }
   return "other";
 }
@@ -63,11 +72,15 @@ void global_init_once() {
 
 TransportError classify(CURLcode rc, bool body_overflow) {
   switch (rc) {
-    case CURLE_OK: return TransportError::none;
+    case CURLE_OK:
+      return TransportError::none;
     case CURLE_COULDNT_RESOLVE_HOST:
-    case CURLE_COULDNT_RESOLVE_PROXY: return TransportError::resolve;
-    case CURLE_COULDNT_CONNECT: return TransportError::connect;
-    case CURLE_OPERATION_TIMEDOUT: return TransportError::timeout;
+    case CURLE_COULDNT_RESOLVE_PROXY:
+      return TransportError::resolve;
+    case CURLE_COULDNT_CONNECT:
+      return TransportError::connect;
+    case CURLE_OPERATION_TIMEDOUT:
+      return TransportError::timeout;
     case CURLE_SSL_CONNECT_ERROR:
     case CURLE_PEER_FAILED_VERIFICATION:
     case CURLE_SSL_CACERT_BADFILE:
@@ -76,13 +89,18 @@ TransportError classify(CURLcode rc, bool body_overflow) {
     case CURLE_SSL_ISSUER_ERROR:
     case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
     case CURLE_SSL_INVALIDCERTSTATUS:
-    case CURLE_SSL_CRL_BADFILE: return TransportError::tls;
-    case CURLE_WRITE_ERROR: return body_overflow ? TransportError::body_too_large : TransportError::other;
-    case CURLE_SEND_ERROR: return TransportError::send;
+    case CURLE_SSL_CRL_BADFILE:
+      return TransportError::tls;
+    case CURLE_WRITE_ERROR:
+      return body_overflow ? TransportError::body_too_large : TransportError::other;
+    case CURLE_SEND_ERROR:
+      return TransportError::send;
     case CURLE_RECV_ERROR:
     case CURLE_GOT_NOTHING:
-    case CURLE_PARTIAL_FILE: return TransportError::receive;
-    default: return TransportError::other;
+    case CURLE_PARTIAL_FILE:
+      return TransportError::receive;
+    default:
+      return TransportError::other;
   }
 }
 
@@ -107,9 +125,9 @@ struct Transfer {
   char error_buffer[CURL_ERROR_SIZE] = {0};
 };
 
-// One socket curl asked us to watch. The descriptor wraps curl's own fd: curl owns and closes it, so
-// on CURL_POLL_REMOVE (which curl sends before it closes the fd) we release() it — deregistering it
-// from Asio's reactor without closing it. Pending waits then complete with operation_aborted.
+// One socket curl asked us to watch. The descriptor wraps curl's own fd: curl owns and closes it,
+// so on CURL_POLL_REMOVE (which curl sends before it closes the fd) we release() it — deregistering
+// it from Asio's reactor without closing it. Pending waits then complete with operation_aborted.
 struct SocketWatch {
   SocketWatch(asio::io_context& io, curl_socket_t fd) : descriptor(io, fd), fd(fd) {}
   asio::posix::stream_descriptor descriptor;
@@ -178,11 +196,11 @@ struct HttpEngine::Impl {
     }
     // Even a 0 ms timeout goes through the loop: curl forbids calling socket_action from here.
     self->timer.expires_after(std::chrono::milliseconds(timeout_ms));
-    self->timer.async_wait([self, alive = std::weak_ptr<bool>(self->alive)](
-                               const boost::system::error_code& ec) {
-      if (ec || alive.expired()) return;
-      self->socket_action(CURL_SOCKET_TIMEOUT, 0);
-    });
+    self->timer.async_wait(
+        [self, alive = std::weak_ptr<bool>(self->alive)](const boost::system::error_code& ec) {
+          if (ec || alive.expired()) return;
+          self->socket_action(CURL_SOCKET_TIMEOUT, 0);
+        });
     return 0;
   }
 
@@ -227,7 +245,8 @@ struct HttpEngine::Impl {
   void socket_action(curl_socket_t fd, int events) {
     int running = 0;
     CURLMcode rc = curl_multi_socket_action(multi.get(), fd, events, &running);
-    if (rc != CURLM_OK) spdlog::error("unicore http: curl_multi_socket_action: {}", curl_multi_strerror(rc));
+    if (rc != CURLM_OK)
+      spdlog::error("unicore http: curl_multi_socket_action: {}", curl_multi_strerror(rc));
     collect_finished();
   }
 
@@ -256,7 +275,8 @@ struct HttpEngine::Impl {
     if (r.error != TransportError::none) {
       r.error_message = t->error_buffer[0] ? std::string(t->error_buffer) : curl_easy_strerror(rc);
       if (r.error == TransportError::body_too_large) {
-        r.error_message = "reply body larger than " + std::to_string(t->request.max_body) + " bytes";
+        r.error_message =
+            "reply body larger than " + std::to_string(t->request.max_body) + " bytes";
       }
     }
     r.elapsed = std::chrono::duration_cast<std::chrono::microseconds>(
@@ -353,8 +373,10 @@ struct HttpEngine::Impl {
     curl_slist* list = nullptr;
     auto append = [&](const std::string& h) {
       curl_slist* next = curl_slist_append(list, h.c_str());
-      if (!next) ok = false;
-      else list = next;
+      if (!next)
+        ok = false;
+      else
+        list = next;
     };
     for (const auto& h : rq.headers) append(h);
     // No "Expect: 100-continue" round trip for large uploads; UNICORE answers errors anyway.
@@ -365,7 +387,8 @@ struct HttpEngine::Impl {
 
     CURLMcode mrc = curl_multi_add_handle(multi.get(), e);
     if (mrc != CURLM_OK) {
-      return fail_now(std::move(t), std::string("curl_multi_add_handle: ") + curl_multi_strerror(mrc));
+      return fail_now(std::move(t),
+                      std::string("curl_multi_add_handle: ") + curl_multi_strerror(mrc));
     }
     transfers.emplace(e, std::move(t));
   }
@@ -391,6 +414,8 @@ void HttpEngine::start(HttpRequest request, Callback done) {
   impl_->start(std::move(request), std::move(done));
 }
 
-std::size_t HttpEngine::in_flight() const { return impl_->transfers.size(); }
+std::size_t HttpEngine::in_flight() const {
+  return impl_->transfers.size();
+}
 
 }  // namespace kb::unicore

@@ -21,7 +21,7 @@ struct TlsOptions {
 };
 
 struct HttpRequest {
-  std::string method = "GET";        // GET, POST, PUT or DELETE
+  std::string method = "GET";  // GET, POST, PUT or DELETE
   std::string url;
   std::vector<std::string> headers;  // "Name: value"
   std::string body;
@@ -62,7 +62,8 @@ struct HttpResponse {
 };
 
 // Who may call: only the thread running the io_context given to the constructor (the bridge's event
-// loop or the CLI's). Construct, start() and destroy there; callbacks are posted to that io_context.
+// loop or the CLI's). Construct, start() and destroy there; callbacks are posted to that
+// io_context.
 class HttpEngine {
  public:
   using Callback = std::function<void(HttpResponse)>;
@@ -73,8 +74,8 @@ class HttpEngine {
   HttpEngine(const HttpEngine&) = delete;
   HttpEngine& operator=(const HttpEngine&) = delete;
 
-  // Starts the request; never blocks. `done` is always called exactly once (later, via post), unless
-  // the engine is destroyed first.
+  // Starts the request; never blocks. `done` is always called exactly once (later, via post),
+  // unless the engine is destroyed first.
   void start(HttpRequest request, Callback done);
 
   std::size_t in_flight() const;

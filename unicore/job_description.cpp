@@ -32,7 +32,8 @@ bool relative_path_ok(const std::string& path) {
   std::size_t pos = 0;
   while (pos <= path.size()) {
     std::size_t slash = path.find('/', pos);
-    std::string part = path.substr(pos, slash == std::string::npos ? std::string::npos : slash - pos);
+    std::string part =
+        path.substr(pos, slash == std::string::npos ? std::string::npos : slash - pos);
     if (part == "..") return false;
     pos = slash == std::string::npos ? path.size() + 1 : slash + 1;
   }
@@ -65,11 +66,16 @@ std::optional<long> parse_runtime_seconds(const std::string& runtime) {
   long value = std::stol(runtime.substr(0, i));
   std::string unit = runtime.substr(i);
   long factor = 0;
-  if (unit.empty() || unit == "s" || unit == "sec") factor = 1;
-  else if (unit == "m" || unit == "min") factor = 60;
-  else if (unit == "h") factor = 3600;
-  else if (unit == "d") factor = 86400;
-  else return std::nullopt;
+  if (unit.empty() || unit == "s" || unit == "sec")
+    factor = 1;
+  else if (unit == "m" || unit == "min")
+    factor = 60;
+  else if (unit == "h")
+    factor = 3600;
+  else if (unit == "d")
+    factor = 86400;
+  else
+    return std::nullopt;
   return value * factor;
 }
 
@@ -81,8 +87,10 @@ Result<nlohmann::json> JobDescription::to_json(GpuMode gpu_mode) const {
     if (has_control(a)) return invalid("an argument contains a control character");
   }
   for (const auto& [k, v] : environment) {
-    if (!env_name_ok(k)) return invalid("environment variable name '" + k + "' is not an identifier");
-    if (has_control(v)) return invalid("environment variable " + k + " contains a control character");
+    if (!env_name_ok(k))
+      return invalid("environment variable name '" + k + "' is not an identifier");
+    if (has_control(v))
+      return invalid("environment variable " + k + " contains a control character");
   }
   const JobResources& r = resources;
   if (r.nodes && *r.nodes <= 0) return invalid("Nodes must be at least 1");
@@ -127,8 +135,8 @@ Result<nlohmann::json> JobDescription::to_json(GpuMode gpu_mode) const {
   if (r.memory) res["Memory"] = *r.memory;
   if (r.cpus_per_node) res["CPUsPerNode"] = std::to_string(*r.cpus_per_node);
 
-  bool raw = gpu_mode == GpuMode::batch_lines && ((r.gpus_per_node && *r.gpus_per_node > 0) ||
-                                                   !extra_batch_lines.empty());
+  bool raw = gpu_mode == GpuMode::batch_lines &&
+             ((r.gpus_per_node && *r.gpus_per_node > 0) || !extra_batch_lines.empty());
   if (gpu_mode == GpuMode::gpus_per_node && r.gpus_per_node) {
     res["GPUsPerNode"] = std::to_string(*r.gpus_per_node);
   }
@@ -137,7 +145,8 @@ Result<nlohmann::json> JobDescription::to_json(GpuMode gpu_mode) const {
   json imports = json::array();
   for (const auto& im : this->imports) {
     if (!relative_path_ok(im.to)) {
-      return invalid("import target '" + im.to + "' must be a relative path inside the job directory");
+      return invalid("import target '" + im.to +
+                     "' must be a relative path inside the job directory");
     }
     if (im.data.has_value() == im.from.has_value()) {
       return invalid("import '" + im.to + "' needs exactly one of inline data or a source (From)");
@@ -155,7 +164,8 @@ Result<nlohmann::json> JobDescription::to_json(GpuMode gpu_mode) const {
     if (job_type && *job_type != "BATCH" && *job_type != "raw") {
       return invalid("raw batch lines need a batch job, not Job type " + *job_type);
     }
-    if (!relative_path_ok(bss_file)) return invalid("BSS file name '" + bss_file + "' is not a relative path");
+    if (!relative_path_ok(bss_file))
+      return invalid("BSS file name '" + bss_file + "' is not a relative path");
     // The raw header replaces the one UNICORE would generate, so it carries every resource.
     std::string header = "#!/bin/bash\n";
     auto line = [&header](const std::string& l) { header += "#SBATCH " + l + "\n"; };
@@ -169,7 +179,8 @@ Result<nlohmann::json> JobDescription::to_json(GpuMode gpu_mode) const {
     if (r.qos) line("--qos=" + *r.qos);
     if (r.reservation) line("--reservation=" + *r.reservation);
     if (r.node_constraints) line("--constraint=" + *r.node_constraints);
-    if (r.gpus_per_node && *r.gpus_per_node > 0) line("--gpus-per-node=" + std::to_string(*r.gpus_per_node));
+    if (r.gpus_per_node && *r.gpus_per_node > 0)
+      line("--gpus-per-node=" + std::to_string(*r.gpus_per_node));
     for (const auto& l : extra_batch_lines) header += l + "\n";
     json e = json::object();
     e["To"] = bss_file;

@@ -1,6 +1,6 @@
 #pragma once
-// A UNICORE job description (the UNICORE/X REST API's job JSON; the fields the test site accepts are
-// in tests/unicore_site/unicore_site.py) and its JSON form. Plain value; any thread.
+// A UNICORE job description (the UNICORE/X REST API's job JSON; the fields the test site accepts
+// are in tests/unicore_site/unicore_site.py) and its JSON form. Plain value; any thread.
 #include <nlohmann/json.hpp>
 
 #include <map>
@@ -35,8 +35,8 @@ struct JobResources {
   std::optional<int> gpus_per_node;
 };
 
-// A file to put into the job's working directory before it runs: inline text (`data`) or a copy from
-// a URL/path (`from`).
+// A file to put into the job's working directory before it runs: inline text (`data`) or a copy
+// from a URL/path (`from`).
 struct JobImport {
   std::string to;
   std::optional<std::string> data;
@@ -55,16 +55,20 @@ struct JobDescription {
   std::vector<std::string> tags;
   std::optional<std::string> stdout_file;
   std::optional<std::string> stderr_file;
-  std::optional<std::string> job_type;  // "BATCH" (default) or "ON_LOGIN_NODE"; "raw" is set by batch_lines
-  bool have_client_stage_in = false;    // the job waits for uploads and an explicit start()
-  std::vector<std::string> extra_batch_lines;  // added verbatim to the raw header (batch_lines mode)
-  std::string bss_file = "kb-batch-header.sh"; // name of the staged raw header (batch_lines mode)
+  std::optional<std::string>
+      job_type;  // "BATCH" (default) or "ON_LOGIN_NODE"; "raw" is set by batch_lines
+  bool have_client_stage_in = false;  // the job waits for uploads and an explicit start()
+  std::vector<std::string>
+      extra_batch_lines;  // added verbatim to the raw header (batch_lines mode)
+  std::string bss_file = "kb-batch-header.sh";  // name of the staged raw header (batch_lines mode)
 
-  // The JSON body for POST BASE/jobs. Validates first (kind invalid_argument, saying what is wrong).
+  // The JSON body for POST BASE/jobs. Validates first (kind invalid_argument, saying what is
+  // wrong).
   Result<nlohmann::json> to_json(GpuMode gpu_mode) const;
 };
 
-// Runtime in seconds from "3600", "90s", "30min", "2h", "1d" (as UNICORE reads it); nullopt if malformed.
+// Runtime in seconds from "3600", "90s", "30min", "2h", "1d" (as UNICORE reads it); nullopt if
+// malformed.
 std::optional<long> parse_runtime_seconds(const std::string& runtime);
 
 }  // namespace kb::unicore

@@ -53,7 +53,9 @@ std::chrono::milliseconds PollSchedule::after_error() {
 
 JobWatcher::JobWatcher(Poll poll, std::unique_ptr<kb::Timer> timer, WatchHandlers handlers,
                        WatchPolicy policy, std::uint64_t seed)
-    : poll_(std::move(poll)), timer_(std::move(timer)), handlers_(std::move(handlers)),
+    : poll_(std::move(poll)),
+      timer_(std::move(timer)),
+      handlers_(std::move(handlers)),
       schedule_(policy, seed) {}
 
 std::shared_ptr<JobWatcher> JobWatcher::create(Poll poll, std::unique_ptr<kb::Timer> timer,
@@ -66,8 +68,8 @@ std::shared_ptr<JobWatcher> JobWatcher::create(Poll poll, std::unique_ptr<kb::Ti
 std::shared_ptr<JobWatcher> JobWatcher::create(UnicoreClient& client, boost::asio::io_context& io,
                                                Credentials creds, std::string job,
                                                WatchHandlers handlers, WatchPolicy policy) {
-  Poll poll = [&client, creds = std::move(creds), job = std::move(job)](
-                  std::function<void(Result<JobInfo>)> done) {
+  Poll poll = [&client, creds = std::move(creds),
+               job = std::move(job)](std::function<void(Result<JobInfo>)> done) {
     client.get_job(creds, job, std::move(done), {"status", "statusMessage", "exitCode"});
   };
   return create(std::move(poll), kb::make_asio_timer(io), std::move(handlers), policy);
@@ -96,7 +98,8 @@ void JobWatcher::poll_now() {
   });
 }
 
-// Runs inside poll_now's callback, which holds a shared_ptr: handlers may drop the caller's last one.
+// Runs inside poll_now's callback, which holds a shared_ptr: handlers may drop the caller's last
+// one.
 void JobWatcher::on_result(Result<JobInfo> result) {
   auto schedule_next = [this](std::chrono::milliseconds delay) {
     timer_->wait(delay, [weak = weak_from_this()] {
@@ -113,7 +116,8 @@ void JobWatcher::on_result(Result<JobInfo> result) {
     return;
   }
   const JobInfo& info = result.value();
-  bool changed = !last_status_ || *last_status_ != info.status || last_message_ != info.status_message;
+  bool changed =
+      !last_status_ || *last_status_ != info.status || last_message_ != info.status_message;
   last_status_ = info.status;
   last_message_ = info.status_message;
   if (changed && handlers_.on_change) handlers_.on_change(info);

@@ -1,7 +1,8 @@
 #pragma once
 // Follows a UNICORE job's status by polling GET job?fields=status,statusMessage,exitCode at an
 // adaptive, jittered interval: fast while the job is starting (READY, STAGINGIN) and right after it
-// starts RUNNING, backing off while it waits in the batch queue (QUEUED) and while it runs steadily.
+// starts RUNNING, backing off while it waits in the batch queue (QUEUED) and while it runs
+// steadily.
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -91,8 +92,8 @@ class JobWatcher : public std::enable_shared_from_this<JobWatcher> {
   bool running() const { return running_; }
 
  private:
-  JobWatcher(Poll poll, std::unique_ptr<kb::Timer> timer, WatchHandlers handlers, WatchPolicy policy,
-             std::uint64_t seed);
+  JobWatcher(Poll poll, std::unique_ptr<kb::Timer> timer, WatchHandlers handlers,
+             WatchPolicy policy, std::uint64_t seed);
   void poll_now();
   void on_result(Result<JobInfo> result);
 

@@ -53,15 +53,20 @@ std::string html_summary(const std::string& body) {
   auto t = l.find("<title>");
   if (t != std::string::npos) {
     auto e = l.find("</title>", t);
-    if (e != std::string::npos) return printable_snippet(std::string_view(body).substr(t + 7, e - t - 7));
+    if (e != std::string::npos)
+      return printable_snippet(std::string_view(body).substr(t + 7, e - t - 7));
   }
   // No title: the text without tags.
   std::string text;
   bool in_tag = false;
   for (char c : std::string_view(body).substr(0, 65536)) {
-    if (c == '<') in_tag = true;
-    else if (c == '>') { in_tag = false; text += ' '; }
-    else if (!in_tag) text += c;
+    if (c == '<')
+      in_tag = true;
+    else if (c == '>') {
+      in_tag = false;
+      text += ' ';
+    } else if (!in_tag)
+      text += c;
   }
   return printable_snippet(text);
 }
@@ -71,12 +76,16 @@ bool depth_within(std::string_view body, int max_depth) {
   bool in_string = false, escaped = false;
   for (char c : body) {
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
       continue;
     }
-    if (c == '"') in_string = true;
+    if (c == '"')
+      in_string = true;
     else if (c == '[' || c == '{') {
       if (++depth > max_depth) return false;
     } else if (c == ']' || c == '}') {
@@ -143,7 +152,8 @@ std::optional<std::uint64_t> size_of(const json* v) {
   }
   if (v->is_string()) {
     const std::string& s = v->get_ref<const std::string&>();
-    if (s.empty() || s.size() > 19 || !std::all_of(s.begin(), s.end(), ::isdigit)) return std::nullopt;
+    if (s.empty() || s.size() > 19 || !std::all_of(s.begin(), s.end(), ::isdigit))
+      return std::nullopt;
     return std::stoull(s);
   }
   return std::nullopt;
@@ -153,22 +163,30 @@ std::optional<std::uint64_t> size_of(const json* v) {
 
 const char* to_string(JobStatus status) {
   switch (status) {
-    case JobStatus::undefined: return "UNDEFINED";
-    case JobStatus::ready: return "READY";
-    case JobStatus::stagingin: return "STAGINGIN";
-    case JobStatus::queued: return "QUEUED";
-    case JobStatus::running: return "RUNNING";
-    case JobStatus::stagingout: return "STAGINGOUT";
-    case JobStatus::successful: return "SUCCESSFUL";
-    case JobStatus::failed: return "FAILED";
+    case JobStatus::undefined:
+      return "UNDEFINED";
+    case JobStatus::ready:
+      return "READY";
+    case JobStatus::stagingin:
+      return "STAGINGIN";
+    case JobStatus::queued:
+      return "QUEUED";
+    case JobStatus::running:
+      return "RUNNING";
+    case JobStatus::stagingout:
+      return "STAGINGOUT";
+    case JobStatus::successful:
+      return "SUCCESSFUL";
+    case JobStatus::failed:
+      return "FAILED";
   }
   return "UNDEFINED";
 }
 
 std::optional<JobStatus> parse_job_status(std::string_view text) {
-  for (JobStatus s : {JobStatus::undefined, JobStatus::ready, JobStatus::stagingin, JobStatus::queued,
-                      JobStatus::running, JobStatus::stagingout, JobStatus::successful,
-                      JobStatus::failed}) {
+  for (JobStatus s :
+       {JobStatus::undefined, JobStatus::ready, JobStatus::stagingin, JobStatus::queued,
+        JobStatus::running, JobStatus::stagingout, JobStatus::successful, JobStatus::failed}) {
     if (text == to_string(s)) return s;
   }
   return std::nullopt;
@@ -181,7 +199,8 @@ bool is_terminal(JobStatus status) {
 std::string JobInfo::failure_reason() const {
   if (!status_message.empty()) return status_message;
   if (status == JobStatus::failed) return "the job failed and the site gave no reason";
-  if (exit_code && *exit_code != 0) return "the job ended with exit code " + std::to_string(*exit_code);
+  if (exit_code && *exit_code != 0)
+    return "the job ended with exit code " + std::to_string(*exit_code);
   return {};
 }
 
@@ -196,27 +215,34 @@ Result<json> parse_json_reply(const HttpResponse& r, const std::string& url, int
   };
   if (r.body.empty()) return with_status(bad_reply(url, "empty body where JSON was expected"));
   if (looks_like_html(r)) {
-    return with_status(bad_reply(url, "an HTML page instead of JSON (\"" + html_summary(r.body) + "\")"));
+    return with_status(
+        bad_reply(url, "an HTML page instead of JSON (\"" + html_summary(r.body) + "\")"));
   }
   if (!depth_within(r.body, max_depth)) {
-    return with_status(bad_reply(url, "JSON nested deeper than " + std::to_string(max_depth) + " levels"));
+    return with_status(
+        bad_reply(url, "JSON nested deeper than " + std::to_string(max_depth) + " levels"));
   }
   json j = json::parse(r.body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) {
     const std::string* ct = r.header("content-type");
-    return with_status(bad_reply(url, "not valid JSON (" + std::to_string(r.body.size()) + " bytes" +
+    return with_status(bad_reply(url, "not valid JSON (" + std::to_string(r.body.size()) +
+                                          " bytes" +
                                           (ct ? ", content-type " + *ct : std::string{}) +
                                           ", starting \"" + printable_snippet(r.body, 60) + "\")"));
   }
-  if (!j.is_object()) return with_status(bad_reply(url, "JSON " + std::string(j.type_name()) + " where an object was expected"));
+  if (!j.is_object())
+    return with_status(
+        bad_reply(url, "JSON " + std::string(j.type_name()) + " where an object was expected"));
   return j;
 }
 
 Result<CoreInfo> parse_core_info(const json& j, const std::string& url) {
   const json* client = member(j, "client");
   const json* server = member(j, "server");
-  if (!client || !client->is_object()) return bad_reply(url, "no \"client\" object (is this a UNICORE /rest/core URL?)");
-  if (!server || !server->is_object()) return bad_reply(url, "no \"server\" object (is this a UNICORE /rest/core URL?)");
+  if (!client || !client->is_object())
+    return bad_reply(url, "no \"client\" object (is this a UNICORE /rest/core URL?)");
+  if (!server || !server->is_object())
+    return bad_reply(url, "no \"server\" object (is this a UNICORE /rest/core URL?)");
   const json* role = member(*client, "role");
   const json* selected = role ? member(*role, "selected") : nullptr;
   if (!selected || !selected->is_string()) return bad_reply(url, "no \"client.role.selected\"");
@@ -231,7 +257,8 @@ Result<CoreInfo> parse_core_info(const json& j, const std::string& url) {
     info.available_groups = strings_of(member(*x, "availableGroups"));
   }
   if (const json* q = member(*client, "queues")) {
-    if (const json* s = member(*q, "selected"); s && s->is_string()) info.selected_queue = s->get<std::string>();
+    if (const json* s = member(*q, "selected"); s && s->is_string())
+      info.selected_queue = s->get<std::string>();
     info.queues = strings_of(member(*q, "availableQueues"));
   }
   info.authentication_method = text_of(member(*client, "authenticationMethod"));
@@ -248,9 +275,12 @@ Result<CoreInfo> parse_core_info(const json& j, const std::string& url) {
 
 Result<JobInfo> parse_job(const json& j, const std::string& url) {
   const json* status = member(j, "status");
-  if (!status || !status->is_string()) return bad_reply(url, "no \"status\" in the job's properties");
+  if (!status || !status->is_string())
+    return bad_reply(url, "no \"status\" in the job's properties");
   auto parsed = parse_job_status(status->get<std::string>());
-  if (!parsed) return bad_reply(url, "unknown job status \"" + printable_snippet(status->get<std::string>(), 40) + "\"");
+  if (!parsed)
+    return bad_reply(
+        url, "unknown job status \"" + printable_snippet(status->get<std::string>(), 40) + "\"");
   JobInfo info;
   info.url = url;
   info.status = *parsed;
@@ -275,7 +305,8 @@ Result<JobInfo> parse_job(const json& j, const std::string& url) {
 Result<JobDetails> parse_job_details(const json& j, const std::string& url) {
   JobDetails d;
   for (const auto& [key, value] : j.items()) d.raw[key] = text_of(&value);
-  if (d.raw.size() == 1 && d.raw.count("rawDetailsData")) return d;  // nothing from the batch system yet
+  if (d.raw.size() == 1 && d.raw.count("rawDetailsData"))
+    return d;  // nothing from the batch system yet
   d.available = true;
   d.batch_job_id = text_of(member(j, "JobId"));
   d.job_state = text_of(member(j, "JobState"));
@@ -305,7 +336,9 @@ Result<FileInfo> parse_file_info(const json& j, const std::string& url) {
     if (!content->is_object()) return bad_reply(url, "\"content\" is not an object");
     for (const auto& [path, props] : content->items()) {
       auto dir = bool_of(member(props, "isDirectory"));
-      if (!dir) return bad_reply(url, "directory entry \"" + printable_snippet(path, 80) + "\" has no \"isDirectory\"");
+      if (!dir)
+        return bad_reply(
+            url, "directory entry \"" + printable_snippet(path, 80) + "\" has no \"isDirectory\"");
       FileEntry e;
       e.path = path;
       e.is_directory = *dir;
@@ -355,7 +388,8 @@ UnicoreError error_from_response(const HttpResponse& r, const RequestContext& c)
   e.http_status = static_cast<int>(r.status);
   std::string tries = c.attempts > 1 ? " (after " + std::to_string(c.attempts) + " attempts)" : "";
   switch (r.error) {
-    case TransportError::none: break;
+    case TransportError::none:
+      break;
     case TransportError::resolve:
     case TransportError::connect:
       e.kind = ErrorKind::connect;
@@ -364,29 +398,33 @@ UnicoreError error_from_response(const HttpResponse& r, const RequestContext& c)
       return e;
     case TransportError::tls:
       e.kind = ErrorKind::tls;
-      e.message = "TLS with UNICORE site " + c.site + " failed: " + r.error_message +
-                  "; if the site uses its own CA, give its certificate bundle (--ca-file / ca_file)";
+      e.message =
+          "TLS with UNICORE site " + c.site + " failed: " + r.error_message +
+          "; if the site uses its own CA, give its certificate bundle (--ca-file / ca_file)";
       return e;
     case TransportError::timeout:
       e.kind = ErrorKind::timeout;
-      e.message = "UNICORE site " + c.site + " did not answer " + c.method + " " + c.url + " in time" +
-                  tries + ": " + r.error_message;
+      e.message = "UNICORE site " + c.site + " did not answer " + c.method + " " + c.url +
+                  " in time" + tries + ": " + r.error_message;
       if (c.is_submit && r.request_sent) {
-        e.message += "; the job may have been created anyway — list your jobs before submitting again";
+        e.message +=
+            "; the job may have been created anyway — list your jobs before submitting again";
       }
       return e;
     case TransportError::body_too_large:
       e.kind = ErrorKind::bad_reply;
-      e.message = "bad reply from " + c.url + ": " + r.error_message + " (the limit protects memory)";
+      e.message =
+          "bad reply from " + c.url + ": " + r.error_message + " (the limit protects memory)";
       return e;
     case TransportError::send:
     case TransportError::receive:
     case TransportError::other:
       e.kind = ErrorKind::connect;
-      e.message = "connection to UNICORE site " + c.site + " failed during " + c.method + " " + c.url +
-                  tries + ": " + r.error_message;
+      e.message = "connection to UNICORE site " + c.site + " failed during " + c.method + " " +
+                  c.url + tries + ": " + r.error_message;
       if (c.is_submit && r.request_sent) {
-        e.message += "; the job may have been created anyway — list your jobs before submitting again";
+        e.message +=
+            "; the job may have been created anyway — list your jobs before submitting again";
       }
       return e;
   }
@@ -397,8 +435,8 @@ UnicoreError error_from_response(const HttpResponse& r, const RequestContext& c)
   std::string detail = said.empty() ? status : status + ": " + said;
   if (r.status == 401 || r.status == 403) {
     e.kind = ErrorKind::refused;
-    e.message = "credentials refused by UNICORE site " + c.site + " (" + detail + "); " + c.credentials +
-                " was not accepted — supply a valid (fresh) token or password";
+    e.message = "credentials refused by UNICORE site " + c.site + " (" + detail + "); " +
+                c.credentials + " was not accepted — supply a valid (fresh) token or password";
   } else if (r.status == 404) {
     e.kind = ErrorKind::not_found;
     e.message = "not found at UNICORE site " + c.site + ": " + c.url + " (" + detail + ")";
@@ -410,23 +448,34 @@ UnicoreError error_from_response(const HttpResponse& r, const RequestContext& c)
     e.message = "bad reply from " + c.url + ": unexpected " + status;
   } else {
     e.kind = ErrorKind::server;
-    e.message = "UNICORE site " + c.site + " answered " + c.method + " " + c.url + " with " + detail + tries;
+    e.message = "UNICORE site " + c.site + " answered " + c.method + " " + c.url + " with " +
+                detail + tries;
   }
   return e;
 }
 
 const char* to_string(ErrorKind kind) {
   switch (kind) {
-    case ErrorKind::refused: return "refused";
-    case ErrorKind::not_found: return "not_found";
-    case ErrorKind::server: return "server";
-    case ErrorKind::timeout: return "timeout";
-    case ErrorKind::connect: return "connect";
-    case ErrorKind::tls: return "tls";
-    case ErrorKind::bad_reply: return "bad_reply";
-    case ErrorKind::submission_disabled: return "submission_disabled";
-    case ErrorKind::invalid_argument: return "invalid_argument";
-    case ErrorKind::cancelled: return "cancelled";
+    case ErrorKind::refused:
+      return "refused";
+    case ErrorKind::not_found:
+      return "not_found";
+    case ErrorKind::server:
+      return "server";
+    case ErrorKind::timeout:
+      return "timeout";
+    case ErrorKind::connect:
+      return "connect";
+    case ErrorKind::tls:
+      return "tls";
+    case ErrorKind::bad_reply:
+      return "bad_reply";
+    case ErrorKind::submission_disabled:
+      return "submission_disabled";
+    case ErrorKind::invalid_argument:
+      return "invalid_argument";
+    case ErrorKind::cancelled:
+      return "cancelled";
   }
   return "server";
 }

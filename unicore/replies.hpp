@@ -18,7 +18,16 @@
 
 namespace kb::unicore {
 
-enum class JobStatus { undefined, ready, stagingin, queued, running, stagingout, successful, failed };
+enum class JobStatus {
+  undefined,
+  ready,
+  stagingin,
+  queued,
+  running,
+  stagingout,
+  successful,
+  failed
+};
 const char* to_string(JobStatus status);  // the server's spelling, e.g. "RUNNING"
 std::optional<JobStatus> parse_job_status(std::string_view text);
 bool is_terminal(JobStatus status);  // SUCCESSFUL or FAILED
@@ -51,7 +60,7 @@ struct JobInfo {
   std::string queue;
   std::string name;
   std::vector<std::string> tags;
-  std::string submission_time;   // yyyy-MM-dd'T'HH:mm:ssZ as the server wrote it
+  std::string submission_time;  // yyyy-MM-dd'T'HH:mm:ssZ as the server wrote it
   std::string termination_time;
   std::string working_directory;  // storage URL of the job directory (_links.workingDirectory)
   std::string details_url;
@@ -61,12 +70,12 @@ struct JobInfo {
 };
 
 struct JobDetails {
-  bool available = false;      // false when the site has no batch details yet ("rawDetailsData")
-  std::string batch_job_id;    // JobId
-  std::string job_state;       // JobState
-  std::string batch_host;      // BatchHost
-  std::string node_list;       // NodeList as sent (compressed)
-  std::vector<std::string> nodes;  // NodeList expanded
+  bool available = false;    // false when the site has no batch details yet ("rawDetailsData")
+  std::string batch_job_id;  // JobId
+  std::string job_state;     // JobState
+  std::string batch_host;    // BatchHost
+  std::string node_list;     // NodeList as sent (compressed)
+  std::vector<std::string> nodes;          // NodeList expanded
   std::map<std::string, std::string> raw;  // every key, values as text
 };
 
@@ -87,12 +96,13 @@ struct FileInfo {
 };
 
 struct JobListPage {
-  std::vector<std::string> jobs;  // job URLs
+  std::vector<std::string> jobs;    // job URLs
   std::optional<std::string> next;  // _links.next.href
 };
 
-// Parses a JSON reply body. Refuses bodies nested deeper than `max_depth` (a hostile "[[[[…" must not
-// exhaust the stack) and says what the body looked like when it is not JSON (e.g. an HTML page).
+// Parses a JSON reply body. Refuses bodies nested deeper than `max_depth` (a hostile "[[[[…" must
+// not exhaust the stack) and says what the body looked like when it is not JSON (e.g. an HTML
+// page).
 Result<nlohmann::json> parse_json_reply(const HttpResponse& response, const std::string& url,
                                         int max_depth = 64);
 
@@ -103,7 +113,8 @@ Result<FileInfo> parse_file_info(const nlohmann::json& j, const std::string& url
 Result<JobListPage> parse_job_list(const nlohmann::json& j, const std::string& url);
 
 // The site's own words for an error reply: "errorMessage" from a UNICORE error body, else a short,
-// printable summary of whatever came back (e.g. the <title> of an HTML page). Empty for an empty body.
+// printable summary of whatever came back (e.g. the <title> of an HTML page). Empty for an empty
+// body.
 std::string server_message(const HttpResponse& response);
 // True when the body is a UNICORE error document ({"errorMessage": …}).
 bool is_unicore_error_body(const HttpResponse& response);
@@ -116,7 +127,8 @@ struct RequestContext {
   int attempts = 1;
   bool is_submit = false;
 };
-// Maps a failed exchange (transport error or non-2xx status) to an UnicoreError a person can act on.
+// Maps a failed exchange (transport error or non-2xx status) to an UnicoreError a person can act
+// on.
 UnicoreError error_from_response(const HttpResponse& response, const RequestContext& context);
 
 UnicoreError bad_reply(const std::string& url, const std::string& what);

@@ -1,6 +1,6 @@
 #pragma once
-// Error values for the UNICORE client's data path: every remote failure becomes an UnicoreError in a
-// Result, never an exception. Plain values; usable from any thread.
+// Error values for the UNICORE client's data path: every remote failure becomes an UnicoreError in
+// a Result, never an exception. Plain values; usable from any thread.
 #include <optional>
 #include <string>
 #include <utility>

@@ -6,15 +6,15 @@
 
 #include "tests/agent/spawn.hpp"
 
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/write.hpp>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
 
 #include <chrono>
 #include <cstdlib>
@@ -53,9 +53,11 @@ class AgentProcessTest : public ::testing::Test {
   }
 
   std::vector<std::string> base_args() {
-    return {binary(),        "agent",       "--listen",          "127.0.0.1:0",
-            "--secret-file", dir_ + "/link.secret", "--discovery-file", dir_ + "/agent.json",
-            "--runtime-dir", dir_ + "/runtime"};
+    return {binary(),           "agent",
+            "--listen",         "127.0.0.1:0",
+            "--secret-file",    dir_ + "/link.secret",
+            "--discovery-file", dir_ + "/agent.json",
+            "--runtime-dir",    dir_ + "/runtime"};
   }
 
   void spawn(std::vector<std::string> args, bool with_kernel = true) {

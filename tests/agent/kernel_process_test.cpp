@@ -67,8 +67,8 @@ TEST_F(KernelProcessTest, ReportsExitCode) {
   KernelProcess kernel(io_, "t");
   std::optional<ProcessExit> exit;
   std::string error;
-  ASSERT_TRUE(kernel.start({"/bin/sh", "-c", "exit 7"}, [&](const ProcessExit& e) { exit = e; },
-                           error))
+  ASSERT_TRUE(kernel.start(
+      {"/bin/sh", "-c", "exit 7"}, [&](const ProcessExit& e) { exit = e; }, error))
       << error;
   EXPECT_GT(kernel.pid(), 0);
   ASSERT_TRUE(run_until([&] { return exit.has_value(); }));
@@ -82,8 +82,8 @@ TEST_F(KernelProcessTest, ReportsTheKillingSignal) {
   KernelProcess kernel(io_, "t");
   std::optional<ProcessExit> exit;
   std::string error;
-  ASSERT_TRUE(kernel.start({"sh", "-c", "kill -KILL $$"}, [&](const ProcessExit& e) { exit = e; },
-                           error))
+  ASSERT_TRUE(kernel.start(
+      {"sh", "-c", "kill -KILL $$"}, [&](const ProcessExit& e) { exit = e; }, error))
       << error;
   ASSERT_TRUE(run_until([&] { return exit.has_value(); }));
   EXPECT_EQ(exit->signal, SIGKILL);
@@ -112,8 +112,9 @@ TEST_F(KernelProcessTest, SubstitutedArgvAndPathSearch) {
   std::optional<ProcessExit> exit;
   std::string error;
   std::string out = path("args");
-  ASSERT_TRUE(kernel.start({"sh", "-c", "echo \"$1 $2\" > " + out, "sh", "one", "two words"},
-                           [&](const ProcessExit& e) { exit = e; }, error))
+  ASSERT_TRUE(kernel.start(
+      {"sh", "-c", "echo \"$1 $2\" > " + out, "sh", "one", "two words"},
+      [&](const ProcessExit& e) { exit = e; }, error))
       << error;
   ASSERT_TRUE(run_until([&] { return exit.has_value(); }));
   EXPECT_EQ(exit->code, 0);
@@ -142,9 +143,9 @@ TEST_F(KernelProcessTest, KernelGetsNoInheritedDescriptorsAndOwnGroup) {
   ASSERT_GE(leaked, 3);
   std::string pgid_file = path("pgid");
   // `exec ls` lists its own descriptors: 0-2 plus the directory it reads (3); anything else leaked.
-  ASSERT_TRUE(kernel.start({"sh", "-c",
-                            "ps -o pgid= -p $$ > " + pgid_file + "; exec ls /proc/self/fd > " + out},
-                           [&](const ProcessExit& e) { exit = e; }, error))
+  ASSERT_TRUE(kernel.start(
+      {"sh", "-c", "ps -o pgid= -p $$ > " + pgid_file + "; exec ls /proc/self/fd > " + out},
+      [&](const ProcessExit& e) { exit = e; }, error))
       << error;
   pid_t pid = kernel.pid();
   ASSERT_TRUE(run_until([&] { return exit.has_value(); }));
@@ -167,7 +168,8 @@ TEST_F(KernelProcessTest, InterruptDeliversSigintToTheKernel) {
   std::string ready = path("ready"), got = path("got-int");
   std::string script = "trap 'echo int > " + got + "; exit 42' INT; touch " + ready +
                        "; while true; do sleep 0.05; done";
-  ASSERT_TRUE(kernel.start({"sh", "-c", script}, [&](const ProcessExit& e) { exit = e; }, error))
+  ASSERT_TRUE(kernel.start(
+      {"sh", "-c", script}, [&](const ProcessExit& e) { exit = e; }, error))
       << error;
   ASSERT_TRUE(run_until([&] { return fs::exists(ready); }));
   EXPECT_TRUE(kernel.interrupt());
@@ -182,8 +184,9 @@ TEST_F(KernelProcessTest, TerminateEndsAKernelThatHonoursSigterm) {
   std::optional<ProcessExit> exit;
   std::string error;
   std::string ready = path("ready");
-  ASSERT_TRUE(kernel.start({"sh", "-c", "touch " + ready + "; exec sleep 1000"},
-                           [&](const ProcessExit& e) { exit = e; }, error))
+  ASSERT_TRUE(kernel.start(
+      {"sh", "-c", "touch " + ready + "; exec sleep 1000"}, [&](const ProcessExit& e) { exit = e; },
+      error))
       << error;
   ASSERT_TRUE(run_until([&] { return fs::exists(ready); }));
   kernel.terminate(10s);
@@ -197,9 +200,11 @@ TEST_F(KernelProcessTest, TerminateKillsStubbornKernelAndItsChildren) {
   std::string error;
   std::string child_pid = path("child"), ready = path("ready");
   // The "kernel" ignores SIGTERM and has a child that ignores it too.
-  std::string script = "trap '' TERM; sh -c 'trap \"\" TERM; while true; do sleep 0.05; done' & echo $! > " +
-                       child_pid + "; touch " + ready + "; while true; do sleep 0.05; done";
-  ASSERT_TRUE(kernel.start({"sh", "-c", script}, [&](const ProcessExit& e) { exit = e; }, error))
+  std::string script =
+      "trap '' TERM; sh -c 'trap \"\" TERM; while true; do sleep 0.05; done' & echo $! > " +
+      child_pid + "; touch " + ready + "; while true; do sleep 0.05; done";
+  ASSERT_TRUE(kernel.start(
+      {"sh", "-c", script}, [&](const ProcessExit& e) { exit = e; }, error))
       << error;
   ASSERT_TRUE(run_until([&] { return fs::exists(ready); }));
   pid_t child = std::stoi(read(child_pid));
@@ -215,13 +220,15 @@ TEST_F(KernelProcessTest, RestartGivesANewPidAndRefusesWhileRunning) {
   KernelProcess kernel(io_, "t");
   int exits = 0;
   std::string error;
-  ASSERT_TRUE(kernel.start({"sleep", "1000"}, [&](const ProcessExit&) { ++exits; }, error));
+  ASSERT_TRUE(kernel.start(
+      {"sleep", "1000"}, [&](const ProcessExit&) { ++exits; }, error));
   pid_t first = kernel.pid();
   EXPECT_FALSE(kernel.start({"sleep", "1000"}, nullptr, error));
   EXPECT_NE(error.find("still running"), std::string::npos);
   kernel.terminate(5s);
   ASSERT_TRUE(run_until([&] { return exits == 1; }));
-  ASSERT_TRUE(kernel.start({"sleep", "1000"}, [&](const ProcessExit&) { ++exits; }, error));
+  ASSERT_TRUE(kernel.start(
+      {"sleep", "1000"}, [&](const ProcessExit&) { ++exits; }, error));
   EXPECT_NE(kernel.pid(), first);
   EXPECT_TRUE(kernel.running());
   kernel.terminate(5s);

@@ -32,6 +32,5 @@ TEST(CredentialsStore, StoresExpiresReplacesAndNotifies) {
   EXPECT_EQ(store.size(), 1u);
 }
 
-
 }  // namespace
 }  // namespace kb::auth

@@ -26,18 +26,19 @@ std::string minimal(const kb::test::TempDir& dir, const std::string& site_extra 
                     const std::string& bridge_extra = "") {
   dir.write("id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\n", 0600);
   dir.write("known_hosts", "login1 ssh-ed25519 AAAA\n", 0644);
-  return "[bridge]\n"                                   // 1
-         "state_dir = \"" + dir.file("state") + "\"\n"  // 2
-         + bridge_extra +                               //
-         "[api]\n"                                      // 3
-         "unix_socket = \"api.sock\"\n"                 // 4
-         "[[site]]\n"                                   // 5
-         "name = \"demo\"\n"                            // 6
-         "unicore_url = \"https://u.example:8080/DEMO/rest/core/\"\n"  // 7
-         "login_hosts = [\"login1.example.org\"]\n"     // 8
-         "known_hosts = \"known_hosts\"\n"              // 9
-         "ssh_user = \"kbridge\"\n"                     // 10
-         "ssh_identity = \"id_ed25519\"\n"              // 11
+  return "[bridge]\n"  // 1
+         "state_dir = \"" +
+         dir.file("state") + "\"\n"                                                  // 2
+         + bridge_extra +                                                            //
+         "[api]\n"                                                                   // 3
+         "unix_socket = \"api.sock\"\n"                                              // 4
+         "[[site]]\n"                                                                // 5
+         "name = \"demo\"\n"                                                         // 6
+         "unicore_url = \"https://u.example:8080/DEMO/rest/core/\"\n"                // 7
+         "login_hosts = [\"login1.example.org\"]\n"                                  // 8
+         "known_hosts = \"known_hosts\"\n"                                           // 9
+         "ssh_user = \"kbridge\"\n"                                                  // 10
+         "ssh_identity = \"id_ed25519\"\n"                                           // 11
          "agent = { mode = \"installed\", path = \"/opt/kb/bin/kernel-bridge\" }\n"  // 12
          + site_extra;
 }
@@ -86,12 +87,14 @@ TEST(Config, MinimalConfigResolvesRelativePathsAgainstTheFile) {
 TEST(Config, UnknownKeyIsAnErrorWithItsLineAndASuggestion) {
   kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
-  EXPECT_EQ(error_of(minimal(dir, "ssh_identiy = \"x\"\n"), file),
-            file + ":13: unknown key 'ssh_identiy' in site \"demo\" (did you mean 'ssh_identity'?)");
+  EXPECT_EQ(
+      error_of(minimal(dir, "ssh_identiy = \"x\"\n"), file),
+      file + ":13: unknown key 'ssh_identiy' in site \"demo\" (did you mean 'ssh_identity'?)");
   EXPECT_EQ(error_of(minimal(dir, "", "restart_grase = \"1m\"\n"), file),
             file + ":3: unknown key 'restart_grase' in [bridge] (did you mean 'restart_grace'?)");
-  EXPECT_THAT(error_of(minimal(dir, "[site.limits]\nmax_wallclock = \"1h\"\n"), file),
-              StartsWith(file + ":14: unknown key 'max_wallclock' in site \"demo\": limits; known keys: "));
+  EXPECT_THAT(
+      error_of(minimal(dir, "[site.limits]\nmax_wallclock = \"1h\"\n"), file),
+      StartsWith(file + ":14: unknown key 'max_wallclock' in site \"demo\": limits; known keys: "));
 }
 
 TEST(Config, WrongTypeNamesKeyAndTypes) {
@@ -102,17 +105,23 @@ TEST(Config, WrongTypeNamesKeyAndTypes) {
   EXPECT_EQ(error_of(minimal(dir, "[site.defaults]\nnodes = \"2\"\n"), file),
             file + ":14: defaults.nodes must be an integer, not a string");
   EXPECT_EQ(error_of(minimal(dir, "[site.limits]\nmax_runtime = 3600\n"), file),
-            file + ":14: limits.max_runtime must be a duration string such as \"30s\", \"15m\", \"2h30m\" or \"1d\", not an integer");
+            file +
+                ":14: limits.max_runtime must be a duration string such as \"30s\", \"15m\", "
+                "\"2h30m\" or \"1d\", not an integer");
 }
 
 TEST(Config, BadDurationAndSizeSayWhatIsExpected) {
   kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   EXPECT_EQ(error_of(minimal(dir, "", "restart_grace = \"30x\"\n"), file),
-            file + ":3: bridge.restart_grace: \"30x\" is not a duration: unknown unit 'x' (use d, h, m or s) "
-                   "(write e.g. \"30s\", \"15m\", \"2h30m\", \"1d\")");
-  EXPECT_THAT(error_of(minimal(dir, "", "restart_grace = \"30\"\n"), file),
-              StartsWith(file + ":3: bridge.restart_grace: \"30\" is not a duration: a unit is missing after 30"));
+            file +
+                ":3: bridge.restart_grace: \"30x\" is not a duration: unknown unit 'x' (use d, h, "
+                "m or s) "
+                "(write e.g. \"30s\", \"15m\", \"2h30m\", \"1d\")");
+  EXPECT_THAT(
+      error_of(minimal(dir, "", "restart_grace = \"30\"\n"), file),
+      StartsWith(file +
+                 ":3: bridge.restart_grace: \"30\" is not a duration: a unit is missing after 30"));
   EXPECT_THAT(error_of(minimal(dir, "[site.limits]\nmax_memory = \"16Q\"\n"), file),
               StartsWith(file + ":14: limits.max_memory: \"16Q\" is not a size: unknown unit 'Q'"));
 }
@@ -135,15 +144,18 @@ TEST(Config, SecretFilePermissionsAreChecked) {
   const std::string file = dir.file("kb.toml");
   const std::string text = minimal(dir);
   ::chmod(dir.file("id_ed25519").c_str(), 0644);
-  EXPECT_EQ(error_of(text, file), file + ":11: site \"demo\": ssh_identity " + dir.file("id_ed25519") +
-                                      " is accessible by group or others (mode 0644); run: chmod 600 " +
-                                      dir.file("id_ed25519"));
+  EXPECT_EQ(error_of(text, file),
+            file + ":11: site \"demo\": ssh_identity " + dir.file("id_ed25519") +
+                " is accessible by group or others (mode 0644); run: chmod 600 " +
+                dir.file("id_ed25519"));
   ::chmod(dir.file("id_ed25519").c_str(), 0600);
   ::unlink(dir.file("known_hosts").c_str());
   EXPECT_THAT(error_of(text, file),
-              StartsWith(file + ":9: site \"demo\": known_hosts " + dir.file("known_hosts") + ": No such file or directory"));
+              StartsWith(file + ":9: site \"demo\": known_hosts " + dir.file("known_hosts") +
+                         ": No such file or directory"));
   std::filesystem::create_directory(dir.file("known_hosts"));
-  EXPECT_EQ(error_of(text, file), file + ":9: site \"demo\": known_hosts " + dir.file("known_hosts") + " is not a regular file");
+  EXPECT_EQ(error_of(text, file), file + ":9: site \"demo\": known_hosts " +
+                                      dir.file("known_hosts") + " is not a regular file");
 }
 
 TEST(Config, TomlSyntaxErrorsCarryTheLine) {
@@ -156,23 +168,40 @@ TEST(Config, SemanticErrors) {
   kb::test::TempDir dir;
   const std::string file = dir.file("kb.toml");
   EXPECT_EQ(error_of(minimal(dir, "gpu_mode = \"gpus\"\n"), file),
-            file + ":13: site \"demo\": gpu_mode \"gpus\" is not known (use \"gpus_per_node\" or \"batch_lines\")");
+            file +
+                ":13: site \"demo\": gpu_mode \"gpus\" is not known (use \"gpus_per_node\" or "
+                "\"batch_lines\")");
   EXPECT_EQ(error_of(minimal(dir, "job_template = \"module load x\\n{agnet}\"\n"), file),
-            file + ":13: site \"demo\": job_template has an unknown placeholder {agnet} (did you mean {agent}?)");
+            file +
+                ":13: site \"demo\": job_template has an unknown placeholder {agnet} (did you mean "
+                "{agent}?)");
   EXPECT_EQ(error_of(minimal(dir, "job_template = \"echo ${HOME}\"\n"), file),
-            file + ":13: site \"demo\": job_template must contain {agent}: the job's main process is the agent, which starts the kernel");
+            file +
+                ":13: site \"demo\": job_template must contain {agent}: the job's main process is "
+                "the agent, which starts the kernel");
   EXPECT_EQ(error_of(minimal(dir, "kernels = { py = [\"python3\"] }\n"), file),
-            file + ":13: site \"demo\": kernels.py must contain \"{connection_file}\" (the agent puts the kernel's connection file there)");
-  EXPECT_EQ(error_of(minimal(dir, "[site.defaults]\nruntime = \"48h\"\n[site.limits]\nmax_runtime = \"1d\"\n"), file),
-            file + ":14: site \"demo\": defaults.runtime is outside the site's limits: runtime 48h exceeds the site's max_runtime 24h");
+            file +
+                ":13: site \"demo\": kernels.py must contain \"{connection_file}\" (the agent puts "
+                "the kernel's connection file there)");
+  EXPECT_EQ(
+      error_of(
+          minimal(dir, "[site.defaults]\nruntime = \"48h\"\n[site.limits]\nmax_runtime = \"1d\"\n"),
+          file),
+      file +
+          ":14: site \"demo\": defaults.runtime is outside the site's limits: runtime 48h exceeds "
+          "the site's max_runtime 24h");
   EXPECT_EQ(error_of(minimal(dir, "[[site]]\nname = \"demo\"\n"), file),
             file + ":13: missing required key 'unicore_url' in site \"demo\"");
   std::string tcp = minimal(dir);
   tcp.insert(tcp.find("[[site]]"), "tcp = \"127.0.0.1:8765\"\n");
-  EXPECT_EQ(error_of(tcp, file), file + ":5: api.tcp needs api.tokens_file: TCP callers authenticate with bearer tokens");
+  EXPECT_EQ(
+      error_of(tcp, file),
+      file + ":5: api.tcp needs api.tokens_file: TCP callers authenticate with bearer tokens");
   std::string port = minimal(dir);
   port.replace(port.find("login1.example.org"), 18, "a:99999");
-  EXPECT_EQ(error_of(port, file), file + ":8: site \"demo\": login host \"a:99999\": port must be a number from 1 to 65535");
+  EXPECT_EQ(
+      error_of(port, file),
+      file + ":8: site \"demo\": login host \"a:99999\": port must be a number from 1 to 65535");
 }
 
 TEST(Config, LoadReportsAMissingFile) {
@@ -180,7 +209,9 @@ TEST(Config, LoadReportsAMissingFile) {
     load_config("/nonexistent/kernel-bridge.toml");
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
-    EXPECT_EQ(std::string(e.what()), "/nonexistent/kernel-bridge.toml: cannot read the configuration file: No such file or directory");
+    EXPECT_EQ(std::string(e.what()),
+              "/nonexistent/kernel-bridge.toml: cannot read the configuration file: No such file "
+              "or directory");
   }
 }
 
@@ -234,7 +265,9 @@ TEST(Config, CheckCommandExitsTwoWithTheMessage) {
   const std::string bad = dir.write("bad.toml", minimal(dir, "ssh_identiy = \"x\"\n"), 0644);
   auto [bad_status, bad_output] = run(std::string(binary) + " config check " + bad);
   EXPECT_EQ(bad_status, 2);
-  EXPECT_EQ(bad_output, bad + ":13: unknown key 'ssh_identiy' in site \"demo\" (did you mean 'ssh_identity'?)\n");
+  EXPECT_EQ(
+      bad_output,
+      bad + ":13: unknown key 'ssh_identiy' in site \"demo\" (did you mean 'ssh_identity'?)\n");
 }
 
 TEST(Durations, ParseAndFormat) {

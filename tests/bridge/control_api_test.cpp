@@ -16,11 +16,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <atomic>
 #include <filesystem>
 #include <future>
 #include <nlohmann/json.hpp>
@@ -858,23 +858,23 @@ TEST_F(ControlApiTest, OverflowingNumbersAre400AndTheApiGoesOn) {
   const std::string huge_integer = "{\"site\": \"demo\", \"lease\": 18446744073709551616}";
   for (bool over_tcp : {false, true}) {
     SCOPED_TRACE(over_tcp ? "tcp" : "unix");
-    for (const std::string& body : {std::string("1e400"), huge_nodes, huge_integer,
-                                    std::string("[-1e400]")}) {
+    for (const std::string& body :
+         {std::string("1e400"), huge_nodes, huge_integer, std::string("[-1e400]")}) {
       const std::string answer = request_both(over_tcp, "POST", "/v1/kernels", body);
       EXPECT_THAT(answer, HasSubstr("HTTP/1.1 400")) << body.substr(0, 60);
       EXPECT_TRUE(body_of(answer).contains("error")) << answer.substr(0, 300);
     }
-    const std::string expiry =
-        request_both(over_tcp, "PUT", "/v1/users/" + std::string(over_tcp ? "alice" : current_user()) +
-                                          "/credentials",
-                     "{\"token\": \"abc\", \"expires_at\": 1e300}");
+    const std::string expiry = request_both(
+        over_tcp, "PUT",
+        "/v1/users/" + std::string(over_tcp ? "alice" : current_user()) + "/credentials",
+        "{\"token\": \"abc\", \"expires_at\": 1e300}");
     EXPECT_THAT(expiry, HasSubstr("HTTP/1.1 400"));
     EXPECT_THAT(expiry, HasSubstr("expires_at"));
     // Found by control_api_fuzz: a date past what Clock holds overflowed its conversion (UB).
-    const std::string far =
-        request_both(over_tcp, "PUT", "/v1/users/" + std::string(over_tcp ? "alice" : current_user()) +
-                                          "/credentials",
-                     "{\"token\": \"abc\", \"expires_at\": \"3340-01-01T00:00:00Z\"}");
+    const std::string far = request_both(
+        over_tcp, "PUT",
+        "/v1/users/" + std::string(over_tcp ? "alice" : current_user()) + "/credentials",
+        "{\"token\": \"abc\", \"expires_at\": \"3340-01-01T00:00:00Z\"}");
     EXPECT_THAT(far, HasSubstr("HTTP/1.1 400"));
   }
   EXPECT_EQ(unix_request(http::verb::get, "/v1/health").status, 200);

@@ -18,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include "bridge/config.hpp"
 #include "auth/credentials_store.hpp"
+#include "bridge/config.hpp"
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
@@ -54,7 +54,7 @@ class FakeJobs final : public JobBackend {
   std::optional<unicore::UnicoreError> refuse_submit;
   std::optional<unicore::UnicoreError> refuse_get;
   std::optional<unicore::UnicoreError> refuse_download;
-  std::vector<std::string> tokens_seen;      // by submit
+  std::vector<std::string> tokens_seen;  // by submit
   std::vector<std::string> download_tokens_seen;
   std::vector<std::string> get_tokens_seen;  // by get_job
   std::vector<std::string> uploads;
@@ -123,7 +123,8 @@ class FakeJobs final : public JobBackend {
     later(done, Result<unicore::Done>(unicore::Done{}));
   }
   // The fake's storage URL is the job URL itself.
-  std::string working_directory(const std::string& job_url, const unicore::JobInfo*) const override {
+  std::string working_directory(const std::string& job_url,
+                                const unicore::JobInfo*) const override {
     return job_url;
   }
 
@@ -267,7 +268,8 @@ class LifecycleTest : public ::testing::Test {
   std::variant<KernelView, ServiceError> create(KernelRequest r, Caller who = {}) {
     if (who.user.empty()) who = alice();
     std::optional<std::variant<KernelView, ServiceError>> out;
-    lifecycle->create(who, std::move(r), [&](std::variant<KernelView, ServiceError> v) { out.emplace(std::move(v)); });
+    lifecycle->create(who, std::move(r),
+                      [&](std::variant<KernelView, ServiceError> v) { out.emplace(std::move(v)); });
     run_until([&] { return out.has_value(); });
     return *out;
   }
@@ -309,7 +311,8 @@ class LifecycleTest : public ::testing::Test {
     run_until_state(id, KernelState::queued);
     j.status = JobStatus::running;
     run_until_state(id, KernelState::starting);
-    j.files[kDiscoveryFile] = R"({"host": "10.0.0.6", "port": 40123, "pid": 7, "hostname": "cn0042"})";
+    j.files[kDiscoveryFile] =
+        R"({"host": "10.0.0.6", "port": 40123, "pid": 7, "hostname": "cn0042"})";
     run_until_state(id, KernelState::connecting);
     LinkRecord& l = *links.links.back();
     l.emit(hub_event::LinkUp{});
@@ -372,7 +375,7 @@ TEST_F(LifecycleTest, JobCarriesSecretPrivatelyTagsAndResourcesAndRunsTheAgent) 
   ASSERT_NE(secret, nullptr);
   EXPECT_EQ(secret->permissions, "rw-------");
   ASSERT_TRUE(secret->data.has_value());
-  EXPECT_EQ(secret->data->size(), 65u);  // 64 hex characters and a newline
+  EXPECT_EQ(secret->data->size(), 65u);                       // 64 hex characters and a newline
   EXPECT_EQ(link().spec.secret.hex() + "\n", *secret->data);  // the agent and the link agree
   ASSERT_NE(script, nullptr);
   EXPECT_NE(script->data->find("exec /opt/kb/bin/kernel-bridge agent --listen \"$KB_AGENT_LISTEN\" "
@@ -383,7 +386,8 @@ TEST_F(LifecycleTest, JobCarriesSecretPrivatelyTagsAndResourcesAndRunsTheAgent) 
   EXPECT_NE(script->data->find("-- python3 -m ipykernel_launcher -f '{connection_file}'"),
             std::string::npos)
       << *script->data;
-  EXPECT_EQ(script->data->find("k3y"), std::string::npos);  // the Jupyter key never goes to the site
+  EXPECT_EQ(script->data->find("k3y"),
+            std::string::npos);  // the Jupyter key never goes to the site
   EXPECT_EQ(d.resources.queue, "batch");
   EXPECT_EQ(d.resources.nodes, 1);
   EXPECT_EQ(d.resources.runtime, "3600");
@@ -396,7 +400,9 @@ TEST_F(LifecycleTest, JobCarriesSecretPrivatelyTagsAndResourcesAndRunsTheAgent) 
 TEST_F(LifecycleTest, UploadedAgentIsStagedBeforeTheJobStarts) {
   config.sites[0].agent.mode = AgentConfig::Mode::upload;
   LifecycleOptions o;
-  o.agent_uploads["demo"] = std::make_shared<const std::string>("\x7f" "ELF fake agent");
+  o.agent_uploads["demo"] = std::make_shared<const std::string>(
+      "\x7f"
+      "ELF fake agent");
   o.watch.starting_initial = o.watch.starting_max = std::chrono::milliseconds(2);
   o.clock = &clock;
   lifecycle = std::make_unique<KernelLifecycle>(
@@ -408,10 +414,13 @@ TEST_F(LifecycleTest, UploadedAgentIsStagedBeforeTheJobStarts) {
   std::string id = create_ok(request());
   run_until([&] { return !jobs.order.empty() && jobs.job().started; });
   EXPECT_TRUE(jobs.job().description.have_client_stage_in);
-  EXPECT_EQ(jobs.job().files[kUploadedAgentFile], "\x7f" "ELF fake agent");
+  EXPECT_EQ(jobs.job().files[kUploadedAgentFile],
+            "\x7f"
+            "ELF fake agent");
   bool chmod = false;
   for (const auto& im : jobs.job().description.imports) {
-    if (im.to == kJobScriptFile) chmod = im.data->find("chmod 700 ./kernel-bridge-agent") != std::string::npos;
+    if (im.to == kJobScriptFile)
+      chmod = im.data->find("chmod 700 ./kernel-bridge-agent") != std::string::npos;
   }
   EXPECT_TRUE(chmod);
   EXPECT_TRUE(has_progress(view(id), "uploading the agent"));
@@ -443,7 +452,8 @@ TEST_F(LifecycleTest, APortConflictNamesTheKernelOnlyToItsOwner) {
   ASSERT_TRUE(std::holds_alternative<ServiceError>(theirs));
   EXPECT_EQ(std::get<ServiceError>(theirs).kind, ServiceErrorKind::conflict);
   EXPECT_EQ(std::get<ServiceError>(theirs).message.find(mine), std::string::npos);
-  EXPECT_NE(std::get<ServiceError>(theirs).message.find("another user's kernel"), std::string::npos);
+  EXPECT_NE(std::get<ServiceError>(theirs).message.find("another user's kernel"),
+            std::string::npos);
   auto own = create(request(50003, "other"));
   ASSERT_TRUE(std::holds_alternative<ServiceError>(own));
   EXPECT_NE(std::get<ServiceError>(own).message.find(mine), std::string::npos);
@@ -452,9 +462,9 @@ TEST_F(LifecycleTest, APortConflictNamesTheKernelOnlyToItsOwner) {
 // ---- ends and their reasons -------------------------------------------------------------------
 
 TEST_F(LifecycleTest, RefusedTokenEndsWithCredentialsRefusedNamingTheSite) {
-  jobs.refuse_submit = unicore::UnicoreError{ErrorKind::refused, 403,
-                                             "https://unicore.example refused the credentials (403)",
-                                             "Authentication failed", ""};
+  jobs.refuse_submit = unicore::UnicoreError{
+      ErrorKind::refused, 403, "https://unicore.example refused the credentials (403)",
+      "Authentication failed", ""};
   std::string id = create_ok(request());
   run_until_state(id, KernelState::ended);
   KernelView v = view(id);
@@ -678,7 +688,7 @@ TEST_F(LifecycleTest, JupyterRestartReusesTheAllocationWithinTheGrace) {
   std::string second = create_ok(request());  // same ports and key
   EXPECT_NE(second, first);
   EXPECT_EQ(view(second).job_id, view(first).job_id);
-  EXPECT_EQ(jobs.order.size(), 1u);  // no new job
+  EXPECT_EQ(jobs.order.size(), 1u);   // no new job
   EXPECT_EQ(links.links.size(), 1u);  // the same hub-side listeners
   EXPECT_EQ(link().restarts, 1);
   link().emit(hub_event::KernelExited{.code = std::nullopt, .signal = SIGTERM});

@@ -30,18 +30,20 @@ class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
     binary = testing::env_or("KB_BINARY", KB_TEST_BINARY);
-    if (!std::filesystem::exists(binary)) GTEST_SKIP() << "no kernel-bridge executable at " << binary;
+    if (!std::filesystem::exists(binary))
+      GTEST_SKIP() << "no kernel-bridge executable at " << binary;
     site = std::make_unique<TestSite>();
     token_file = site->dir() + "/token";
     std::ofstream(token_file) << "tok-alice\n";
-    std::filesystem::permissions(token_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+    std::filesystem::permissions(
+        token_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   }
 
   // Runs kernel-bridge with `args` (shell-quoted by the caller), env cleared of KB_UNICORE_*.
   CliRun run(const std::string& args, const std::string& env = "") {
     std::string out = site->dir() + "/out", err = site->dir() + "/err";
-    std::string cmd = "env -u KB_UNICORE_TOKEN -u KB_UNICORE_URL -u KB_UNICORE_PASSWORD " + env + " '" +
-                      binary + "' " + args + " >'" + out + "' 2>'" + err + "'";
+    std::string cmd = "env -u KB_UNICORE_TOKEN -u KB_UNICORE_URL -u KB_UNICORE_PASSWORD " + env +
+                      " '" + binary + "' " + args + " >'" + out + "' 2>'" + err + "'";
     int status = std::system(cmd.c_str());
     CliRun r;
     r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -50,7 +52,9 @@ class CliTest : public ::testing::Test {
     return r;
   }
 
-  std::string common() { return "unicore --url '" + site->url() + "' --token-file '" + token_file + "' "; }
+  std::string common() {
+    return "unicore --url '" + site->url() + "' --token-file '" + token_file + "' ";
+  }
 
   std::string binary;
   std::string token_file;
@@ -82,7 +86,9 @@ TEST_F(CliTest, InfoShowsWhoTheSiteThinksYouAre) {
 }
 
 TEST_F(CliTest, SubmitJobsStatusLsCatDelete) {
-  CliRun s = run(common() + "submit --executable 'echo from-the-job > result.txt' --tag cli-test --queue batch");
+  CliRun s =
+      run(common() +
+          "submit --executable 'echo from-the-job > result.txt' --tag cli-test --queue batch");
   ASSERT_EQ(s.code, 0) << s.err;
   std::string job = s.out.substr(0, s.out.find('\n'));
   ASSERT_EQ(job.rfind(site->url() + "/jobs/", 0), 0u) << s.out;
@@ -96,7 +102,9 @@ TEST_F(CliTest, SubmitJobsStatusLsCatDelete) {
   CliRun st;
   for (int i = 0; i < 100; ++i) {
     st = run(common() + "status " + id);
-    if (st.out.find("SUCCESSFUL") != std::string::npos || st.out.find("FAILED") != std::string::npos) break;
+    if (st.out.find("SUCCESSFUL") != std::string::npos ||
+        st.out.find("FAILED") != std::string::npos)
+      break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   ASSERT_EQ(st.code, 0) << st.err;
@@ -132,7 +140,8 @@ TEST_F(CliTest, FailedJobShowsTheReason) {
     if (st.out.find("FAILED") != std::string::npos) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  EXPECT_NE(st.out.find("reason:      User application exited with non-zero exit code: <3>"), std::string::npos)
+  EXPECT_NE(st.out.find("reason:      User application exited with non-zero exit code: <3>"),
+            std::string::npos)
       << st.out;
 }
 
@@ -146,8 +155,8 @@ TEST_F(CliTest, DetailsOfAnEndedJobAndPathsOutsideTheStorage) {
   site = std::make_unique<TestSite>(slow);
   token_file = site->dir() + "/token";
   std::ofstream(token_file) << "tok-alice\n";
-  std::filesystem::permissions(token_file, std::filesystem::perms::owner_read |
-                                               std::filesystem::perms::owner_write);
+  std::filesystem::permissions(
+      token_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   CliRun s = run(common() + "submit --executable 'echo never'");
   ASSERT_EQ(s.code, 0) << s.err;
   const std::string job = s.out.substr(0, s.out.find('\n'));
@@ -161,8 +170,7 @@ TEST_F(CliTest, DetailsOfAnEndedJobAndPathsOutsideTheStorage) {
     if (ended.out.find("has ended") != std::string::npos) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  EXPECT_NE(ended.out.find("no batch system details: the job has ended (FAILED"),
-            std::string::npos)
+  EXPECT_NE(ended.out.find("no batch system details: the job has ended (FAILED"), std::string::npos)
       << ended.out;
   for (const char* path : {"../../../etc/passwd", "a/../../x", ".."}) {
     CliRun cat = run(common() + "cat '" + job + "' '" + path + "'");
@@ -178,7 +186,8 @@ TEST_F(CliTest, RemoteErrorsExitOneUsageErrorsExitTwo) {
   std::ofstream(token_file) << "tok-wrong\n";
   CliRun refused = run(common() + "info");
   EXPECT_EQ(refused.code, 1);
-  EXPECT_NE(refused.err.find("credentials refused by UNICORE site " + site->url()), std::string::npos)
+  EXPECT_NE(refused.err.find("credentials refused by UNICORE site " + site->url()),
+            std::string::npos)
       << refused.err;
   EXPECT_EQ(refused.err.find("tok-wrong"), std::string::npos);
 
@@ -197,15 +206,17 @@ TEST_F(CliTest, RemoteErrorsExitOneUsageErrorsExitTwo) {
   std::string pw = site->dir() + "/pw";
   std::ofstream(pw) << "alice-pw";
   std::filesystem::permissions(pw, std::filesystem::perms::owner_read);
-  CliRun basic = run("unicore --url '" + site->url() + "' --user alice --password-file '" + pw + "' info");
+  CliRun basic =
+      run("unicore --url '" + site->url() + "' --user alice --password-file '" + pw + "' info");
   EXPECT_EQ(basic.code, 0) << basic.err;
 }
 
 TEST_F(CliTest, HelpExplainsTheCommands) {
   CliRun h = run("unicore --help");
   EXPECT_EQ(h.code, 0);
-  for (const char* word : {"info", "jobs", "status", "details", "ls", "cat", "abort", "delete", "submit",
-                           "KB_UNICORE_TOKEN", "--token-file", "--insecure", "Exit status"}) {
+  for (const char* word :
+       {"info", "jobs", "status", "details", "ls", "cat", "abort", "delete", "submit",
+        "KB_UNICORE_TOKEN", "--token-file", "--insecure", "Exit status"}) {
     EXPECT_NE(h.out.find(word), std::string::npos) << word << "\n" << h.out;
   }
 }

@@ -136,18 +136,25 @@ TEST(BackoffDeathTest, TheEnvironmentSeedReplaysAcrossProcesses) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   ::setenv(kBackoffSeedEnv, "12345", 1);
   auto first_delay = [] {
-    Backoff b(BackoffPolicy{milliseconds(100), milliseconds(100), 2.0, Jitter::full, 0}, backoff_seed());
+    Backoff b(BackoffPolicy{milliseconds(100), milliseconds(100), 2.0, Jitter::full, 0},
+              backoff_seed());
     std::exit(process_backoff_seed() == 12345 ? static_cast<int>(b.delay(0).count()) : 101);
   };
   int first = -1, second = -2;
-  EXPECT_EXIT(first_delay(), [&](int status) {
-    first = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return true;
-  }, "");
-  EXPECT_EXIT(first_delay(), [&](int status) {
-    second = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return true;
-  }, "");
+  EXPECT_EXIT(
+      first_delay(),
+      [&](int status) {
+        first = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        return true;
+      },
+      "");
+  EXPECT_EXIT(
+      first_delay(),
+      [&](int status) {
+        second = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        return true;
+      },
+      "");
   ::unsetenv(kBackoffSeedEnv);
   EXPECT_NE(first, 101) << "the environment's seed was not used";
   EXPECT_GE(first, 0);

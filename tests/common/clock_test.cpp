@@ -18,7 +18,9 @@ TEST(ManualClock, FiresOnlyWhenAdvancedPastTheDeadlineAtThatInstant) {
   const auto start = clock.now();
   auto t = clock.make_timer();
   std::vector<milliseconds> fired_at;
-  t->wait(milliseconds(100), [&] { fired_at.push_back(std::chrono::duration_cast<milliseconds>(clock.now() - start)); });
+  t->wait(milliseconds(100), [&] {
+    fired_at.push_back(std::chrono::duration_cast<milliseconds>(clock.now() - start));
+  });
   clock.advance(milliseconds(99));
   EXPECT_TRUE(fired_at.empty());
   clock.advance(milliseconds(50));
@@ -72,7 +74,8 @@ TEST(ManualClock, RunsPostedWorkAtTheInstantOfTheCallbackThatPostedIt) {
   t->wait(milliseconds(10), [&] {
     boost::asio::post(io, [&] {
       reply_at = std::chrono::duration_cast<milliseconds>(clock.now() - start);
-      u->wait(milliseconds(5), [&] { second_at = std::chrono::duration_cast<milliseconds>(clock.now() - start); });
+      u->wait(milliseconds(5),
+              [&] { second_at = std::chrono::duration_cast<milliseconds>(clock.now() - start); });
     });
   });
   clock.advance(milliseconds(100));
@@ -109,8 +112,14 @@ TEST(AsioClock, CancelStopsAHandlerAsioHadAlreadyQueued) {
   AsioClock clock(io);
   auto t = clock.make_timer(), u = clock.make_timer();
   int fired = 0;
-  t->wait(milliseconds(5), [&] { ++fired; u->cancel(); });
-  u->wait(milliseconds(5), [&] { ++fired; t->cancel(); });
+  t->wait(milliseconds(5), [&] {
+    ++fired;
+    u->cancel();
+  });
+  u->wait(milliseconds(5), [&] {
+    ++fired;
+    t->cancel();
+  });
   io.run_for(milliseconds(200));
   EXPECT_EQ(fired, 1);
 }

@@ -9,11 +9,14 @@ namespace {
 
 TEST(Printable, KeepsValidTextAndQuotesTheRest) {
   EXPECT_EQ(printable("k3-alice"), "k3-alice");
-  EXPECT_EQ(printable("gr\xC3\xBC\xC3\x9F" "e"), "gr\xC3\xBC\xC3\x9F" "e");  // "grüße"
+  EXPECT_EQ(printable("gr\xC3\xBC\xC3\x9F"
+                      "e"),
+            "gr\xC3\xBC\xC3\x9F"
+            "e");  // "grüße"
   EXPECT_EQ(printable("\xff\xfe"), "\\xff\\xfe");
-  EXPECT_EQ(printable("\xc3("), "\\xc3(");               // a lead byte without its continuation
+  EXPECT_EQ(printable("\xc3("), "\\xc3(");  // a lead byte without its continuation
   EXPECT_EQ(printable("a\nb\tc\x7f"), "a\\x0ab\\x09c\\x7f");
-  EXPECT_EQ(printable("back\\slash"), "back\\x5cslash");  // so that \xNN cannot be forged
+  EXPECT_EQ(printable("back\\slash"), "back\\x5cslash");    // so that \xNN cannot be forged
   EXPECT_EQ(printable("\xe0\x80\x80"), "\\xe0\\x80\\x80");  // overlong
   EXPECT_EQ(printable("\xed\xa0\x80"), "\\xed\\xa0\\x80");  // a surrogate
   EXPECT_EQ(printable("\xf4\x90\x80\x80"), "\\xf4\\x90\\x80\\x80");  // above U+10FFFF

@@ -1,9 +1,9 @@
-// libFuzzer target: whole HTTP requests into the control API's real router (bridge/api_routes.cpp behind bridge/control_api.hpp),
-// parsed by the same Beast parser and limits a connection uses, from one of four callers chosen by
-// the first byte (a Unix user, an admin on the Unix socket, a uid without a name, a TCP client
-// without a token). The service behind it is the tests' in-memory fake. Invariants: no exception
-// leaves ControlApi::handle, every request gets exactly one answer whose JSON body serialises, no
-// sanitizer report.
+// libFuzzer target: whole HTTP requests into the control API's real router (bridge/api_routes.cpp
+// behind bridge/control_api.hpp), parsed by the same Beast parser and limits a connection uses,
+// from one of four callers chosen by the first byte (a Unix user, an admin on the Unix socket, a
+// uid without a name, a TCP client without a token). The service behind it is the tests' in-memory
+// fake. Invariants: no exception leaves ControlApi::handle, every request gets exactly one answer
+// whose JSON body serialises, no sanitizer report.
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/io_context.hpp>

@@ -8,9 +8,9 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "tests/link/test_transports.hpp"
 #include "link/handshake.hpp"
 #include "link/session.hpp"
+#include "tests/link/test_transports.hpp"
 
 using namespace kb::tunnel;
 namespace asio = boost::asio;

@@ -1,5 +1,5 @@
-// Tests of kernelspec/kernelspec.* and the pure parts of kernelspec/kernel_wrapper.* (what goes into
-// kernel.json, where it is written, what the wrapper sends, how it exits).
+// Tests of kernelspec/kernelspec.* and the pure parts of kernelspec/kernel_wrapper.* (what goes
+// into kernel.json, where it is written, what the wrapper sends, how it exits).
 #include "kernelspec/kernelspec.hpp"
 
 #include <gtest/gtest.h>
@@ -7,13 +7,13 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <optional>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "kernelspec/kernel_wrapper.hpp"
-#include "tests/common/temp_dir.hpp"
 #include "link/connection_file.hpp"
+#include "tests/common/temp_dir.hpp"
 
 namespace kb::bridge {
 namespace {
@@ -25,12 +25,16 @@ class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {
     if (const char* old = std::getenv(name)) old_ = old;
-    if (value) ::setenv(name, value, 1);
-    else ::unsetenv(name);
+    if (value)
+      ::setenv(name, value, 1);
+    else
+      ::unsetenv(name);
   }
   ~ScopedEnv() {
-    if (old_) ::setenv(name_, old_->c_str(), 1);
-    else ::unsetenv(name_);
+    if (old_)
+      ::setenv(name_, old_->c_str(), 1);
+    else
+      ::unsetenv(name_);
   }
 
  private:
@@ -62,8 +66,9 @@ TEST(KernelName, RefusesOtherCharactersNamingThem) {
 }
 
 TEST(CommandLine, SplitsWordsWithQuotes) {
-  EXPECT_EQ(split_command_line("python3 -m ipykernel_launcher -f {connection_file}"),
-            (std::vector<std::string>{"python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"}));
+  EXPECT_EQ(
+      split_command_line("python3 -m ipykernel_launcher -f {connection_file}"),
+      (std::vector<std::string>{"python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"}));
   EXPECT_EQ(split_command_line(R"(sh -c 'echo "a b"' x\ y "q\"z")"),
             (std::vector<std::string>{"sh", "-c", "echo \"a b\"", "x y", "q\"z"}));
   EXPECT_EQ(split_command_line(R"(["a b", "{connection_file}"])"),
@@ -105,7 +110,8 @@ KernelspecInstall sample() {
 
 TEST(KernelJson, ArgvRunsTheWrapperWithTheResources) {
   json k = make_kernel_json(sample());
-  EXPECT_EQ(k["argv"], json::parse(R"(["/opt/kb/bin/kernel-bridge", "kernel", "--socket", "/run/kb.sock",
+  EXPECT_EQ(k["argv"],
+            json::parse(R"(["/opt/kb/bin/kernel-bridge", "kernel", "--socket", "/run/kb.sock",
       "--site", "box", "--partition", "gpus", "--nodes", "1", "--gpus", "2", "--runtime", "2h",
       "--project", "proj1", "{connection_file}"])"));
   EXPECT_EQ(k["interrupt_mode"], "signal");
@@ -205,7 +211,8 @@ TEST(WrapperRequest, SendsExactlyTheConnectionFilesPortsAndKey) {
 
 TEST(WrapperRequest, BadConnectionFileNamesFileAndField) {
   kb::test::TempDir dir;
-  const std::string cf = dir.write("bad.json", R"({"ip": "127.0.0.1", "shell_port": 1, "key": ""})");
+  const std::string cf =
+      dir.write("bad.json", R"({"ip": "127.0.0.1", "shell_port": 1, "key": ""})");
   WrapperRequest r;
   r.site = "box";
   try {
@@ -222,7 +229,9 @@ TEST(WrapperRequest, BadConnectionFileNamesFileAndField) {
 TEST(WrapperExit, StatusFollowsTheKernelsEnd) {
   EXPECT_EQ(exit_status_for(json::parse(R"({"end_cause": "shutdown"})")), 0);
   EXPECT_EQ(exit_status_for(json::parse(R"({"end_cause": "kernel_exited", "exit_code": 3})")), 3);
-  EXPECT_EQ(exit_status_for(json::parse(R"({"end_cause": "kernel_exited", "exit_code": null, "exit_signal": 9})")), 137);
+  EXPECT_EQ(exit_status_for(json::parse(
+                R"({"end_cause": "kernel_exited", "exit_code": null, "exit_signal": 9})")),
+            137);
   EXPECT_EQ(exit_status_for(json::parse(R"({"end_cause": "walltime"})")), 1);
   EXPECT_EQ(exit_status_for(json::parse(R"({"end_cause": "job_failed"})")), 1);
   EXPECT_EQ(exit_status_for(json::parse(R"({})")), 1);

@@ -35,10 +35,17 @@ class ConnectionFileTest : public ::testing::Test {
   }
 
   static nlohmann::json valid() {
-    return {{"ip", "127.0.0.1"},       {"transport", "tcp"},  {"shell_port", 5001},
-            {"iopub_port", 5002},      {"stdin_port", 5003},  {"control_port", 5004},
-            {"hb_port", 5005},         {"key", "abc123"},     {"signature_scheme", "hmac-sha256"},
-            {"kernel_name", "python3"}, {"jupyter_session", "/x.ipynb"}};
+    return {{"ip", "127.0.0.1"},
+            {"transport", "tcp"},
+            {"shell_port", 5001},
+            {"iopub_port", 5002},
+            {"stdin_port", 5003},
+            {"control_port", 5004},
+            {"hb_port", 5005},
+            {"key", "abc123"},
+            {"signature_scheme", "hmac-sha256"},
+            {"kernel_name", "python3"},
+            {"jupyter_session", "/x.ipynb"}};
   }
 
   // The error message parse_connection_info gives for `j`, or "" if it accepts it.
@@ -71,8 +78,8 @@ TEST_F(ConnectionFileTest, ReadsEveryField) {
 }
 
 TEST_F(ConnectionFileTest, MissingFieldsAreNamed) {
-  for (const char* field : {"shell_port", "iopub_port", "stdin_port", "control_port", "hb_port",
-                            "key"}) {
+  for (const char* field :
+       {"shell_port", "iopub_port", "stdin_port", "control_port", "hb_port", "key"}) {
     auto j = valid();
     j.erase(field);
     std::string err = error_for(j);

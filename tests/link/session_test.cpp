@@ -17,10 +17,10 @@
 #include <random>
 
 #include "common/clock.hpp"
-#include "tests/link/test_transports.hpp"
 #include "link/frame.hpp"
 #include "link/handshake.hpp"
 #include "link/tcp_transport.hpp"
+#include "tests/link/test_transports.hpp"
 
 namespace kb::tunnel {
 namespace {
@@ -434,7 +434,8 @@ TEST(LinkSession, ResumesByteExactThroughHundredsOfRandomDrops) {
   opts.handshake_timeout = std::chrono::milliseconds(2000);
   // Frames smaller than most budgets below, so that most transports carry whole frames before the
   // cut. (With the default 64 KiB chunk, no transport cut below 64 KiB could ever deliver a full
-  // DATA frame and the link could not make progress: a retransmission restarts at a frame boundary.)
+  // DATA frame and the link could not make progress: a retransmission restarts at a frame
+  // boundary.)
   opts.max_chunk = 16 * 1024;
   LinkPair p(opts);
   add_echo_kernels(p);

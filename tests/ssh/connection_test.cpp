@@ -3,11 +3,11 @@
 // address stands in for the agent. Everything runs on the test thread's io_context.
 #include "ssh/connection.hpp"
 
+#include <gtest/gtest.h>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include <stdlib.h>
@@ -15,8 +15,8 @@
 
 #include <array>
 #include <chrono>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -57,13 +57,15 @@ std::string run(const std::string& cmd, int* status = nullptr) {
   return out;
 }
 
-std::string sitebox_py() { return source_dir() + "/tests/sitebox/sitebox.py"; }
+std::string sitebox_py() {
+  return source_dir() + "/tests/sitebox/sitebox.py";
+}
 
 // Runs a few lines of Python with the site's SiteBox object bound to `sb`.
 int sitebox_call(const std::string& state_dir, const std::string& code) {
   std::string cmd = "/usr/bin/python3 -c \"import sys; sys.path.insert(0, '" + source_dir() +
-                    "/tests/sitebox'); import sitebox; sb = sitebox.attach('" + state_dir +
-                    "'); " + code + "\" >>" + state_dir + "/test-sitebox.log 2>&1";
+                    "/tests/sitebox'); import sitebox; sb = sitebox.attach('" + state_dir + "'); " +
+                    code + "\" >>" + state_dir + "/test-sitebox.log 2>&1";
   return std::system(cmd.c_str());
 }
 
@@ -288,7 +290,8 @@ class SshConnectionTest : public ::testing::Test {
   }
 
   std::string host_key_fingerprint() {
-    std::string out = run("ssh-keygen -l -E sha256 -f " + g_site->info["host_key_pub"].get<std::string>());
+    std::string out =
+        run("ssh-keygen -l -E sha256 -f " + g_site->info["host_key_pub"].get<std::string>());
     auto b = out.find("SHA256:");
     if (b == std::string::npos) return "?";
     return out.substr(b, out.find(' ', b) - b);
@@ -383,7 +386,8 @@ TEST_F(SshConnectionTest, TwoHundredChannelsOnOneConnection) {
   for (int i = 0; i < kChannels; ++i) payloads.push_back(random_bytes(32 * 1024 + i, 100 + i));
   auto conn = SshConnection::create(ioc_, options());
   std::vector<std::shared_ptr<OpenResult>> opens;
-  for (int i = 0; i < kChannels; ++i) opens.push_back(open_async(*conn, g_site->compute(), echo_->port()));
+  for (int i = 0; i < kChannels; ++i)
+    opens.push_back(open_async(*conn, g_site->compute(), echo_->port()));
   ASSERT_TRUE(run_until([&] {
     for (auto& o : opens)
       if (!o->done) return false;
@@ -549,8 +553,12 @@ TEST_F(SshConnectionTest, KilledSshdSessionFailsChannelsAndReconnects) {
   ASSERT_TRUE(run_until([&] { return conn->counters().reconnects >= 1; }));
   EXPECT_EQ(conn->state(), SshConnection::State::connected);
   bool saw_reconnecting = false;
-  run_until([&] { return !states.empty() && states.back().first == SshConnection::State::connected &&
-                         states.size() >= 3; }, 5s);
+  run_until(
+      [&] {
+        return !states.empty() && states.back().first == SshConnection::State::connected &&
+               states.size() >= 3;
+      },
+      5s);
   for (auto& [s, why] : states) saw_reconnecting |= s == SshConnection::State::reconnecting;
   EXPECT_TRUE(saw_reconnecting);
 
@@ -616,9 +624,10 @@ TEST_F(SshConnectionTest, KeepaliveNoticesAFrozenPeer) {
   ASSERT_FALSE(r->ec) << r->message;
   auto pending = Collector::start(*r->transport, 1);
   // Freeze the sshd session processes: the TCP connection stays up but nothing answers.
-  ASSERT_EQ(sitebox_call(g_site->dir,
-                         "import os, signal; [os.kill(p, signal.SIGSTOP) for p in sb.sshd_sessions()]"),
-            0);
+  ASSERT_EQ(
+      sitebox_call(g_site->dir,
+                   "import os, signal; [os.kill(p, signal.SIGSTOP) for p in sb.sshd_sessions()]"),
+      0);
   ASSERT_TRUE(run_until([&] { return pending->done; }));
   EXPECT_EQ(pending->ec, make_error_code(SshError::connection_lost));
   EXPECT_NE(conn->last_error().find("keepalive"), std::string::npos) << conn->last_error();
@@ -641,8 +650,9 @@ TEST_F(SshConnectionTest, SshdRestartReconnects) {
   g_site->info = nlohmann::json::parse(read_file(g_site->dir + "/site.json"));
   ASSERT_TRUE(run_until([&] { return pending->done; }));
   EXPECT_EQ(pending->ec, make_error_code(SshError::connection_lost));
-  ASSERT_TRUE(run_until([&] { return conn->counters().reconnects >= 1 &&
-                                     conn->state() == SshConnection::State::connected; }));
+  ASSERT_TRUE(run_until([&] {
+    return conn->counters().reconnects >= 1 && conn->state() == SshConnection::State::connected;
+  }));
   auto r2 = open_echo(*conn);
   ASSERT_FALSE(r2->ec) << r2->message;
   expect_echo(*r2->transport, "after the restart");

@@ -12,20 +12,20 @@
 #include "common/overloaded.hpp"
 #include "tests/agent/spawn.hpp"
 
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/execution.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/read.hpp>
-#include <boost/asio/read_until.hpp>
-#include <boost/asio/streambuf.hpp>
-#include <boost/asio/write.hpp>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <boost/asio/execution.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/read_until.hpp>
+#include <boost/asio/streambuf.hpp>
+#include <boost/asio/write.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -127,7 +127,10 @@ class HubKernelTest : public ::testing::Test {
 
   void TearDown() override {
     if (kernel_) {
-      asio::post(io_, [this] { kernel_->close("test over"); kernel_.reset(); });
+      asio::post(io_, [this] {
+        kernel_->close("test over");
+        kernel_.reset();
+      });
     }
     work_.reset();
     if (io_thread_.joinable()) io_thread_.join();
@@ -146,13 +149,25 @@ class HubKernelTest : public ::testing::Test {
   }
 
   void start_agent() {
-    std::vector<std::string> args = {binary(), "agent", "--listen", "127.0.0.1:0",
-                                     "--secret-file", dir_ + "/link.secret",
-                                     "--discovery-file", dir_ + "/agent.json",
-                                     "--runtime-dir", dir_ + "/runtime",
-                                     "--kernel-grace", "2", "--no-bridge-timeout", "120",
-                                     "--", python(), dir_ + "/fake_kernel.py",
-                                     "{connection_file}", state_};
+    std::vector<std::string> args = {binary(),
+                                     "agent",
+                                     "--listen",
+                                     "127.0.0.1:0",
+                                     "--secret-file",
+                                     dir_ + "/link.secret",
+                                     "--discovery-file",
+                                     dir_ + "/agent.json",
+                                     "--runtime-dir",
+                                     dir_ + "/runtime",
+                                     "--kernel-grace",
+                                     "2",
+                                     "--no-bridge-timeout",
+                                     "120",
+                                     "--",
+                                     python(),
+                                     dir_ + "/fake_kernel.py",
+                                     "{connection_file}",
+                                     state_};
     agent_pid_ = test::spawn_logged(std::move(args), dir_ + "/agent.log");
     ASSERT_GE(agent_pid_, 0);
     ASSERT_TRUE(wait_for([&] { return fs::exists(dir_ + "/agent.json"); }, 30s)) << agent_log();
@@ -219,26 +234,26 @@ class HubKernelTest : public ::testing::Test {
     std::lock_guard lock(mu_);
     std::string s;
     for (auto& e : events_) {
-      s += std::visit(
-               kb::Overloaded{
-                   [](const hub_event::Listening&) { return std::string("listening"); },
-                   [](const hub_event::LinkUp&) { return std::string("link_up"); },
-                   [](const hub_event::LinkDown& d) { return "link_down: " + d.reason; },
-                   [](const hub_event::KernelStarted& k) {
-                     return "kernel_started: pid " + std::to_string(k.pid) +
-                            (k.restart ? " (restart)" : "");
-                   },
-                   [](const hub_event::KernelExited& x) {
-                     return "kernel_exited: code " + (x.code ? std::to_string(*x.code) : "-") +
-                            " signal " + (x.signal ? std::to_string(*x.signal) : "-");
-                   },
-                   [](const hub_event::AgentTerminating& t) {
-                     return "agent_terminating: " + t.reason;
-                   },
-                   [](const hub_event::Error& r) { return "error: " + r.message; },
-                   [](const hub_event::Closed& c) { return "closed: " + c.reason; },
-               },
-               e) +
+      s += std::visit(kb::Overloaded{
+                          [](const hub_event::Listening&) { return std::string("listening"); },
+                          [](const hub_event::LinkUp&) { return std::string("link_up"); },
+                          [](const hub_event::LinkDown& d) { return "link_down: " + d.reason; },
+                          [](const hub_event::KernelStarted& k) {
+                            return "kernel_started: pid " + std::to_string(k.pid) +
+                                   (k.restart ? " (restart)" : "");
+                          },
+                          [](const hub_event::KernelExited& x) {
+                            return "kernel_exited: code " +
+                                   (x.code ? std::to_string(*x.code) : "-") + " signal " +
+                                   (x.signal ? std::to_string(*x.signal) : "-");
+                          },
+                          [](const hub_event::AgentTerminating& t) {
+                            return "agent_terminating: " + t.reason;
+                          },
+                          [](const hub_event::Error& r) { return "error: " + r.message; },
+                          [](const hub_event::Closed& c) { return "closed: " + c.reason; },
+                      },
+                      e) +
            "\n";
     }
     return s;
@@ -321,9 +336,9 @@ TEST_F(HubKernelTest, KernelLifecycleAndRelayThroughTheAgent) {
   ASSERT_TRUE(started) << events_text() << agent_log();
   EXPECT_FALSE(started->restart);
   int first_pid = started->pid;
-  ASSERT_TRUE(wait_for([&] { return fs::exists(state_ + "/kernel-" + std::to_string(first_pid) +
-                                                ".json"); }))
-      << agent_log();
+  ASSERT_TRUE(wait_for([&] {
+    return fs::exists(state_ + "/kernel-" + std::to_string(first_pid) + ".json");
+  })) << agent_log();
 
   // The connection file: 0600, our key, ip 127.0.0.1; the kernel's ports listen on 127.0.0.1 only.
   std::string cf = kernel_connection_file();
@@ -342,8 +357,8 @@ TEST_F(HubKernelTest, KernelLifecycleAndRelayThroughTheAgent) {
                     ChannelKind::control, ChannelKind::hb}) {
     auto where = listeners_on(kinfo.port(kind));
     ASSERT_EQ(where.size(), 1u) << "port " << kinfo.port(kind);
-    EXPECT_EQ(where[0], "0100007F") << "kernel port " << kinfo.port(kind)
-                                    << " is not bound to 127.0.0.1 only";
+    EXPECT_EQ(where[0], "0100007F")
+        << "kernel port " << kinfo.port(kind) << " is not bound to 127.0.0.1 only";
   }
 
   // Each hub-side port reaches the kernel's port of the same channel; bytes flow both ways.
@@ -407,8 +422,8 @@ TEST_F(HubKernelTest, SigtermToTheAgentIsReportedAndStopsTheKernel) {
   auto started = wait_event<hub_event::KernelStarted>();
   ASSERT_TRUE(started) << events_text() << agent_log();
   int pid = started->pid;
-  ASSERT_TRUE(wait_for([&] { return fs::exists(state_ + "/kernel-" + std::to_string(pid) +
-                                                ".json"); }));
+  ASSERT_TRUE(
+      wait_for([&] { return fs::exists(state_ + "/kernel-" + std::to_string(pid) + ".json"); }));
   ::kill(agent_pid_, SIGTERM);
   auto terminating = wait_event<hub_event::AgentTerminating>();
   ASSERT_TRUE(terminating) << events_text() << agent_log();

@@ -34,7 +34,9 @@ std::string header(const json& request, std::string name) {
   return "<absent>";
 }
 
-std::string b64(const std::string& s) { return base64_encode(s); }
+std::string b64(const std::string& s) {
+  return base64_encode(s);
+}
 
 // A zombie (exited, not yet reaped by its new parent) counts as dead.
 bool alive(int pid) {
@@ -46,7 +48,9 @@ bool alive(int pid) {
   return close == std::string::npos || line.size() < close + 3 || line[close + 2] != 'Z';
 }
 
-std::string job_id(const std::string& url) { return url.substr(url.rfind('/') + 1); }
+std::string job_id(const std::string& url) {
+  return url.substr(url.rfind('/') + 1);
+}
 
 class ClientTest : public ::testing::Test {
  protected:
@@ -85,7 +89,8 @@ class ClientTest : public ::testing::Test {
     }
   }
 
-  // Follows the job with a JobWatcher (fast policy) until `until` holds for a status or the job ends.
+  // Follows the job with a JobWatcher (fast policy) until `until` holds for a status or the job
+  // ends.
   std::vector<JobStatus> watch(UnicoreClient& c, const std::string& job,
                                std::function<bool(JobStatus)> until, JobInfo* last = nullptr,
                                std::chrono::seconds limit = 20s) {
@@ -206,7 +211,8 @@ TEST_F(ClientTest, SubmitRunReadFilesDetailsListAndDelete) {
   EXPECT_EQ(reqs[0]["body_b64"], b64(d.to_json(GpuMode::gpus_per_node)->dump()));
 
   JobInfo last;
-  auto seen = watch(*c, job, [](JobStatus s) { return s == JobStatus::running; }, &last);
+  auto seen = watch(
+      *c, job, [](JobStatus s) { return s == JobStatus::running; }, &last);
   ASSERT_FALSE(seen.empty());
   EXPECT_EQ(seen.back(), JobStatus::running);
   EXPECT_TRUE(std::find(seen.begin(), seen.end(), JobStatus::queued) != seen.end());
@@ -229,7 +235,9 @@ TEST_F(ClientTest, SubmitRunReadFilesDetailsListAndDelete) {
   EXPECT_EQ(read_file(*c, storage, "out.txt"), "hello world\n");
   (void)read_file(*c, storage, "sub/y");
   site->take_requests();
-  auto part = wait<Download>([&](auto cb) { c->download(alice, storage, "/out.txt", ByteRange{0, 4}, cb); });
+  auto part = wait<Download>([&](auto cb) {
+    c->download(alice, storage, "/out.txt", ByteRange{0, 4}, cb);
+  });
   ASSERT_TRUE(part.ok()) << part.error().message;
   EXPECT_EQ(part->bytes, "hello");
   EXPECT_TRUE(part->partial);
@@ -314,12 +322,14 @@ TEST_F(ClientTest, ClientStageInUploadThenStart) {
 
   auto up1 = wait<Done>([&](auto cb) { c->upload(alice, storage, "in/data.bin", bytes, cb); });
   ASSERT_TRUE(up1.ok()) << up1.error().message;
-  auto up2 = wait<Done>([&](auto cb) { c->upload(alice, storage, "script.sh", "cp in/data.bin copy.bin\n", cb); });
+  auto up2 = wait<Done>(
+      [&](auto cb) { c->upload(alice, storage, "script.sh", "cp in/data.bin copy.bin\n", cb); });
   ASSERT_TRUE(up2.ok()) << up2.error().message;
   auto reqs = site->take_requests();
   ASSERT_EQ(reqs.size(), 2u);
   EXPECT_EQ(reqs[0]["method"], "PUT");
-  EXPECT_EQ(reqs[0]["path"], "/DEMO-SITE/rest/core/storages/" + job_id(job) + "-uspace/files/in/data.bin");
+  EXPECT_EQ(reqs[0]["path"],
+            "/DEMO-SITE/rest/core/storages/" + job_id(job) + "-uspace/files/in/data.bin");
   EXPECT_EQ(header(reqs[0], "Content-Type"), "application/octet-stream");
   EXPECT_EQ(reqs[0]["body_b64"], b64(bytes));
 
@@ -332,10 +342,12 @@ TEST_F(ClientTest, ClientStageInUploadThenStart) {
   EXPECT_EQ(header(reqs[0], "Content-Type"), "application/json");
 
   JobInfo last;
-  watch(*c, job, [](JobStatus) { return false; }, &last);
+  watch(
+      *c, job, [](JobStatus) { return false; }, &last);
   EXPECT_EQ(last.status, JobStatus::successful) << last.status_message;
   EXPECT_EQ(last.exit_code, 0);
-  auto copy = wait<Download>([&](auto cb) { c->download(alice, storage, "copy.bin", std::nullopt, cb); });
+  auto copy =
+      wait<Download>([&](auto cb) { c->download(alice, storage, "copy.bin", std::nullopt, cb); });
   ASSERT_TRUE(copy.ok()) << copy.error().message;
   EXPECT_EQ(copy->bytes, bytes);
 }
@@ -358,7 +370,8 @@ TEST_F(ClientTest, AbortKillsTheJobsProcesses) {
   auto aborted = wait<Done>([&](auto cb) { c->abort(alice, job, cb); });
   ASSERT_TRUE(aborted.ok()) << aborted.error().message;
   JobInfo last;
-  watch(*c, job, [](JobStatus) { return false; }, &last);
+  watch(
+      *c, job, [](JobStatus) { return false; }, &last);
   EXPECT_EQ(last.status, JobStatus::failed);
   EXPECT_EQ(last.failure_reason(), "Job aborted.");
   // The site kills the whole process group: TERM, then KILL after its grace (1 s here).
@@ -377,14 +390,16 @@ TEST_F(ClientTest, RuntimeExpiryEndsTheJobFailedWithTheTimeLimitReason) {
   d.resources.runtime = "1";
   std::string job = submit(*c, d);
   JobInfo last;
-  watch(*c, job, [](JobStatus) { return false; }, &last);
+  watch(
+      *c, job, [](JobStatus) { return false; }, &last);
   EXPECT_EQ(last.status, JobStatus::failed);
   EXPECT_NE(last.failure_reason().find("TIME LIMIT"), std::string::npos) << last.failure_reason();
 }
 
 TEST_F(ClientTest, RefusedTokenNamesTheSiteAndARefreshedTokenRecovers) {
   auto c = client();
-  auto bad = wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("tok-wrong"), cb); });
+  auto bad =
+      wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("tok-wrong"), cb); });
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.error().kind, ErrorKind::refused);
   EXPECT_EQ(bad.error().http_status, 403);
@@ -392,18 +407,21 @@ TEST_F(ClientTest, RefusedTokenNamesTheSiteAndARefreshedTokenRecovers) {
   EXPECT_NE(bad.error().message.find(site->url()), std::string::npos) << bad.error().message;
   EXPECT_FALSE(bad.error().server_message.empty());
   EXPECT_NE(bad.error().message.find(bad.error().server_message), std::string::npos);
-  EXPECT_EQ(bad.error().message.find("tok-wrong"), std::string::npos) << "secret in an error message";
+  EXPECT_EQ(bad.error().message.find("tok-wrong"), std::string::npos)
+      << "secret in an error message";
 
   // A session exists for tok-alice; then the token expires (sessions too) and a new one is issued.
   ASSERT_TRUE(wait<CoreInfo>([&](auto cb) { c->get_core_info(alice, cb); }).ok());
-  site->faults({{"expire_token", "tok-alice"}, {"expire_sessions", true},
+  site->faults({{"expire_token", "tok-alice"},
+                {"expire_sessions", true},
                 {"add_token", {{"uid", "alice"}, {"token", "tok-alice-2"}}}});
   site->take_requests();
   std::vector<std::string> asked;
-  c->set_refresh_hook([&](const Credentials& old, std::function<void(std::optional<Credentials>)> reply) {
-    asked.push_back(old.token);
-    reply(Credentials::bearer("tok-alice-2"));
-  });
+  c->set_refresh_hook(
+      [&](const Credentials& old, std::function<void(std::optional<Credentials>)> reply) {
+        asked.push_back(old.token);
+        reply(Credentials::bearer("tok-alice-2"));
+      });
   auto again = wait<CoreInfo>([&](auto cb) { c->get_core_info(alice, cb); });
   ASSERT_TRUE(again.ok()) << again.error().message;
   EXPECT_EQ(again->uid, "alice");
@@ -416,11 +434,13 @@ TEST_F(ClientTest, RefusedTokenNamesTheSiteAndARefreshedTokenRecovers) {
   EXPECT_EQ(header(reqs[2], "Authorization"), "Bearer tok-alice-2");    // refreshed → 200
 
   // A hook with nothing better: the refusal is reported, after exactly one try.
-  c->set_refresh_hook([&](const Credentials&, std::function<void(std::optional<Credentials>)> reply) {
-    asked.push_back("none");
-    reply(std::nullopt);
-  });
-  auto refused = wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("tok-alice"), cb); });
+  c->set_refresh_hook(
+      [&](const Credentials&, std::function<void(std::optional<Credentials>)> reply) {
+        asked.push_back("none");
+        reply(std::nullopt);
+      });
+  auto refused =
+      wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("tok-alice"), cb); });
   ASSERT_FALSE(refused.ok());
   EXPECT_EQ(refused.error().kind, ErrorKind::refused);
   EXPECT_EQ(asked.back(), "none");
@@ -448,8 +468,11 @@ TEST_F(ClientTest, ServiceUnavailableBurstIsRiddenOutAndALongerOneIsAClearError)
   JobDescription d;
   d.executable = "true";
   // A proxy's 503 page: UNICORE never saw the submission, so it is repeated.
-  site->faults({{"fail_next", {{"count", 1}, {"status", 503}, {"content_type", "text/html"},
-                               {"body", "<html><title>Service Unavailable</title></html>"}}}});
+  site->faults({{"fail_next",
+                 {{"count", 1},
+                  {"status", 503},
+                  {"content_type", "text/html"},
+                  {"body", "<html><title>Service Unavailable</title></html>"}}}});
   EXPECT_FALSE(submit(*c, d).empty());
   auto posts = site->take_requests();
   EXPECT_EQ(posts.size(), 2u) << posts.dump(1);
@@ -465,7 +488,8 @@ TEST_F(ClientTest, ServiceUnavailableBurstIsRiddenOutAndALongerOneIsAClearError)
   auto dropped = wait<std::string>([&](auto cb) { c->submit(alice, d, cb); });
   ASSERT_FALSE(dropped.ok());
   EXPECT_EQ(dropped.error().kind, ErrorKind::connect);
-  EXPECT_NE(dropped.error().message.find("may have been created"), std::string::npos) << dropped.error().message;
+  EXPECT_NE(dropped.error().message.find("may have been created"), std::string::npos)
+      << dropped.error().message;
   EXPECT_EQ(site->take_requests().size(), 1u);
   // Submission switched off by the site: reported at once with the site's words.
   site->faults({{"submission_enabled", false}});
@@ -491,7 +515,8 @@ TEST_F(ClientTest, SecuritySessionIsReusedAndRenewedAfter432) {
   EXPECT_EQ(c->stored_sessions(), 1u);
 
   // Sessions belong to credentials: bob gets his own.
-  ASSERT_TRUE(wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("tok-bob"), cb); }).ok());
+  ASSERT_TRUE(
+      wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("tok-bob"), cb); }).ok());
   reqs = site->take_requests();
   EXPECT_EQ(header(reqs[0], "X-UNICORE-SecuritySession"), "<absent>");
   EXPECT_EQ(c->stored_sessions(), 2u);
@@ -502,7 +527,7 @@ TEST_F(ClientTest, SecuritySessionIsReusedAndRenewedAfter432) {
   ASSERT_TRUE(wait<CoreInfo>([&](auto cb) { c->get_core_info(alice, cb); }).ok());
   reqs = site->take_requests();
   ASSERT_EQ(reqs.size(), 3u);
-  EXPECT_EQ(header(reqs[0], "X-UNICORE-SecuritySession"), first);        // → 432
+  EXPECT_EQ(header(reqs[0], "X-UNICORE-SecuritySession"), first);       // → 432
   EXPECT_EQ(header(reqs[1], "X-UNICORE-SecuritySession"), "<absent>");  // dropped, retried once
   std::string renewed = header(reqs[2], "X-UNICORE-SecuritySession");
   EXPECT_NE(renewed, "<absent>");
@@ -528,7 +553,8 @@ TEST_F(ClientTest, BadRepliesAreClearErrorsAndTheClientCarriesOn) {
   expect_error({{"kind", "not_json_200"}}, ErrorKind::bad_reply, "not valid JSON");
   expect_error({{"kind", "truncated_json"}}, ErrorKind::bad_reply, "not valid JSON");
   expect_error({{"kind", "missing_fields"}}, ErrorKind::bad_reply, "\"client\"");
-  expect_error({{"kind", "huge"}, {"size", 4 << 20}}, ErrorKind::bad_reply, "larger than 1048576 bytes");
+  expect_error({{"kind", "huge"}, {"size", 4 << 20}}, ErrorKind::bad_reply,
+               "larger than 1048576 bytes");
   // A connection dropped without an answer. On a fresh connection (curl itself repeats a request
   // once when a *reused* connection turns out dead), with retries off: a clear error.
   {
@@ -580,7 +606,8 @@ TEST_F(ClientTest, UnreachableSiteIsAConnectErrorAfterRetries) {
   socklen_t len = sizeof a;
   getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
   close(s);  // nobody listens on this port now
-  std::string url = "http://127.0.0.1:" + std::to_string(ntohs(a.sin_port)) + "/DEMO-SITE/rest/core";
+  std::string url =
+      "http://127.0.0.1:" + std::to_string(ntohs(a.sin_port)) + "/DEMO-SITE/rest/core";
   ClientOptions o;
   o.base_url = url;
   o.retry.initial_delay = 10ms;
@@ -595,8 +622,9 @@ TEST_F(ClientTest, UnreachableSiteIsAConnectErrorAfterRetries) {
 
 TEST_F(ClientTest, CredentialsGoOnlyToTheConfiguredSite) {
   auto c = client();
-  for (std::string other : std::vector<std::string>{"https://evil.example/SITE/rest/core/jobs/x",
-                            site->url().substr(0, site->url().find("/DEMO")) + "0/x"}) {
+  for (std::string other :
+       std::vector<std::string>{"https://evil.example/SITE/rest/core/jobs/x",
+                                site->url().substr(0, site->url().find("/DEMO")) + "0/x"}) {
     auto r = wait<JobInfo>([&](auto cb) { c->get_job(alice, other, cb); });
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.error().kind, ErrorKind::invalid_argument);
@@ -604,7 +632,8 @@ TEST_F(ClientTest, CredentialsGoOnlyToTheConfiguredSite) {
   }
   auto bad_id = wait<JobInfo>([&](auto cb) { c->get_job(alice, "x/../../y", cb); });
   EXPECT_EQ(bad_id.error().kind, ErrorKind::invalid_argument);
-  auto injected = wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("t\r\nX-Evil: 1"), cb); });
+  auto injected =
+      wait<CoreInfo>([&](auto cb) { c->get_core_info(Credentials::bearer("t\r\nX-Evil: 1"), cb); });
   EXPECT_EQ(injected.error().kind, ErrorKind::invalid_argument);
   EXPECT_TRUE(site->take_requests().empty());
 }
@@ -612,14 +641,18 @@ TEST_F(ClientTest, CredentialsGoOnlyToTheConfiguredSite) {
 class TlsClientTest : public ClientTest {
  protected:
   void SetUp() override {
-    tls_dir = std::filesystem::temp_directory_path() / ("kb-uclient-tls-" + std::to_string(getpid()));
+    tls_dir =
+        std::filesystem::temp_directory_path() / ("kb-uclient-tls-" + std::to_string(getpid()));
     std::filesystem::create_directories(tls_dir);
-    std::string cmd = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 "
-                      "-addext subjectAltName=IP:127.0.0.1 -keyout " + (tls_dir / "key.pem").string() +
-                      " -out " + (tls_dir / "cert.pem").string() + " >/dev/null 2>&1";
+    std::string cmd =
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 "
+        "-addext subjectAltName=IP:127.0.0.1 -keyout " +
+        (tls_dir / "key.pem").string() + " -out " + (tls_dir / "cert.pem").string() +
+        " >/dev/null 2>&1";
     if (std::system(cmd.c_str()) != 0) GTEST_SKIP() << "openssl could not make a test certificate";
     testing::SiteOptions o;
-    o.extra_args = {"--tls-cert", (tls_dir / "cert.pem").string(), "--tls-key", (tls_dir / "key.pem").string()};
+    o.extra_args = {"--tls-cert", (tls_dir / "cert.pem").string(), "--tls-key",
+                    (tls_dir / "key.pem").string()};
     site = std::make_unique<TestSite>(o);
   }
   void TearDown() override {

@@ -36,7 +36,8 @@ TEST(Hostlist, SeveralGroupsAndCartesianProduct) {
 }
 
 TEST(Hostlist, MalformedListsAreClearErrors) {
-  for (const char* bad : {"n[1-3", "n1-3]", "n[a-b]", "n[3-1]", "n[]", "n[1-2],,m", "n[[1]]", "a b"}) {
+  for (const char* bad :
+       {"n[1-3", "n1-3]", "n[a-b]", "n[3-1]", "n[]", "n[1-2],,m", "n[[1]]", "a b"}) {
     auto r = expand_hostlist(bad);
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.error().kind, ErrorKind::bad_reply);

@@ -25,7 +25,8 @@ JobDescription kernel_job() {
   d.tags = {"jupyter", "kb"};
   d.stdout_file = "agent.out";
   d.stderr_file = "agent.err";
-  d.imports.push_back({"start.sh", std::string("#!/bin/bash\necho hi\n"), std::nullopt, "rwx------", true});
+  d.imports.push_back(
+      {"start.sh", std::string("#!/bin/bash\necho hi\n"), std::nullopt, "rwx------", true});
   return d;
 }
 
@@ -82,11 +83,13 @@ TEST(JobDescription, InlineDataJoinsBackToTheExactText) {
 TEST(JobDescription, FromImportAndFailOnError) {
   JobDescription d;
   d.executable = "true";
-  d.imports.push_back({"in/data.csv", std::nullopt, std::string("https://x/files/data.csv"), std::nullopt, false});
+  d.imports.push_back(
+      {"in/data.csv", std::nullopt, std::string("https://x/files/data.csv"), std::nullopt, false});
   auto j = d.to_json(GpuMode::gpus_per_node);
   ASSERT_TRUE(j.ok());
   EXPECT_EQ(j.value()["Imports"][0],
-            json::parse(R"({"To":"in/data.csv","From":"https://x/files/data.csv","FailOnError":"false"})"));
+            json::parse(
+                R"({"To":"in/data.csv","From":"https://x/files/data.csv","FailOnError":"false"})"));
 }
 
 TEST(JobDescription, BatchLinesModeWritesARawSlurmHeaderInsteadOfGPUsPerNode) {

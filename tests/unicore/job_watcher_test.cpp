@@ -107,7 +107,10 @@ struct Harness {
 
   void make() {
     WatchHandlers h;
-    h.on_change = [this](const JobInfo& j) { changes.push_back(to_string(j.status) + (j.status_message.empty() ? "" : ":" + j.status_message)); };
+    h.on_change = [this](const JobInfo& j) {
+      changes.push_back(to_string(j.status) +
+                        (j.status_message.empty() ? "" : ":" + j.status_message));
+    };
     h.on_end = [this](const JobInfo& j) { ends.push_back(j.failure_reason()); };
     h.on_error = [this](const UnicoreError& e, bool fatal) { errors.emplace_back(e.kind, fatal); };
     auto poll = [this](std::function<void(Result<JobInfo>)> done) {
@@ -146,10 +149,12 @@ TEST(JobWatcher, ReportsEachChangeOnceAndStopsAtTheEnd) {
   EXPECT_EQ(h.changes, (std::vector<std::string>{
                            "READY", "QUEUED", "RUNNING",
                            "FAILED:Batch job 7 was terminated by the batch system: TIME LIMIT"}));
-  EXPECT_EQ(h.ends, std::vector<std::string>{"Batch job 7 was terminated by the batch system: TIME LIMIT"});
+  EXPECT_EQ(h.ends,
+            std::vector<std::string>{"Batch job 7 was terminated by the batch system: TIME LIMIT"});
   EXPECT_FALSE(h.watcher->running());
-  EXPECT_EQ(h.timer->delays, (std::vector<milliseconds>{milliseconds(500), milliseconds(1000), milliseconds(1500),
-                                                        milliseconds(2250), milliseconds(500), milliseconds(750)}));
+  EXPECT_EQ(h.timer->delays,
+            (std::vector<milliseconds>{milliseconds(500), milliseconds(1000), milliseconds(1500),
+                                       milliseconds(2250), milliseconds(500), milliseconds(750)}));
 }
 
 TEST(JobWatcher, TransientErrorsKeepWatchingFatalOnesStop) {
@@ -166,8 +171,9 @@ TEST(JobWatcher, TransientErrorsKeepWatchingFatalOnesStop) {
   ASSERT_EQ(h.errors.size(), 2u);
   EXPECT_EQ(h.errors[0], std::make_pair(ErrorKind::timeout, false));
   EXPECT_EQ(h.errors[1], std::make_pair(ErrorKind::refused, true));
-  EXPECT_EQ(h.changes, std::vector<std::string>{"QUEUED"});  // the same status after an error is no change
-  EXPECT_EQ(h.timer->delays[1], milliseconds(2000));          // error interval
+  EXPECT_EQ(h.changes,
+            std::vector<std::string>{"QUEUED"});      // the same status after an error is no change
+  EXPECT_EQ(h.timer->delays[1], milliseconds(2000));  // error interval
   EXPECT_FALSE(h.watcher->running());
 }
 
@@ -200,7 +206,8 @@ TEST(JobWatcher, AHandlerMayDropTheWatcher) {
     h.answers.pop_front();
     done(std::move(a));
   };
-  h.watcher = JobWatcher::create(poll, std::make_unique<FakeTimer>(h.timer), handlers, no_jitter(), 1);
+  h.watcher =
+      JobWatcher::create(poll, std::make_unique<FakeTimer>(h.timer), handlers, no_jitter(), 1);
   weak = h.watcher;
   h.watcher->start();
   EXPECT_TRUE(ended);

@@ -96,7 +96,8 @@ TEST(Replies, MissingOrUnknownStatusIsABadReply) {
 
 TEST(Replies, DetailsExpandTheNodeList) {
   auto d = parse_job_details(json::parse(R"({"JobId":"8017847","JobState":"RUNNING",
-    "NodeList":"jrc[0025-0026,0030]","BatchHost":"jrc0025","NumNodes":"3"})"), kUrl);
+    "NodeList":"jrc[0025-0026,0030]","BatchHost":"jrc0025","NumNodes":"3"})"),
+                             kUrl);
   ASSERT_TRUE(d.ok()) << d.error().message;
   EXPECT_TRUE(d->available);
   EXPECT_EQ(d->batch_job_id, "8017847");
@@ -120,7 +121,8 @@ TEST(Replies, DetailsBeforeTheBatchSystemKnowsTheJob) {
 
 TEST(Replies, DirectoryListing) {
   auto f = parse_file_info(json::parse(R"({"isDirectory":true,"size":4096,"permissions":"rwx------",
-    "content":{"/stdout":{"isDirectory":false,"size":123},"/sub/":{"isDirectory":true,"size":0}}})"), kUrl);
+    "content":{"/stdout":{"isDirectory":false,"size":123},"/sub/":{"isDirectory":true,"size":0}}})"),
+                           kUrl);
   ASSERT_TRUE(f.ok());
   EXPECT_TRUE(f->is_directory);
   ASSERT_EQ(f->content.size(), 2u);
@@ -133,7 +135,8 @@ TEST(Replies, DirectoryListing) {
 }
 
 TEST(Replies, JobListWithNextPage) {
-  auto p = parse_job_list(json::parse(R"({"jobs":["u1","u2"],"_links":{"next":{"href":"n"}}})"), kUrl);
+  auto p =
+      parse_job_list(json::parse(R"({"jobs":["u1","u2"],"_links":{"next":{"href":"n"}}})"), kUrl);
   ASSERT_TRUE(p.ok());
   EXPECT_EQ(p->jobs.size(), 2u);
   EXPECT_EQ(p->next, "n");
@@ -143,7 +146,8 @@ TEST(Replies, JobListWithNextPage) {
 
 TEST(Replies, HtmlInsteadOfJsonIsNamed) {
   auto j = parse_json_reply(
-      reply(200, "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>", "text/html"),
+      reply(200, "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+            "text/html"),
       kUrl);
   ASSERT_FALSE(j.ok());
   EXPECT_EQ(j.error().kind, ErrorKind::bad_reply);
@@ -168,7 +172,9 @@ RequestContext ctx(std::string method = "GET", bool submit = false) {
 
 TEST(Replies, RefusedCredentialsNameTheSiteAndKeepTheServerMessage) {
   auto e = error_from_response(
-      reply(403, R"({"errorMessage":"Authentication failed - credentials could not be verified.","status":403})"),
+      reply(
+          403,
+          R"({"errorMessage":"Authentication failed - credentials could not be verified.","status":403})"),
       ctx());
   EXPECT_EQ(e.kind, ErrorKind::refused);
   EXPECT_EQ(e.http_status, 403);
@@ -180,14 +186,17 @@ TEST(Replies, RefusedCredentialsNameTheSiteAndKeepTheServerMessage) {
 }
 
 TEST(Replies, StatusMapping) {
-  EXPECT_EQ(error_from_response(reply(404, R"({"errorMessage":"no such job","status":404})"), ctx()).kind,
-            ErrorKind::not_found);
+  EXPECT_EQ(
+      error_from_response(reply(404, R"({"errorMessage":"no such job","status":404})"), ctx()).kind,
+      ErrorKind::not_found);
   auto disabled = error_from_response(
-      reply(503, R"({"errorMessage":"Job submission is disabled","status":503})"), ctx("POST", true));
+      reply(503, R"({"errorMessage":"Job submission is disabled","status":503})"),
+      ctx("POST", true));
   EXPECT_EQ(disabled.kind, ErrorKind::submission_disabled);
   EXPECT_NE(disabled.message.find("Job submission is disabled"), std::string::npos);
-  auto html503 = error_from_response(reply(503, "<html><title>Service Unavailable</title></html>", "text/html"),
-                                     ctx("POST", true));
+  auto html503 = error_from_response(
+      reply(503, "<html><title>Service Unavailable</title></html>", "text/html"),
+      ctx("POST", true));
   EXPECT_EQ(html503.kind, ErrorKind::server);
   EXPECT_NE(html503.message.find("Service Unavailable"), std::string::npos);
   EXPECT_EQ(html503.server_message, "");  // not a UNICORE error document
@@ -220,8 +229,9 @@ TEST(Replies, TransportErrors) {
 }
 
 TEST(Replies, JobStatusNamesRoundTrip) {
-  for (auto s : {JobStatus::undefined, JobStatus::ready, JobStatus::stagingin, JobStatus::queued,
-                 JobStatus::running, JobStatus::stagingout, JobStatus::successful, JobStatus::failed}) {
+  for (auto s :
+       {JobStatus::undefined, JobStatus::ready, JobStatus::stagingin, JobStatus::queued,
+        JobStatus::running, JobStatus::stagingout, JobStatus::successful, JobStatus::failed}) {
     EXPECT_EQ(parse_job_status(to_string(s)), s);
   }
   EXPECT_EQ(parse_job_status("running"), std::nullopt);

@@ -60,7 +60,8 @@ HttpResponse transport(TransportError e, bool sent) {
 
 TEST(Retry, IdempotentRequestsRetryTransientFailures) {
   for (long s : {500, 502, 503, 504, 429}) EXPECT_TRUE(is_retryable(status(s), true, false)) << s;
-  for (long s : {400, 401, 403, 404, 405, 415, 432, 501}) EXPECT_FALSE(is_retryable(status(s), true, false)) << s;
+  for (long s : {400, 401, 403, 404, 405, 415, 432, 501})
+    EXPECT_FALSE(is_retryable(status(s), true, false)) << s;
   EXPECT_TRUE(is_retryable(transport(TransportError::connect, false), true, false));
   EXPECT_TRUE(is_retryable(transport(TransportError::timeout, true), true, false));
   EXPECT_TRUE(is_retryable(transport(TransportError::receive, true), true, false));
@@ -75,8 +76,10 @@ TEST(Retry, SubmissionIsRetriedOnlyWhenNoSecondJobCanResult) {
   EXPECT_FALSE(is_retryable(transport(TransportError::receive, true), false, false));
   EXPECT_FALSE(is_retryable(status(500), false, false));
   EXPECT_FALSE(is_retryable(status(502), false, false));
-  EXPECT_TRUE(is_retryable(status(503), false, /*unicore_error_body=*/false));   // proxy turned us away
-  EXPECT_FALSE(is_retryable(status(503), false, /*unicore_error_body=*/true));   // submission disabled
+  EXPECT_TRUE(
+      is_retryable(status(503), false, /*unicore_error_body=*/false));  // proxy turned us away
+  EXPECT_FALSE(
+      is_retryable(status(503), false, /*unicore_error_body=*/true));  // submission disabled
 }
 
 }  // namespace

@@ -27,7 +27,9 @@ inline std::string env_or(const char* name, const std::string& fallback) {
   return v && *v ? v : fallback;
 }
 
-inline std::string source_dir() { return env_or("KB_SOURCE_DIR", KB_TEST_SOURCE_DIR); }
+inline std::string source_dir() {
+  return env_or("KB_SOURCE_DIR", KB_TEST_SOURCE_DIR);
+}
 
 struct SiteOptions {
   double queue_delay = 0.2;
@@ -54,12 +56,18 @@ class TestSite {
     }
     std::vector<std::string> args = {env_or("KB_PYTHON", "/usr/bin/python3"),
                                      source_dir() + "/tests/unicore_site/unicore_site.py",
-                                     "--users", dir_ + "/users.json",
-                                     "--listen", "127.0.0.1:0",
-                                     "--state-dir", dir_ + "/state",
-                                     "--queue-delay", std::to_string(o.queue_delay),
-                                     "--kill-grace", std::to_string(o.kill_grace),
-                                     "--node-name", o.node_name};
+                                     "--users",
+                                     dir_ + "/users.json",
+                                     "--listen",
+                                     "127.0.0.1:0",
+                                     "--state-dir",
+                                     dir_ + "/state",
+                                     "--queue-delay",
+                                     std::to_string(o.queue_delay),
+                                     "--kill-grace",
+                                     std::to_string(o.kill_grace),
+                                     "--node-name",
+                                     o.node_name};
     args.insert(args.end(), o.extra_args.begin(), o.extra_args.end());
     int out[2];
     if (pipe(out) != 0) throw std::runtime_error("pipe failed");
@@ -91,7 +99,8 @@ class TestSite {
     close(out[0]);
     if (line.rfind("READY ", 0) != 0) {
       stop();
-      throw std::runtime_error("test site did not start (output: '" + line + "'); see " + dir_ + "/site.log");
+      throw std::runtime_error("test site did not start (output: '" + line + "'); see " + dir_ +
+                               "/site.log");
     }
     url_ = line.substr(6, line.find('\n') - 6);
     origin_ = url_.substr(0, url_.find('/', url_.find("://") + 3));
@@ -106,7 +115,8 @@ class TestSite {
   const std::string& url() const { return url_; }
   const std::string& dir() const { return dir_; }
 
-  nlohmann::json control(const std::string& method, const std::string& path, const std::string& body = "") {
+  nlohmann::json control(const std::string& method, const std::string& path,
+                         const std::string& body = "") {
     std::unique_ptr<CURL, void (*)(CURL*)> c(curl_easy_init(), curl_easy_cleanup);
     std::string reply;
     std::string u = origin_ + path;
@@ -115,10 +125,11 @@ class TestSite {
     // The control channel of a TLS test site: loopback only, its certificate is the test's own.
     curl_easy_setopt(c.get(), CURLOPT_SSL_VERIFYPEER, 0L);
     curl_easy_setopt(c.get(), CURLOPT_SSL_VERIFYHOST, 0L);
-    curl_easy_setopt(c.get(), CURLOPT_WRITEFUNCTION, +[](char* d, size_t s, size_t n, void* u) {
-      static_cast<std::string*>(u)->append(d, s * n);
-      return s * n;
-    });
+    curl_easy_setopt(
+        c.get(), CURLOPT_WRITEFUNCTION, +[](char* d, size_t s, size_t n, void* u) {
+          static_cast<std::string*>(u)->append(d, s * n);
+          return s * n;
+        });
     curl_easy_setopt(c.get(), CURLOPT_WRITEDATA, &reply);
     curl_slist* h = curl_slist_append(nullptr, "Content-Type: application/json");
     std::unique_ptr<curl_slist, void (*)(curl_slist*)> headers(h, curl_slist_free_all);
@@ -131,7 +142,9 @@ class TestSite {
     return nlohmann::json::parse(reply, nullptr, false);
   }
 
-  nlohmann::json faults(const nlohmann::json& f) { return control("POST", "/_control/faults", f.dump()); }
+  nlohmann::json faults(const nlohmann::json& f) {
+    return control("POST", "/_control/faults", f.dump());
+  }
   void reset() { control("POST", "/_control/reset", "{}"); }
   // The requests the site received since the last call (and forgets them).
   nlohmann::json take_requests() { return control("GET", "/_control/requests?clear=1"); }
