@@ -305,8 +305,7 @@ void KernelLifecycle::discovery_refused(const AllocPtr& alloc, const unicore::Un
   const auto delay = token_refused(
       alloc, alloc->refused_discovery, error, situation,
       "the job runs, but the kernel cannot be reached until JupyterHub pushes a fresh token (log "
-      "in "
-      "again within " +
+      "in again within " +
           std::to_string(std::chrono::duration_cast<std::chrono::seconds>(left).count()) + " s)",
       left);
   poll_discovery_after(alloc, delay);

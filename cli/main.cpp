@@ -19,9 +19,8 @@ const GlobalOptions& global_options() {
 int main(int argc, char** argv) {
   CLI::App app{
       "kernel-bridge runs Jupyter kernels on batch compute nodes: it submits the kernel's job "
-      "through "
-      "UNICORE and carries the kernel's five ZMQ channels over one SSH connection, so Jupyter "
-      "clients use ordinary local endpoints.",
+      "through UNICORE and carries the kernel's five ZMQ channels over one SSH connection, so "
+      "Jupyter clients use ordinary local endpoints.",
       "kernel-bridge"};
   app.set_version_flag("--version", std::string("kernel-bridge ") + KB_VERSION);
   app.add_option("--log-level", kb::g_options.log_level,

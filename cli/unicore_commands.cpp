@@ -398,8 +398,7 @@ void add_commands(CLI::App& app) {
   CLI::App* uni = app.add_subcommand(
       "unicore",
       "Talk to a UNICORE site by hand: check credentials and the site (info), list, inspect, "
-      "submit, "
-      "abort and delete jobs, list and read the files in a job's working directory.\n"
+      "submit, abort and delete jobs, list and read the files in a job's working directory.\n"
       "Credentials: a bearer token from --token-file or the environment variable KB_UNICORE_TOKEN, "
       "or --user with --password-file (or KB_UNICORE_PASSWORD); secrets never go on the command "
       "line. Without either, requests are anonymous.\n"
