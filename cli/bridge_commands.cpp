@@ -7,9 +7,10 @@
 
 namespace kb::bridge {
 
-void add_front_commands(
-    CLI::App& app);  // front_commands.cpp: kernel, kernelspec, list, status, stop, doctor
-void add_config_commands(CLI::App& app);  // config_commands.cpp: config check
+// front_commands.cpp: kernel, kernelspec, list, status, stop, doctor
+void add_front_commands(CLI::App& app);
+// config_commands.cpp: config check
+void add_config_commands(CLI::App& app);
 
 namespace {
 
