@@ -84,7 +84,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   boost::asio::io_context io;
   kb::bridge::test::FakeKernelService service;
-  auth::CredentialsStore credentials;
+  kb::auth::CredentialsStore credentials;
   MetricsRegistry registry;
   BridgeMetrics metrics(registry);
   int answers = 0;
