@@ -135,7 +135,10 @@ class ServiceCase(unittest.TestCase):
         deadline = time.time() + timeout
         while time.time() < deadline:
             job = self.site_job(job_id)
-            if not job["alive"] and not self.fs.compute_pids():
+            # The site reports "alive" from the process group at once, but records the job's end
+            # (its status) when its own waiter has reaped the process: wait for both.
+            if not job["alive"] and job["status"] in ("FAILED", "SUCCESSFUL") and \
+                    not self.fs.compute_pids():
                 return job
             time.sleep(0.2)
         self.fail(f"job {job_id} still alive or processes left in compute: "
