@@ -163,14 +163,10 @@ std::optional<ApiError> read_kernel_options(const ObjectReader& in, KernelReques
   return read_tags(in, request);
 }
 
-bool is_live(const KernelView& v) {
-  return v.state != KernelState::ended;
-}
-
 }  // namespace
 
 void ControlApi::Impl::create_kernel(const Caller& caller, const std::string& text, Reply reply) {
-  auto error = [&reply](const ApiError& e) { reply(e.status, error_body(e), {}); };
+  auto error = [&reply](const ApiError& e) { reply_error(reply, e); };
   auto body = parse_body(text);
   if (auto* e = std::get_if<ApiError>(&body)) return error(*e);
   KernelRequest request;
@@ -202,11 +198,12 @@ std::optional<ApiError> ControlApi::Impl::validate_kernel_request(const Caller& 
                     violation->limit};
   }
   if (config.max_kernels_per_user > 0) {
-    int live = 0;
-    for (const auto& v : kernels.list()) live += (v.owner == caller.user && is_live(v)) ? 1 : 0;
-    if (live >= config.max_kernels_per_user) {
+    int running = 0;
+    for (const auto& v : kernels.list())
+      running += (v.owner == caller.user && live(v.state)) ? 1 : 0;
+    if (running >= config.max_kernels_per_user) {
       return ApiError{http::status::unprocessable_entity,
-                      "you have " + std::to_string(live) +
+                      "you have " + std::to_string(running) +
                           " kernels running, the bridge's max_kernels_per_user is " +
                           std::to_string(config.max_kernels_per_user) + "; stop one first",
                       {},

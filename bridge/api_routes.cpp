@@ -17,10 +17,6 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 using json = nlohmann::json;
 
-void reply_error(const Reply& reply, const ApiError& e, http::fields extra = {}) {
-  reply(e.status, error_body(e), std::move(extra));
-}
-
 void method_not_allowed(const Reply& reply, const HttpRequest& request, const char* allow) {
   http::fields extra;
   extra.set(http::field::allow, allow);

@@ -37,6 +37,12 @@ namespace kb::bridge {
 using Reply =
     std::function<void(boost::beast::http::status, nlohmann::json, boost::beast::http::fields)>;
 
+// Answers with an error's status and its JSON body (api_forms.hpp's error_body).
+inline void reply_error(const Reply& reply, const ApiError& e,
+                        boost::beast::http::fields extra = {}) {
+  reply(e.status, error_body(e), std::move(extra));
+}
+
 // A parsed request target: path segments (percent-decoded) and query parameters.
 struct Target {
   std::vector<std::string> segments;

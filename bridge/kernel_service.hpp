@@ -38,6 +38,11 @@ inline constexpr KernelState kAllKernelStates[] = {
     KernelState::starting,     KernelState::connecting, KernelState::ready,
     KernelState::reconnecting, KernelState::ended};
 
+// Whether a kernel has not ended yet.
+inline bool live(KernelState s) {
+  return s != KernelState::ended;
+}
+
 inline std::string_view to_string(KernelState state) {
   switch (state) {
     case KernelState::requested:

@@ -15,11 +15,6 @@
 
 namespace kb::bridge {
 
-// Whether a kernel has not ended yet.
-inline bool live(KernelState s) {
-  return s != KernelState::ended;
-}
-
 // Where an allocation is in its life. Phases only move forward (Allocation::set_phase), and the
 // bridge may go to releasing from any of them. Being parked is not a phase: a parked allocation (no
 // kernel attached, `kernel_id` empty) goes on through the phases as its job starts, so that the
