@@ -287,9 +287,9 @@ class ConfigReader {
     check_keys(root, "the top level", {"bridge", "api", "site"});
 
     const toml::table& bridge = require_table(root, "bridge", "bridge");
-    check_keys(
-        bridge, "[bridge]",
-        {"state_dir", "log_level", "restart_grace", "ended_retention", "max_kernels_per_user"});
+    check_keys(bridge, "[bridge]",
+               {"state_dir", "log_level", "restart_grace", "ended_retention",
+                "max_kernels_per_user", "on_stop"});
     config.state_dir = resolve_path(*string_value(bridge, "state_dir", "bridge", true));
     if (options_.check_files) {
       struct stat st {};
@@ -312,6 +312,17 @@ class ConfigReader {
     if (auto d = duration_value(bridge, "ended_retention", "bridge")) config.ended_retention = *d;
     if (auto n = int_value(bridge, "max_kernels_per_user", "bridge", 0, 100000))
       config.max_kernels_per_user = *n;
+    if (auto mode = string_value(bridge, "on_stop", "bridge")) {
+      if (*mode == "keep-kernels") {
+        config.on_stop = OnStop::keep_kernels;
+      } else if (*mode == "end-kernels") {
+        config.on_stop = OnStop::end_kernels;
+      } else {
+        fail(*bridge.get("on_stop"), "bridge.on_stop \"" + *mode +
+                                         "\" is not a choice: use \"keep-kernels\" (a restart "
+                                         "re-attaches them) or \"end-kernels\"");
+      }
+    }
 
     read_api(require_table(root, "api", "api"), config.api);
 

@@ -99,13 +99,23 @@ struct ApiConfig {
   std::chrono::seconds max_wait{60};          // upper bound of a long poll (?wait=)
 };
 
+// What SIGTERM/SIGINT (`systemctl stop` and `restart`) does to the kernels.
+enum class OnStop {
+  // Shut every kernel down and abort its job (the bridge is gone for good).
+  end_kernels,
+  // Leave kernels, agents and jobs running; the next start re-attaches them from the state
+  // database. Without a next start the agents end their jobs after their no-bridge timeout.
+  keep_kernels,
+};
+
 struct BridgeConfig {
-  std::string file;  // absolute path of the file read
-  std::string state_dir;
+  std::string file;       // absolute path of the file read
+  std::string state_dir;  // holds state.db (docs/state.md)
   std::string log_level = "info";
   std::chrono::seconds restart_grace{30};
   std::chrono::seconds ended_retention{3600};  // ended kernels stay listed this long
   int max_kernels_per_user = 0;                // 0: unlimited
+  OnStop on_stop = OnStop::end_kernels;
   ApiConfig api;
   std::vector<SiteConfig> sites;
 

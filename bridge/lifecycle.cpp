@@ -42,6 +42,7 @@ KernelLifecycle::KernelLifecycle(asio::io_context& io, const BridgeConfig& confi
 
 KernelLifecycle::~KernelLifecycle() {
   *alive_ = false;
+  if (credentials_subscription_) credentials_.unsubscribe(credentials_subscription_);
   tick_timer_.cancel();
   for (auto& alloc : allocations_) {
     alloc->discovery_timer.cancel();
@@ -71,6 +72,7 @@ KernelLifecycle::Kernel* KernelLifecycle::attached(const AllocPtr& alloc) {
 
 void KernelLifecycle::changed(Kernel& k) {
   ++k.view.version;
+  persist(k);
   KernelView copy = k.view;
   notify_changed(copy);
 }
@@ -245,6 +247,7 @@ void KernelLifecycle::end_attached(const AllocPtr& alloc, EndCause cause, std::s
 void KernelLifecycle::park(const AllocPtr& alloc) {
   spdlog::info("[{}] allocation (job {}) kept for {} s for a restart with the same connection",
                alloc->log_id, alloc->job_id, options_.restart_grace.count());
+  persist(*alloc);
   std::weak_ptr<Allocation> weak = alloc;
   std::weak_ptr<bool> alive = alive_;
   alloc->grace_timer.wait(options_.restart_grace, [this, weak, alive] {
@@ -260,6 +263,7 @@ void KernelLifecycle::teardown(const AllocPtr& alloc, const std::string& why) {
   alloc->set_phase(AllocationPhase::releasing);
   spdlog::info("[{}] releasing the allocation{}: {}", alloc->log_id,
                alloc->job_id.empty() ? std::string() : " (job " + alloc->job_id + ")", why);
+  persist(*alloc);
   if (Kernel* k = attached(alloc)) {
     // Cannot happen through end_kernel (it detaches first); a safety net for a kernel left behind.
     end_kernel(*k, EndCause::internal, "its allocation was released: " + why, {}, {}, false);
@@ -309,6 +313,7 @@ void KernelLifecycle::forget(const AllocPtr& alloc) {
   if (alloc->watcher) alloc->watcher->stop();
   sample_traffic(*alloc);
   alloc->link.reset();
+  unpersist(*alloc);
   allocations_.erase(std::remove(allocations_.begin(), allocations_.end(), alloc),
                      allocations_.end());
   if (shutting_down_ && allocations_.empty() && shutdown_done_) {
@@ -359,6 +364,7 @@ void KernelLifecycle::tick() {
   bool pruned = false;
   for (auto it = kernels_.begin(); it != kernels_.end();) {
     if (!live(it->second.view.state) && now - it->second.ended_at > options_.ended_retention) {
+      unpersist(it->second);
       it = kernels_.erase(it);
       pruned = true;
     } else {

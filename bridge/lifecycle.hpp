@@ -30,6 +30,7 @@
 #include "bridge/kernel_service.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "common/clock.hpp"
+#include "store/store.hpp"
 #include "unicore/job_watcher.hpp"
 
 namespace kb::bridge {
@@ -63,6 +64,18 @@ struct LifecycleOptions {
   // Time for every timer, timeout, lease and grace (job polling included); must outlive the
   // lifecycle. Null: real time on the io_context. Tests pass a kb::ManualClock.
   kb::Clock* clock = nullptr;
+  // Where every kernel and allocation is recorded as it changes, so that the next start re-attaches
+  // (restore). Null: nothing is recorded. Must outlive the lifecycle.
+  store::Store* store = nullptr;
+};
+
+// What restore() found in the store.
+struct RestoreSummary {
+  int reattaching = 0;  // kernels whose agent the bridge reconnects to
+  int resumed = 0;      // kernels whose job had not started yet: watched again
+  int ended = 0;        // kernels that could not be restored (reason in their view)
+  int kept_ended = 0;   // kernels that had ended before, listed again until their retention
+  int parked = 0;       // allocations without a kernel, kept for the restart grace
 };
 
 class KernelLifecycle final : public KernelService {
@@ -90,6 +103,17 @@ class KernelLifecycle final : public KernelService {
   // every agent to stop its kernel and aborts every job; `done` once all have answered or after
   // options.shutdown_timeout.
   void shutdown(std::function<void()> done);
+
+  // Start-up, before the control API serves: every allocation and kernel the store recorded comes
+  // back. The hub-side endpoints listen on the same ports, the link reconnects to the same agent
+  // (which kept the kernel) and the job is watched again once its owner's token is pushed.
+  // Throws store::StoreError for a record it cannot read (serve then refuses to start).
+  RestoreSummary restore(const store::Snapshot& snapshot);
+
+  // Bridge stop that keeps the kernels (bridge.on_stop = "keep-kernels"): refuses new kernels,
+  // records every kernel and allocation as they are, and closes every link; agents keep their
+  // kernels for the next bridge. No kernel is ended, no job aborted.
+  void detach();
 
   std::size_t live_allocations() const { return allocations_.size(); }
 
@@ -166,6 +190,19 @@ class KernelLifecycle final : public KernelService {
   void on_link_closed(const AllocPtr& alloc, Kernel* k, const tunnel::hub_event::Closed& closed);
   void sample_traffic(Allocation& alloc);
 
+  // The store (lifecycle_store.cpp): records from kernels and allocations and back.
+  void persist(const Kernel& k);
+  void persist(const Allocation& alloc);
+  void unpersist(const Allocation& alloc);
+  void unpersist(const Kernel& k);
+  template <class F>
+  void with_store(const std::string& what, F&& write);
+  AllocPtr restore_allocation(const store::AllocationRecord& record);
+  void restore_kernel(const store::KernelRecord& record, RestoreSummary& summary);
+  void reattach(const AllocPtr& alloc, Kernel* k);
+  void resume_job(const AllocPtr& alloc);
+  void on_credentials(const std::string& user);
+
   // Allocations (lifecycle.cpp)
   unicore::Credentials credentials_for(const Allocation& alloc);
   void park(const AllocPtr& alloc);
@@ -189,6 +226,9 @@ class KernelLifecycle final : public KernelService {
   kb::Clock& clock_;
   kb::ClockTimer tick_timer_;
   bool shutting_down_ = false;
+  bool detached_ = false;  // detach(): events of the closing links are ignored
+  bool store_ok_ = true;   // the last write to the store succeeded
+  std::uint64_t credentials_subscription_ = 0;
   std::function<void()> shutdown_done_;
   std::unique_ptr<kb::Timer> shutdown_timer_;
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);

@@ -214,6 +214,8 @@ void KernelLifecycle::start_allocation(const Admission& admission, Kernel k, con
   alloc->last_credentials = unicore::Credentials::bearer(admission.token);
 
   kb::auth::LinkSecret secret = kb::auth::LinkSecret::generate();
+  alloc->secret = secret;
+  alloc->created_at = Clock::now();
   LinkSpec spec;
   spec.kernel_id = id;
   spec.site = admission.site;

@@ -37,6 +37,7 @@ std::unique_ptr<KernelLink> KernelLifecycle::open_link(const AllocPtr& alloc,
 
 void KernelLifecycle::on_link_event(const AllocPtr& alloc, const LinkEvent& event) {
   namespace hub_event = tunnel::hub_event;
+  if (detached_) return;  // the bridge stops and keeps its kernels: links closing are expected
   Kernel* k = attached(alloc);
   std::visit(
       kb::Overloaded{
@@ -68,7 +69,8 @@ void KernelLifecycle::on_link_up(const AllocPtr& alloc, Kernel* k) {
       progress(*k, "link to the agent re-established");
     }
   } else if (k) {
-    progress(*k, "link to the agent is up; the kernel is starting");
+    progress(*k, alloc->reattached ? "link to the agent is up again; asking it what runs"
+                                   : "link to the agent is up; the kernel is starting");
   }
   alloc->ever_up = true;
   if (k && alloc->kernel_running &&
@@ -95,10 +97,16 @@ void KernelLifecycle::on_kernel_started(const AllocPtr& alloc, Kernel* k,
   alloc->kernel_running = true;
   alloc->set_phase(AllocationPhase::serving);
   alloc->connect_timer.cancel();
+  const bool reattached = std::exchange(alloc->reattached, false);
   if (!k) return;
-  progress(*k, std::string(was_restart ? "kernel restarted" : "kernel started") + " (pid " +
-                   std::to_string(started.pid) + ") on " +
-                   (alloc->node.empty() ? std::string("the compute node") : alloc->node));
+  const std::string where = alloc->node.empty() ? std::string("the compute node") : alloc->node;
+  if (reattached && !was_restart) {
+    progress(*k, "re-attached: the kernel (pid " + std::to_string(started.pid) +
+                     ") is running on " + where);
+  } else {
+    progress(*k, std::string(was_restart ? "kernel restarted" : "kernel started") + " (pid " +
+                     std::to_string(started.pid) + ") on " + where);
+  }
   if (alloc->link_up) set_state(*k, KernelState::ready);
 }
 

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 
+#include "auth/secret.hpp"
 #include "bridge/lifecycle.hpp"
 
 namespace kb::bridge {
@@ -61,6 +62,8 @@ struct KernelLifecycle::Allocation {
   std::array<std::uint16_t, 5> ports{};
   ResourceRequest resources;
   std::unique_ptr<KernelLink> link;
+  kb::auth::LinkSecret secret;  // the link's; recorded in the store's secrets table for re-attach
+  Clock::time_point created_at{};
   std::shared_ptr<unicore::JobWatcher> watcher;
   unicore::Credentials last_credentials;  // fallback when the store has none any more (abort)
   std::string job_url, job_id, working_dir, queue, node;
@@ -83,6 +86,12 @@ struct KernelLifecycle::Allocation {
   // The kernel process in the job now: it runs; a restart was asked for and the new one has not
   // started yet. Both change with every restart.
   bool kernel_running = false, restart_pending = false;
+  // Restored from the store at start-up: the agent is asked what runs rather than to start a
+  // kernel, and the job is watched again once its owner's UNICORE token is there.
+  bool reattached = false;
+  // Watching the job (and reading the discovery file) waits for the owner's token: after a
+  // restart the bridge has none until JupyterHub pushes one (tokens are never stored).
+  bool awaiting_token = false;
   kb::ClockTimer discovery_timer, connect_timer, grace_timer, rewatch_timer;
   int refused_watches = 0;    // polls of the job refused in a row (the user's token expired)
   int refused_discovery = 0;  // reads of the discovery file refused in a row

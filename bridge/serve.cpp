@@ -21,6 +21,7 @@
 #include "bridge/metrics.hpp"
 #include "common/text.hpp"
 #include "ssh/connection.hpp"
+#include "store/sqlite_store.hpp"
 
 namespace kb::bridge {
 
@@ -76,14 +77,16 @@ LifecycleOptions lifecycle_options_from(const BridgeConfig& config) {
   return options;
 }
 
-// SIGTERM/SIGINT: stop accepting, shut every kernel down and abort its job, then leave. A second
+// SIGTERM/SIGINT: stop accepting; then shut every kernel down and abort its job, or (bridge.on_stop
+// = "keep-kernels") record them and leave them running for the next start; then leave. A second
 // one leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
 // SIGHUP: read api.tokens_file again (add or revoke TCP callers without touching the kernels).
 class SignalHandler {
  public:
   SignalHandler(boost::asio::io_context& io, ControlApi& api, KernelLifecycle& lifecycle,
-                tunnel::SshConnectionPool& pool)
-      : io_(io),
+                tunnel::SshConnectionPool& pool, OnStop on_stop)
+      : on_stop_(on_stop),
+        io_(io),
         api_(api),
         lifecycle_(lifecycle),
         pool_(pool),
@@ -114,8 +117,16 @@ class SignalHandler {
       return false;
     }
     stopping_ = true;
-    spdlog::info("signal {}: shutting down (kernels are shut down, their jobs aborted)", signal);
     api_.stop();
+    if (on_stop_ == OnStop::keep_kernels) {
+      spdlog::info("signal {}: stopping; kernels, agents and jobs keep running", signal);
+      lifecycle_.detach();
+      signals_.cancel();
+      pool_.shutdown_all();
+      io_.stop();
+      return false;
+    }
+    spdlog::info("signal {}: shutting down (kernels are shut down, their jobs aborted)", signal);
     lifecycle_.shutdown([this] {
       spdlog::info("every kernel released; bye");
       signals_.cancel();
@@ -125,6 +136,7 @@ class SignalHandler {
     return true;
   }
 
+  OnStop on_stop_;
   boost::asio::io_context& io_;
   ControlApi& api_;
   KernelLifecycle& lifecycle_;
@@ -146,6 +158,23 @@ void run_until_stopped(boost::asio::io_context& io, BridgeMetrics& metrics) {
                        printable(e.what(), 400));
     }
   }
+}
+
+// state_dir/state.db, created, migrated or (--start-empty) replaced; throws store::StoreError.
+store::SqliteOpened open_state(const BridgeConfig& config, const ServeOptions& options) {
+  store::SqliteOptions sqlite;
+  sqlite.start_empty_if_unreadable = options.start_empty;
+  auto opened = store::open_sqlite_store(config.state_dir + "/state.db", sqlite);
+  if (!opened.moved_aside.empty()) {
+    spdlog::warn(
+        "--start-empty: {}; the file was moved to {} and the bridge starts with no kernels",
+        opened.moved_reason, opened.moved_aside);
+  }
+  if (opened.migrated_from != 0) {
+    spdlog::info("state database {} migrated from schema {} to {}", opened.store->where(),
+                 opened.migrated_from, store::kSchemaVersion);
+  }
+  return opened;
 }
 
 }  // namespace
@@ -170,6 +199,16 @@ int run_serve(const ServeOptions& options) {
     std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
     return 1;
   }
+  store::SqliteOpened state;
+  store::Snapshot snapshot;
+  try {
+    state = open_state(config, options);
+    snapshot = state.store->load();
+  } catch (const store::StoreError& e) {
+    std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
+    return 2;
+  }
+  lifecycle_options.store = state.store.get();
 
   boost::asio::io_context io(1);
   MetricsRegistry registry;
@@ -193,6 +232,18 @@ int run_serve(const ServeOptions& options) {
   auto lifecycle =
       std::make_unique<KernelLifecycle>(io, config, credentials, &metrics, backends,
                                         make_ssh_link_factory(io, pool), lifecycle_options);
+  try {
+    const RestoreSummary restored = lifecycle->restore(snapshot);
+    spdlog::info(
+        "state database {}: {} kernel(s) re-attaching, {} waiting for their job, {} ended "
+        "kernel(s) "
+        "listed, {} allocation(s) kept for a restart, {} kernel(s) could not be restored",
+        state.store->where(), restored.reattaching, restored.resumed, restored.kept_ended,
+        restored.parked, restored.ended);
+  } catch (const store::StoreError& e) {
+    std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
+    return 2;
+  }
   auto api = std::make_unique<ControlApi>(io, config, *lifecycle, credentials, metrics);
   try {
     api->start();
@@ -208,7 +259,7 @@ int run_serve(const ServeOptions& options) {
                config.api.unix_socket.empty() ? std::string("TCP only") : config.api.unix_socket,
                format_duration(config.restart_grace));
 
-  auto signals = std::make_unique<SignalHandler>(io, *api, *lifecycle, pool);
+  auto signals = std::make_unique<SignalHandler>(io, *api, *lifecycle, pool, config.on_stop);
   ::signal(SIGPIPE, SIG_IGN);
   raise_descriptor_limit(config);
   run_until_stopped(io, metrics);

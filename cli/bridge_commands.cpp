@@ -22,6 +22,10 @@ void add_serve_command(CLI::App& app) {
       "hub-side endpoints (see docs/lifecycle.md).");
   serve->add_option("--config", options->config_file, "the bridge's TOML configuration file")
       ->required();
+  serve->add_flag("--start-empty", options->start_empty,
+                  "if state_dir/state.db cannot be read (corrupt, not a database, from a newer "
+                  "version), keep it under another name and start with no kernels instead of "
+                  "refusing to start");
   serve->callback([options] {
     options->command_line_log_level = global_options().log_level;
     int code = run_serve(*options);

@@ -104,7 +104,7 @@ class FullSite:
     def __init__(self, state_dir=None, queue_delay=1.0, users=("root", "alice", "bob"),
                  site_name="box", restart_grace="20s", serve=True, extra_site_toml="",
                  log_level="debug", admin_users=(), agent_mode="installed", loopback=None,
-                 extra_api_toml=""):
+                 extra_api_toml="", extra_bridge_toml=""):
         self.own_dir = state_dir is None
         self.dir = state_dir or tempfile.mkdtemp(prefix="kb-full-")
         os.makedirs(self.dir, exist_ok=True)
@@ -118,6 +118,7 @@ class FullSite:
         self.log_level = log_level
         self.admin_users = list(admin_users)
         self.extra_api_toml = extra_api_toml  # more [api] keys, e.g. a TCP listener
+        self.extra_bridge_toml = extra_bridge_toml  # more [bridge] keys, e.g. on_stop
         self.agent_mode = agent_mode  # "installed" (BIN on the site) or "upload" (staged per job)
         self.loopback = loopback  # SiteBox's choice: None = namespaces where possible
         self.box = None
@@ -190,6 +191,7 @@ class FullSite:
 state_dir = {toml_str(state)}
 log_level = {toml_str(self.log_level)}
 restart_grace = {toml_str(self.restart_grace)}
+{self.extra_bridge_toml}
 
 [api]
 unix_socket = {toml_str(self.socket_path)}
@@ -308,7 +310,8 @@ max_gpus = 0
 
     # ---- teardown ---------------------------------------------------------------------------
     def _log(self, name):
-        f = open(os.path.join(self.dir, name), "wb")
+        # Appended to: a serve started again (a restart test) keeps what the previous one logged.
+        f = open(os.path.join(self.dir, name), "ab")
         self._logs.append(f)
         return f
 

@@ -1,0 +1,436 @@
+// The kernel lifecycle and its store (docs/state.md): every kernel and allocation is recorded as it
+// changes; at start-up restore() brings them back — the hub-side endpoints on the same ports, the
+// link to the same agent (which kept its kernel while the bridge was away), the job watched again
+// once the owner's UNICORE token is pushed (tokens are never stored) — and detach() stops the
+// bridge without ending any kernel.
+#include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include "bridge/api_forms.hpp"
+#include "bridge/lifecycle.hpp"
+#include "bridge/lifecycle_state.hpp"
+
+namespace kb::bridge {
+
+namespace {
+
+using nlohmann::json;
+
+std::int64_t to_ms(Clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+}
+
+Clock::time_point from_ms(std::int64_t ms) {
+  return Clock::time_point(std::chrono::duration_cast<Clock::duration>(std::chrono::milliseconds(ms)));
+}
+
+constexpr EndCause kAllEndCauses[] = {
+    EndCause::none,          EndCause::shutdown,          EndCause::cancelled,
+    EndCause::job_failed,    EndCause::walltime,          EndCause::kernel_exited,
+    EndCause::credentials_refused, EndCause::host_key_mismatch, EndCause::submit_failed,
+    EndCause::link_failed,   EndCause::internal};
+
+EndCause end_cause_from(const std::string& text) {
+  for (auto cause : kAllEndCauses) {
+    if (to_string(cause) == text) return cause;
+  }
+  throw std::runtime_error("unknown end cause \"" + text + "\"");
+}
+
+AllocationPhase phase_from(const std::string& text) {
+  for (int i = 0; i <= static_cast<int>(AllocationPhase::aborting); ++i) {
+    auto phase = static_cast<AllocationPhase>(i);
+    if (text == to_string(phase)) return phase;
+  }
+  throw std::runtime_error("unknown allocation phase \"" + text + "\"");
+}
+
+json optional_int(const std::optional<int>& v) {
+  return v ? json(*v) : json(nullptr);
+}
+
+std::optional<int> read_optional_int(const json& j, const char* key) {
+  const auto& v = j.at(key);
+  if (v.is_null()) return std::nullopt;
+  return v.get<int>();
+}
+
+// The view as the store keeps it (not the API's form: times are Unix milliseconds, nothing is
+// left out, and it is read back).
+json view_to_json(const KernelView& v) {
+  json history = json::array();
+  for (const auto& h : v.history) history.push_back({std::string(to_string(h.state)), to_ms(h.at)});
+  json progress = json::array();
+  for (const auto& p : v.progress) progress.push_back({to_ms(p.at), p.message});
+  return {{"id", v.id},
+          {"owner", v.owner},
+          {"site", v.site},
+          {"name", v.name},
+          {"tags", v.tags},
+          {"kernel_argv", v.kernel_argv},
+          {"kernel_name", v.kernel_name},
+          {"resources", resources_json(v.resources)},
+          {"state", std::string(to_string(v.state))},
+          {"end_cause", std::string(to_string(v.end_cause))},
+          {"reason", v.reason},
+          {"exit_code", optional_int(v.exit_code)},
+          {"exit_signal", optional_int(v.exit_signal)},
+          {"job_id", v.job_id},
+          {"job_url", v.job_url},
+          {"node", v.node},
+          {"walltime_end", v.walltime_end ? json(to_ms(*v.walltime_end)) : json(nullptr)},
+          {"hub_ip", v.hub_ip},
+          {"ports", {v.shell_port, v.iopub_port, v.stdin_port, v.control_port, v.hb_port}},
+          {"restarts", v.restarts},
+          {"link_reconnects", v.link_reconnects},
+          {"created_ms", to_ms(v.created_at)},
+          {"history", std::move(history)},
+          {"progress", std::move(progress)}};
+}
+
+KernelView view_from_json(const json& j) {
+  KernelView v;
+  v.id = j.at("id").get<std::string>();
+  v.owner = j.at("owner").get<std::string>();
+  v.site = j.at("site").get<std::string>();
+  v.name = j.at("name").get<std::string>();
+  v.tags = j.at("tags").get<std::map<std::string, std::string>>();
+  v.kernel_argv = j.at("kernel_argv").get<std::vector<std::string>>();
+  v.kernel_name = j.at("kernel_name").get<std::string>();
+  if (auto error = parse_resources(j.at("resources"), v.resources)) {
+    throw std::runtime_error("resources: " + error->message);
+  }
+  auto state = kernel_state_from_string(j.at("state").get<std::string>());
+  if (!state) throw std::runtime_error("unknown state " + j.at("state").dump());
+  v.state = *state;
+  v.end_cause = end_cause_from(j.at("end_cause").get<std::string>());
+  v.reason = j.at("reason").get<std::string>();
+  v.exit_code = read_optional_int(j, "exit_code");
+  v.exit_signal = read_optional_int(j, "exit_signal");
+  v.job_id = j.at("job_id").get<std::string>();
+  v.job_url = j.at("job_url").get<std::string>();
+  v.node = j.at("node").get<std::string>();
+  if (!j.at("walltime_end").is_null()) v.walltime_end = from_ms(j["walltime_end"].get<std::int64_t>());
+  v.hub_ip = j.at("hub_ip").get<std::string>();
+  const auto ports = j.at("ports").get<std::array<std::uint16_t, 5>>();
+  std::tie(v.shell_port, v.iopub_port, v.stdin_port, v.control_port, v.hb_port) =
+      std::tuple(ports[0], ports[1], ports[2], ports[3], ports[4]);
+  v.restarts = j.at("restarts").get<int>();
+  v.link_reconnects = j.at("link_reconnects").get<std::uint64_t>();
+  v.created_at = from_ms(j.at("created_ms").get<std::int64_t>());
+  for (const auto& h : j.at("history")) {
+    auto s = kernel_state_from_string(h.at(0).get<std::string>());
+    if (!s) throw std::runtime_error("unknown state in history " + h.dump());
+    v.history.push_back({*s, from_ms(h.at(1).get<std::int64_t>())});
+  }
+  for (const auto& p : j.at("progress")) {
+    v.progress.push_back({from_ms(p.at(0).get<std::int64_t>()), p.at(1).get<std::string>()});
+  }
+  return v;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Recording
+
+template <class F>
+void KernelLifecycle::with_store(const std::string& what, F&& write) {
+  if (!options_.store) return;
+  try {
+    write(*options_.store);
+    if (!store_ok_) {
+      spdlog::info("the state database ({}) accepts writes again", options_.store->where());
+      store_ok_ = true;
+    }
+  } catch (const store::StoreError& e) {
+    // The kernel goes on; what is lost is only the ability to re-attach it after a crash.
+    if (store_ok_) {
+      spdlog::error("could not record {} in the state database: {}; kernels keep running, but a "
+                    "bridge restart now could not re-attach them",
+                    what, e.what());
+    }
+    store_ok_ = false;
+  }
+}
+
+void KernelLifecycle::persist(const Kernel& k) {
+  if (!options_.store || detached_) return;
+  store::KernelRecord r;
+  r.id = k.view.id;
+  r.allocation_id = k.alloc ? k.alloc->log_id : std::string();
+  r.owner = k.view.owner;
+  r.site = k.view.site;
+  r.state = to_string(k.view.state);
+  r.end_cause = to_string(k.view.end_cause);
+  r.reason = k.view.reason;
+  r.lease_s = k.lease.count();
+  r.view_json = dump_json(view_to_json(k.view));
+  r.created_ms = to_ms(k.view.created_at);
+  r.updated_ms = to_ms(Clock::now());
+  with_store("kernel " + r.id, [&](store::Store& s) { s.put(r); });
+  if (k.alloc) persist(*k.alloc);
+}
+
+void KernelLifecycle::persist(const Allocation& alloc) {
+  if (!options_.store || detached_) return;
+  store::AllocationRecord r;
+  r.id = alloc.log_id;
+  r.owner = alloc.owner;
+  r.site = alloc.site->name;
+  r.phase = to_string(alloc.phase);
+  r.job_url = alloc.job_url;
+  r.job_id = alloc.job_id;
+  r.working_dir = alloc.working_dir;
+  r.queue = alloc.queue;
+  r.node = alloc.node;
+  r.agent_host = alloc.agent.host;
+  r.agent_port = alloc.agent.port;
+  r.agent_hostname = alloc.agent.hostname;
+  r.hub_ip = alloc.connection.ip;
+  r.ports = alloc.ports;
+  r.resources_json = dump_json(resources_json(alloc.resources));
+  r.created_ms = to_ms(alloc.created_at);
+  r.updated_ms = to_ms(Clock::now());
+  r.link_secret_hex = alloc.secret.hex();
+  r.jupyter_key = alloc.connection.key;
+  r.signature_scheme = alloc.connection.signature_scheme;
+  with_store("allocation " + r.id, [&](store::Store& s) { s.put(r); });
+}
+
+void KernelLifecycle::unpersist(const Allocation& alloc) {
+  if (!options_.store || detached_) return;
+  with_store("the release of allocation " + alloc.log_id,
+             [&](store::Store& s) { s.remove_allocation(alloc.log_id); });
+}
+
+void KernelLifecycle::unpersist(const Kernel& k) {
+  if (!options_.store || detached_) return;
+  with_store("the removal of kernel " + k.view.id,
+             [&](store::Store& s) { s.remove_kernel(k.view.id); });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Restoring
+
+RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
+  RestoreSummary summary;
+  std::map<std::string, AllocPtr> allocations;
+  for (const auto& record : snapshot.allocations) {
+    if (auto alloc = restore_allocation(record)) allocations[record.id] = alloc;
+  }
+  for (const auto& record : snapshot.kernels) restore_kernel(record, summary);
+  // Kernels are attached; now the allocations move on.
+  for (auto& [id, alloc] : allocations) {
+    if (alloc->link_dead) {  // nothing to re-attach to; its kernel was ended above
+      forget(alloc);
+      unpersist(*alloc);
+      continue;
+    }
+    Kernel* k = attached(alloc);
+    if (!k) {
+      ++summary.parked;
+      park(alloc);
+    }
+    reattach(alloc, k);
+  }
+  if (!credentials_subscription_) {
+    std::weak_ptr<bool> alive = alive_;
+    credentials_subscription_ = credentials_.subscribe([this, alive](const std::string& user) {
+      if (!alive.expired()) on_credentials(user);
+    });
+  }
+  update_state_gauges();
+  return summary;
+}
+
+KernelLifecycle::AllocPtr KernelLifecycle::restore_allocation(const store::AllocationRecord& r) {
+  const std::string where = "allocation " + r.id + " in the state database";
+  auto alloc = std::make_shared<Allocation>(clock_);
+  alloc->log_id = r.id;
+  alloc->owner = r.owner;
+  alloc->site = config_.find_site(r.site);
+  auto backend = backends_.find(r.site);
+  try {
+    alloc->phase = phase_from(r.phase);
+    if (auto error = parse_resources(json::parse(r.resources_json), alloc->resources)) {
+      throw std::runtime_error("resources: " + error->message);
+    }
+    kb::auth::Bytes secret;
+    if (!kb::auth::from_hex(r.link_secret_hex, secret) ||
+        secret.size() != kb::auth::LinkSecret::kSize) {
+      throw std::runtime_error("its link secret is not 64 hex characters");
+    }
+    alloc->secret.bytes = std::move(secret);
+  } catch (const std::exception& e) {
+    throw store::StoreError(where + " cannot be read: " + e.what());
+  }
+  if (!alloc->site || backend == backends_.end()) {
+    spdlog::error("[{}] {} is on site {}, which is no longer configured: its job {} is left to "
+                  "end by its agent's no-bridge timeout (or abort it on the site)",
+                  r.id, where, r.site, r.job_url.empty() ? "(never submitted)" : r.job_url);
+    unpersist(*alloc);
+    return nullptr;
+  }
+  alloc->backend = backend->second;
+  alloc->connection.ip = r.hub_ip;
+  std::tie(alloc->connection.shell_port, alloc->connection.iopub_port,
+           alloc->connection.stdin_port, alloc->connection.control_port,
+           alloc->connection.hb_port) = std::tuple(r.ports[0], r.ports[1], r.ports[2], r.ports[3],
+                                                   r.ports[4]);
+  alloc->connection.key = r.jupyter_key;
+  alloc->connection.signature_scheme = r.signature_scheme;
+  alloc->ports = r.ports;
+  alloc->job_url = r.job_url;
+  alloc->job_id = r.job_id;
+  alloc->working_dir = r.working_dir;
+  alloc->queue = r.queue;
+  alloc->node = r.node;
+  alloc->agent = AgentAddress{r.agent_host, r.agent_port, r.agent_hostname};
+  alloc->created_at = from_ms(r.created_ms);
+  alloc->reattached = true;
+  if (alloc->phase == AllocationPhase::submitting || alloc->job_url.empty()) {
+    // The bridge stopped between sending the job and hearing its URL: nothing to re-attach to.
+    spdlog::error("[{}] the bridge stopped while it submitted this allocation's job to site {}; if "
+                  "UNICORE created the job, its agent ends it after the no-bridge timeout",
+                  r.id, r.site);
+    alloc->link_dead = true;
+  } else if (alloc->phase >= AllocationPhase::releasing) {
+    // It was being released: finish that (reconnect so the agent can be told to stop).
+    alloc->phase = AllocationPhase::connecting;
+  } else if (alloc->phase >= AllocationPhase::discovering) {
+    alloc->job_status = unicore::JobStatus::running;  // no second on_running for a known job
+    alloc->running_since = clock_.now();
+  }
+  if (alloc->phase == AllocationPhase::serving) alloc->phase = AllocationPhase::connecting;
+  allocations_.push_back(alloc);
+  return alloc;
+}
+
+void KernelLifecycle::restore_kernel(const store::KernelRecord& r, RestoreSummary& summary) {
+  Kernel k;
+  try {
+    k.view = view_from_json(json::parse(r.view_json));
+  } catch (const std::exception& e) {
+    throw store::StoreError("kernel " + r.id + " in the state database cannot be read: " +
+                            e.what());
+  }
+  k.lease = std::chrono::seconds(r.lease_s);
+  k.last_watch = clock_.now();  // a full lease from now: its front end may be reconnecting too
+  k.ended_at = clock_.now();
+  AllocPtr alloc;
+  if (!r.allocation_id.empty()) {
+    for (const auto& a : allocations_) {
+      if (a->log_id == r.allocation_id) alloc = a;
+    }
+  }
+  const std::string id = k.view.id;
+  auto [it, inserted] = kernels_.emplace(id, std::move(k));
+  if (!inserted) return;
+  Kernel& kernel = it->second;
+  if (!live(kernel.view.state)) {
+    ++summary.kept_ended;
+    return;
+  }
+  if (!alloc || alloc->link_dead) {
+    ++summary.ended;
+    end_kernel(kernel, EndCause::internal,
+               alloc ? "the bridge restarted while it submitted the kernel's job; start the kernel "
+                       "again"
+                     : "the bridge restarted and its state database has no allocation for this "
+                       "kernel; start the kernel again",
+               {}, {}, false);
+    return;
+  }
+  kernel.alloc = alloc;
+  alloc->kernel_id = id;
+  if (alloc->phase >= AllocationPhase::connecting) {
+    ++summary.reattaching;
+    if (kernel.view.state >= KernelState::connecting) set_state(kernel, KernelState::reconnecting);
+  } else {
+    ++summary.resumed;
+  }
+}
+
+// The link opens on the recorded ports and reconnects to the recorded agent; the job is watched
+// again when its owner's token is there.
+void KernelLifecycle::reattach(const AllocPtr& alloc, Kernel* k) {
+  LinkSpec spec;
+  spec.kernel_id = alloc->log_id;
+  spec.site = alloc->site;
+  spec.connection = alloc->connection;
+  spec.secret = alloc->secret;
+  alloc->link = open_link(alloc, spec);
+  try {
+    alloc->link->listen();
+  } catch (const LinkListenError& e) {
+    alloc->link_dead = true;
+    end_attached(alloc, EndCause::link_failed,
+                 std::string("the bridge restarted and cannot listen on the kernel's hub-side "
+                             "ports again: ") +
+                     e.what() + "; another program took them");
+    return;
+  }
+  if (alloc->phase >= AllocationPhase::connecting) {
+    if (k) {
+      progress(*k, "the bridge restarted: re-attaching to the agent at " + alloc->agent.host + ":" +
+                       std::to_string(alloc->agent.port) + " via " + alloc->link->login_host());
+    }
+    alloc->link->connect(alloc->agent);
+  } else if (k) {
+    progress(*k, "the bridge restarted: following job " + alloc->job_id + " again");
+  }
+  if (credentials_.token(alloc->owner)) {
+    resume_job(alloc);
+  } else {
+    alloc->awaiting_token = true;
+    progress(alloc, "the bridge restarted and holds no UNICORE token of user " + alloc->owner +
+                        " (tokens are never written to disk): job " + alloc->job_id +
+                        "'s status is followed again once JupyterHub pushes one");
+  }
+}
+
+void KernelLifecycle::resume_job(const AllocPtr& alloc) {
+  alloc->awaiting_token = false;
+  if (alloc->releasing() || alloc->job_terminal) return;
+  watch(alloc);
+  if (alloc->phase == AllocationPhase::discovering) {
+    alloc->discovery_delay = options_.discovery_initial;
+    poll_discovery(alloc);
+  }
+}
+
+void KernelLifecycle::on_credentials(const std::string& user) {
+  for (const auto& alloc : std::vector<AllocPtr>(allocations_)) {
+    if (alloc->awaiting_token && alloc->owner == user) {
+      progress(alloc, "user " + user + "'s token arrived: following job " + alloc->job_id +
+                          " again");
+      resume_job(alloc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Stopping without ending
+
+void KernelLifecycle::detach() {
+  shutting_down_ = true;
+  for (auto& [id, k] : kernels_) persist(k);
+  for (const auto& alloc : allocations_) persist(*alloc);
+  detached_ = true;
+  spdlog::info("stopping with {} allocation(s) left running (bridge.on_stop = keep-kernels): "
+               "the next start re-attaches them",
+               allocations_.size());
+  for (const auto& alloc : allocations_) {
+    alloc->discovery_timer.cancel();
+    alloc->connect_timer.cancel();
+    alloc->grace_timer.cancel();
+    alloc->rewatch_timer.cancel();
+    if (alloc->watcher) alloc->watcher->stop();
+    if (alloc->link) alloc->link->close("the bridge is restarting; it re-attaches when it is back");
+  }
+}
+
+}  // namespace kb::bridge
