@@ -23,14 +23,21 @@ std::int64_t to_ms(Clock::time_point t) {
 }
 
 Clock::time_point from_ms(std::int64_t ms) {
-  return Clock::time_point(std::chrono::duration_cast<Clock::duration>(std::chrono::milliseconds(ms)));
+  return Clock::time_point(
+      std::chrono::duration_cast<Clock::duration>(std::chrono::milliseconds(ms)));
 }
 
-constexpr EndCause kAllEndCauses[] = {
-    EndCause::none,          EndCause::shutdown,          EndCause::cancelled,
-    EndCause::job_failed,    EndCause::walltime,          EndCause::kernel_exited,
-    EndCause::credentials_refused, EndCause::host_key_mismatch, EndCause::submit_failed,
-    EndCause::link_failed,   EndCause::internal};
+constexpr EndCause kAllEndCauses[] = {EndCause::none,
+                                      EndCause::shutdown,
+                                      EndCause::cancelled,
+                                      EndCause::job_failed,
+                                      EndCause::walltime,
+                                      EndCause::kernel_exited,
+                                      EndCause::credentials_refused,
+                                      EndCause::host_key_mismatch,
+                                      EndCause::submit_failed,
+                                      EndCause::link_failed,
+                                      EndCause::internal};
 
 EndCause end_cause_from(const std::string& text) {
   for (auto cause : kAllEndCauses) {
@@ -112,7 +119,8 @@ KernelView view_from_json(const json& j) {
   v.job_id = j.at("job_id").get<std::string>();
   v.job_url = j.at("job_url").get<std::string>();
   v.node = j.at("node").get<std::string>();
-  if (!j.at("walltime_end").is_null()) v.walltime_end = from_ms(j["walltime_end"].get<std::int64_t>());
+  if (!j.at("walltime_end").is_null())
+    v.walltime_end = from_ms(j["walltime_end"].get<std::int64_t>());
   v.hub_ip = j.at("hub_ip").get<std::string>();
   const auto ports = j.at("ports").get<std::array<std::uint16_t, 5>>();
   std::tie(v.shell_port, v.iopub_port, v.stdin_port, v.control_port, v.hb_port) =
@@ -148,9 +156,10 @@ void KernelLifecycle::with_store(const std::string& what, F&& write) {
   } catch (const store::StoreError& e) {
     // The kernel goes on; what is lost is only the ability to re-attach it after a crash.
     if (store_ok_) {
-      spdlog::error("could not record {} in the state database: {}; kernels keep running, but a "
-                    "bridge restart now could not re-attach them",
-                    what, e.what());
+      spdlog::error(
+          "could not record {} in the state database: {}; kernels keep running, but a "
+          "bridge restart now could not re-attach them",
+          what, e.what());
     }
     store_ok_ = false;
   }
@@ -268,18 +277,18 @@ KernelLifecycle::AllocPtr KernelLifecycle::restore_allocation(const store::Alloc
     throw store::StoreError(where + " cannot be read: " + e.what());
   }
   if (!alloc->site || backend == backends_.end()) {
-    spdlog::error("[{}] {} is on site {}, which is no longer configured: its job {} is left to "
-                  "end by its agent's no-bridge timeout (or abort it on the site)",
-                  r.id, where, r.site, r.job_url.empty() ? "(never submitted)" : r.job_url);
+    spdlog::error(
+        "[{}] {} is on site {}, which is no longer configured: its job {} is left to "
+        "end by its agent's no-bridge timeout (or abort it on the site)",
+        r.id, where, r.site, r.job_url.empty() ? "(never submitted)" : r.job_url);
     unpersist(*alloc);
     return nullptr;
   }
   alloc->backend = backend->second;
   alloc->connection.ip = r.hub_ip;
-  std::tie(alloc->connection.shell_port, alloc->connection.iopub_port,
-           alloc->connection.stdin_port, alloc->connection.control_port,
-           alloc->connection.hb_port) = std::tuple(r.ports[0], r.ports[1], r.ports[2], r.ports[3],
-                                                   r.ports[4]);
+  std::tie(alloc->connection.shell_port, alloc->connection.iopub_port, alloc->connection.stdin_port,
+           alloc->connection.control_port, alloc->connection.hb_port) =
+      std::tuple(r.ports[0], r.ports[1], r.ports[2], r.ports[3], r.ports[4]);
   alloc->connection.key = r.jupyter_key;
   alloc->connection.signature_scheme = r.signature_scheme;
   alloc->ports = r.ports;
@@ -293,9 +302,10 @@ KernelLifecycle::AllocPtr KernelLifecycle::restore_allocation(const store::Alloc
   alloc->reattached = true;
   if (alloc->phase == AllocationPhase::submitting || alloc->job_url.empty()) {
     // The bridge stopped between sending the job and hearing its URL: nothing to re-attach to.
-    spdlog::error("[{}] the bridge stopped while it submitted this allocation's job to site {}; if "
-                  "UNICORE created the job, its agent ends it after the no-bridge timeout",
-                  r.id, r.site);
+    spdlog::error(
+        "[{}] the bridge stopped while it submitted this allocation's job to site {}; if "
+        "UNICORE created the job, its agent ends it after the no-bridge timeout",
+        r.id, r.site);
     alloc->link_dead = true;
   } else if (alloc->phase >= AllocationPhase::releasing) {
     // It was being released: finish that (reconnect so the agent can be told to stop).
@@ -314,8 +324,8 @@ void KernelLifecycle::restore_kernel(const store::KernelRecord& r, RestoreSummar
   try {
     k.view = view_from_json(json::parse(r.view_json));
   } catch (const std::exception& e) {
-    throw store::StoreError("kernel " + r.id + " in the state database cannot be read: " +
-                            e.what());
+    throw store::StoreError("kernel " + r.id +
+                            " in the state database cannot be read: " + e.what());
   }
   k.lease = std::chrono::seconds(r.lease_s);
   k.last_watch = clock_.now();  // a full lease from now: its front end may be reconnecting too
@@ -405,8 +415,8 @@ void KernelLifecycle::resume_job(const AllocPtr& alloc) {
 void KernelLifecycle::on_credentials(const std::string& user) {
   for (const auto& alloc : std::vector<AllocPtr>(allocations_)) {
     if (alloc->awaiting_token && alloc->owner == user) {
-      progress(alloc, "user " + user + "'s token arrived: following job " + alloc->job_id +
-                          " again");
+      progress(alloc,
+               "user " + user + "'s token arrived: following job " + alloc->job_id + " again");
       resume_job(alloc);
     }
   }
@@ -420,9 +430,10 @@ void KernelLifecycle::detach() {
   for (auto& [id, k] : kernels_) persist(k);
   for (const auto& alloc : allocations_) persist(*alloc);
   detached_ = true;
-  spdlog::info("stopping with {} allocation(s) left running (bridge.on_stop = keep-kernels): "
-               "the next start re-attaches them",
-               allocations_.size());
+  spdlog::info(
+      "stopping with {} allocation(s) left running (bridge.on_stop = keep-kernels): "
+      "the next start re-attaches them",
+      allocations_.size());
   for (const auto& alloc : allocations_) {
     alloc->discovery_timer.cancel();
     alloc->connect_timer.cancel();

@@ -171,6 +171,9 @@ class SqliteStore final : public Store {
       throw Unreadable(e.what());
     }
     exec("PRAGMA synchronous=NORMAL");
+    // Deleted rows are overwritten, not left in free pages: an ended job's secrets do not stay on
+    // disk (remove_allocation also truncates the WAL, which holds older copies of pages).
+    exec("PRAGMA secure_delete=ON");
     check_integrity();
     const int version = user_version();
     if (version > kSchemaVersion) {
@@ -277,11 +280,13 @@ class SqliteStore final : public Store {
       statements_.remove_allocation->bind(id).run();
       statements_.remove_secret->bind(id).run();
     });
+    // The WAL still holds the pages as they were, secrets included: copy the change into the
+    // database file and empty the WAL. Busy (an operator's reader) is not an error: the next
+    // removal does it.
+    sqlite3_wal_checkpoint_v2(db_, nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr, nullptr);
   }
 
-  void remove_kernel(const std::string& id) override {
-    statements_.remove_kernel->bind(id).run();
-  }
+  void remove_kernel(const std::string& id) override { statements_.remove_kernel->bind(id).run(); }
 
   std::string where() const override { return "sqlite " + path_; }
 
@@ -393,8 +398,8 @@ std::string move_aside(const std::string& path) {
     const std::string from = path + suffix;
     if (::access(from.c_str(), F_OK) != 0) continue;
     if (::rename(from.c_str(), (aside + suffix).c_str()) != 0) {
-      throw StoreError("cannot move the unreadable state database " + from + " aside: " +
-                       std::strerror(errno));
+      throw StoreError("cannot move the unreadable state database " + from +
+                       " aside: " + std::strerror(errno));
     }
   }
   return aside;

@@ -37,7 +37,8 @@ def install_for_daemon(src, name):
 def main():
     out = {}
     fs = FrontSite(serve=False, loopback=True, users=("root",), queue_delay=0.5,
-                   restart_grace="5s", log_level="info")
+                   restart_grace="5s", log_level="info",
+                   extra_bridge_toml='on_stop = "keep-kernels"')
     with fs:
         path = fs.write_config(os.path.join(fs.dir, "daemon.toml"))
         text = open(path).read()
@@ -63,12 +64,28 @@ def main():
         try:
             kc = ready_client(km, timeout=120)
             out["ready_s"] = round(time.time() - t0, 2)
-            reply, stream, _ = kbtest.run_cell(kc, "print(6 * 7)")
+            reply, stream, _ = kbtest.run_cell(kc, "x = 6 * 7; print(x)")
             out["reply_status"] = reply["content"]["status"]
             out["stream"] = stream
-            kc.stop_channels()
             kernels = fs.kernels()
             out["kernel"] = kernels[0] if kernels else None
+            # `systemctl restart` with the kernel running (on_stop = "keep-kernels"): the same
+            # kernel, its variables, the same wrapper afterwards.
+            t1 = time.time()
+            subprocess.run(["systemctl", "restart", "kernel-bridge"], check=True)
+            fs.wait_api(ok=(200,))
+            kid = out["kernel"]["id"] if out["kernel"] else None
+            fs.wait_kernel(lambda k: k["id"] == kid and k["state"] == "ready", timeout=60,
+                           what="the kernel re-attached after systemctl restart")
+            out["reattach_s"] = round(time.time() - t1, 2)
+            out["wrapper_alive"] = km.is_alive()
+            kc.stop_channels()
+            kc = ready_client(km, timeout=60)
+            reply, stream, _ = kbtest.run_cell(kc, "print(x)")
+            out["after_restart"] = stream
+            out["kernels_after"] = [k["id"] for k in fs.live_kernels()]
+            fs.push_token("root")  # the hub pushes it again: the restarted daemon had none
+            kc.stop_channels()
         finally:
             km.shutdown_kernel()
         try:

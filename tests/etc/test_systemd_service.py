@@ -259,7 +259,7 @@ install -m 0640 -o root -g kernel-bridge etc/kernel-bridge.toml /etc/kernel-brid
             time.sleep(0.2)
         self.assertEqual(self.wait_state(lambda p: p["ActiveState"] == "active")["MainPID"], pid)
 
-        # Stop: SIGTERM, the daemon shuts its kernels down and exits 0.
+        # Stop: SIGTERM, the daemon exits 0; the shipped config keeps kernels for the next start.
         c.run(["systemctl", "stop", UNIT])
         props = self.wait_state(lambda p: p["ActiveState"] == "inactive")
         self.assertEqual(props["Result"], "success", props)
@@ -267,8 +267,7 @@ install -m 0640 -o root -g kernel-bridge etc/kernel-bridge.toml /etc/kernel-brid
         for line in ("kernel-bridge serve: 1 site(s) from /etc/kernel-bridge/kernel-bridge.toml",
                      "api: root GET /v1/kernels -> 200",
                      "ended (submit_failed)",
-                     "signal 15: shutting down",
-                     "every kernel released; bye"):
+                     "signal 15: stopping; kernels, agents and jobs keep running"):
             self.assertIn(line, journal)
         self.assertNotIn("t" * 40, journal)  # the pushed token is never logged
 
@@ -287,6 +286,12 @@ install -m 0640 -o root -g kernel-bridge etc/kernel-bridge.toml /etc/kernel-brid
         self.assertEqual(out["reply_status"], "ok", out)
         self.assertEqual(out["stream"], "42\n", out)
         self.assertEqual(out["kernel"]["owner"], "root", out)
+        # systemctl restart with the kernel running: re-attached, the variable kept, no new kernel.
+        kbtest.log(f"systemctl restart → kernel ready again in {out['reattach_s']} s")
+        self.assertTrue(out["wrapper_alive"], out)
+        self.assertEqual(out["after_restart"], "42\n", out)
+        self.assertEqual(out["kernels_after"], [out["kernel"]["id"]], out)
+        self.assertRegex(journal, r"re-attached: the kernel \(pid \d+\) is running")
         self.assertIsNone(out["left_running"], out)
         self.assertEqual(len(out["jobs"]), 1, out)
         # The daemon (as kernel-bridge, under the unit's sandbox) did the SSH and UNICORE work.

@@ -7,7 +7,8 @@ never exited (so Jupyter never saw a dead kernel and never restarted it), and th
 again once the hub pushes the user's token (tokens are memory only). Also: three kernels of two
 users across a crash keep their owners and neither user sees the other's; a job that ends while
 the bridge is down gets its real reason after the restart; a corrupt state database stops serve
-with a message naming the file, and --start-empty keeps the file aside.
+with a message naming the file, and --start-empty keeps the file aside; a canary token and link
+secret used through a kernel's whole life appear nowhere but where docs/state.md says.
 
 A print loop runs across each restart; what it loses in flight is counted and logged (the design
 note in docs/state.md says why a crash loses what was on the wire): every number that arrives
@@ -267,6 +268,73 @@ class BridgeRestart(FrontSiteCase):
         out = subprocess.run(["sqlite3", db, "PRAGMA user_version"], capture_output=True,
                              text=True)
         self.assertEqual(out.stdout.strip(), "2", out.stderr)
+
+    def test_canary_token_and_link_secret_stay_where_documented(self):
+        """A recognisable UNICORE token and link secret through a kernel's whole life (start,
+        Jupyter restart, crash + re-attach, shutdown): afterwards neither is in any log, any
+        process's argv or environment, or any file but those docs/state.md names."""
+        fs = self.fs
+        token = fs.tokens["root"]  # "tok-root-<12 hex>", unique to this run
+        km = self.new_km()
+        start(km)
+        kc = ready_client(km, timeout=120)
+        kbtest.run_cell(kc, "v = 1")
+        db = os.path.join(fs.dir, "bridge-state", "state.db")
+        rows = subprocess.run(["sqlite3", "-readonly", db, "SELECT link_secret FROM secrets"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        self.assertEqual(len(rows), 1, rows)
+        secret = rows[0]
+        self.assertRegex(secret, r"^[0-9a-f]{64}$")
+        kc.stop_channels()
+        km.restart_kernel(now=False)  # Jupyter's restart: a new wrapper, the same job
+        kc = ready_client(km, timeout=120)
+        self.kill_serve()
+        self.restart_serve()
+        fs.push_token("root")
+        fs.wait_kernel(lambda k: k["state"] == "ready", timeout=60, what="re-attached")
+        kbtest.run_cell(kc, "v = 2")
+        kc.stop_channels()
+        km.shutdown_kernel()
+        fs.wait_kernel(lambda k: k["state"] == "ended", timeout=60, what="ended")
+        deadline = time.time() + 60  # the restart grace, then the job's abort
+        while [j for j in fs.unicore_jobs() if j["status"] not in ("FAILED", "SUCCESSFUL")]:
+            self.assertLess(time.time(), deadline, "the job did not end")
+            time.sleep(0.5)
+        time.sleep(1)
+
+        needles = {"token": token.encode(), "link secret": secret.encode(),
+                   "link secret (bytes)": bytes.fromhex(secret)}
+        # The only files that may hold them (docs/state.md): the test site's own user database
+        # (the token is its password), and the job's directory on the site (the secret's file,
+        # mode 0600, written by UNICORE from the authenticated job submission). state.db held the
+        # secret while the job lived; once released it must be gone from it and its WAL.
+        allowed = {os.path.join(fs.dir, "unicore-users.json")}
+        found = []
+        for root, _, files in os.walk(fs.dir):
+            for name in files:
+                path = os.path.join(root, name)
+                if path in allowed or (name == "kernel-bridge-link.secret" and "/jobs/" in path):
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError:
+                    continue
+                found += [f"{what} in {path}" for what, n in needles.items() if n in data]
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            for part in ("cmdline", "environ"):
+                try:
+                    with open(f"/proc/{pid}/{part}", "rb") as f:
+                        data = f.read()
+                except OSError:
+                    continue
+                found += [f"{what} in /proc/{pid}/{part}" for what, n in needles.items()
+                          if n in data]
+        self.assertEqual(found, [], "a canary leaked")
+        self.assertFalse(os.path.exists(db + "-wal") and needles["link secret"] in
+                         open(db + "-wal", "rb").read())
 
     # ---- helpers ------------------------------------------------------------------------------
     def create_as(self, user, base, **extra):

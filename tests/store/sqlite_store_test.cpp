@@ -141,6 +141,32 @@ TEST(SqliteStore, RecordsSurviveReopening) {
   EXPECT_EQ(snap.kernels[0].view_json, sample_kernel("k1", "a1").view_json);
 }
 
+std::string bytes_of(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+TEST(SqliteStore, ARemovedAllocationsSecretsLeaveTheFiles) {
+  TempDir dir;
+  const std::string path = dir.file("state.db");
+  auto opened = open_sqlite_store(path);
+  auto a = sample_allocation("a1");
+  a.link_secret_hex = "5ec2e7" + std::string(58, '1');
+  a.jupyter_key = "canary-jupyter-key-8d1f";
+  opened.store->put(a);
+  opened.store->put(sample_allocation("a2"));
+  for (int i = 0; i < 20; ++i) opened.store->put(a);  // several page versions in the WAL
+  EXPECT_NE((bytes_of(path) + bytes_of(path + "-wal")).find("canary-jupyter-key-8d1f"),
+            std::string::npos);
+  opened.store->remove_allocation("a1");
+  for (const char* suffix : {"", "-wal", "-shm"}) {
+    const std::string content = bytes_of(path + suffix);
+    EXPECT_EQ(content.find("canary-jupyter-key-8d1f"), std::string::npos) << suffix;
+    EXPECT_EQ(content.find(a.link_secret_hex), std::string::npos) << suffix;
+  }
+  EXPECT_EQ(opened.store->load().allocations.size(), 1u);
+}
+
 TEST(SqliteStore, SecretsAreNotInTheAllocationsTable) {
   TempDir dir;
   const std::string path = dir.file("state.db");
