@@ -21,7 +21,8 @@ TUNNEL_KEYS = ["rtt_p50_us_direct", "rtt_p50_us_bridge", "rtt_p50_us_ssh", "rtt_
                "hb_p99_ms_flood", "thr_mbps_bridge", "thr_mbps_ssh", "thr_mbps_bridge_down",
                "thr_mbps_ssh_down", "thr_mbps_link_nossh",
                "thr_mbps_link_nossh_down", "thr_mbps_ssh_relay", "thr_mbps_ssh_relay_down"]
-LIFECYCLE_KEYS = ["start_to_ready_ms", "restart_ms", "rtt_p50_us_bridge"]
+LIFECYCLE_KEYS = ["start_to_ready_ms", "restart_ms", "rtt_p50_us_bridge", "reattach_ms",
+                  "reattach_kernels", "planned_restart_lines"]
 
 
 def run(argv, timeout):
@@ -67,7 +68,8 @@ class BenchSmoke(unittest.TestCase):
         self.assertIn("control: link without SSH", out)
 
     def test_lifecycle_few_samples(self):
-        _, result = run([os.path.join(SRC, "bench", "lifecycle"), "--runs", "1", "--rtt", "20"],
+        _, result = run([os.path.join(SRC, "bench", "lifecycle"), "--runs", "1", "--rtt", "20",
+                         "--reattach-kernels", "3"],
                         timeout=600)
         self.check_numbers(result, LIFECYCLE_KEYS)
 
