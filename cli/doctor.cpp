@@ -16,6 +16,7 @@
 #include "bridge/lifecycle_backend.hpp"
 #include "common/files.hpp"
 #include "ssh/connection.hpp"
+#include "store/sqlite_store.hpp"
 #include "unicore/http_engine.hpp"
 
 namespace kb::bridge {
@@ -288,6 +289,29 @@ void check_agent(const SiteConfig& site, const std::string& token, bool token_ok
 
 }  // namespace
 
+// The state database, read-only: a file serve would refuse fails here too, with what to do.
+void check_state(const BridgeConfig& config, Report& report) {
+  const std::string path = config.state_dir + "/state.db";
+  const std::string what = "state database " + path;
+  const auto found = store::inspect_sqlite_store(path);
+  if (!found.problem.empty()) {
+    report.fail(what, found.problem,
+                "serve refuses to start with this file: repair or restore it, or start once with "
+                "`serve --start-empty` (the file is kept beside it); docs/state.md");
+  } else if (!found.exists) {
+    report.pass(what, "not there yet: serve creates it (mode 0600) at its first start");
+  } else {
+    report.pass(what,
+                "schema " + std::to_string(found.schema_version) +
+                    (found.schema_version < store::kSchemaVersion
+                         ? " (serve migrates it to " + std::to_string(store::kSchemaVersion) + ")"
+                         : std::string()) +
+                    ", " + std::to_string(found.live_kernels) + " live kernel(s) of " +
+                    std::to_string(found.kernels) + " recorded, " +
+                    std::to_string(found.allocations) + " allocation(s)");
+  }
+}
+
 int run_doctor(const DoctorOptions& options, std::ostream& out) {
   Report report{out};
   BridgeConfig config;
@@ -303,6 +327,8 @@ int run_doctor(const DoctorOptions& options, std::ostream& out) {
                 "fix the file (docs/configuration.md describes every key)");
     return report.failed;
   }
+
+  check_state(config, report);
 
   const std::string socket = !options.socket.empty() ? options.socket : config.api.unix_socket;
   if (!socket.empty()) {

@@ -407,6 +407,68 @@ std::string move_aside(const std::string& path) {
 
 }  // namespace
 
+SqliteInspection inspect_sqlite_store(const std::string& path) {
+  SqliteInspection out;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno != ENOENT) out.problem = std::string("cannot stat it: ") + std::strerror(errno);
+    return out;
+  }
+  out.exists = true;
+  if (!S_ISREG(st.st_mode)) {
+    out.problem = "not a regular file";
+    return out;
+  }
+  if ((st.st_mode & 077) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    out.problem =
+        std::string("mode ") + mode + ": others may read the link secrets in it (chmod 600)";
+    return out;
+  }
+  sqlite3* db = nullptr;
+  const std::string uri = "file:" + path + "?mode=ro";
+  if (sqlite3_open_v2(uri.c_str(), &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr) !=
+      SQLITE_OK) {
+    out.problem = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close_v2(db);
+    return out;
+  }
+  sqlite3_busy_timeout(db, 2000);
+  auto count = [&](const char* sql) {
+    Statement s(db, path, sql);
+    std::int64_t n = 0;
+    while (s.step()) n = s.integer(0);
+    return static_cast<int>(n);
+  };
+  try {
+    out.schema_version = count("PRAGMA user_version");
+    if (out.schema_version > kSchemaVersion) {
+      out.problem = "schema version " + std::to_string(out.schema_version) +
+                    ", written by a newer kernel-bridge";
+    } else if (out.schema_version >= 1) {
+      std::string problems;
+      Statement check(db, path, "PRAGMA quick_check(3)");
+      while (check.step()) {
+        if (check.text(0) != "ok") problems += (problems.empty() ? "" : "; ") + check.text(0);
+      }
+      if (!problems.empty()) {
+        out.problem = "corrupt: " + problems;
+      } else {
+        out.allocations = count("SELECT count(*) FROM allocations");
+        out.kernels = count("SELECT count(*) FROM kernels");
+        out.live_kernels = count("SELECT count(*) FROM kernels WHERE state != 'ended'");
+      }
+    } else if (count("SELECT count(*) FROM sqlite_master WHERE type = 'table'") != 0) {
+      out.problem = "has tables but no schema version: not kernel-bridge's";
+    }
+  } catch (const StoreError& e) {
+    out.problem = e.what();
+  }
+  sqlite3_close_v2(db);
+  return out;
+}
+
 SqliteOpened open_sqlite_store(const std::string& path, const SqliteOptions& options) {
   prepare_file(path);
   SqliteOpened opened;

@@ -34,4 +34,15 @@ struct SqliteOpened {
 // Opens (creating if needed) the database at `path`. Throws StoreError naming the file.
 SqliteOpened open_sqlite_store(const std::string& path, const SqliteOptions& options = {});
 
+// What `kernel-bridge doctor` shows of a database, read-only (nothing is created or migrated).
+struct SqliteInspection {
+  bool exists = false;
+  int schema_version = 0;
+  int allocations = 0;
+  int live_kernels = 0;  // kernels not ended
+  int kernels = 0;
+  std::string problem;  // empty: usable as it is (or after migration: schema_version < current)
+};
+SqliteInspection inspect_sqlite_store(const std::string& path);
+
 }  // namespace kb::store

@@ -144,6 +144,7 @@ class FrontDoorFailures(FrontSiteCase):
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         for check in ("UNICORE http", "UNICORE credentials", "SSH", "agent"):
             self.assertRegex(r.stdout, rf"PASS  site {fs.site_name}: {check}")
+        self.assertRegex(r.stdout, r"PASS  state database .*state\.db: schema 2, \d+ live kernel")
         self.assertNotIn(fs.tokens["root"], r.stdout + r.stderr)
         # The login host's key is not the one known_hosts has: FAIL with what to do; a refused token too.
         other = os.path.join(fs.dir, "other_key")

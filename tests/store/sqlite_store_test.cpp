@@ -315,5 +315,33 @@ TEST(SqliteStore, RefusesAFileOthersMayRead) {
   EXPECT_TRUE(std::filesystem::exists(path));
 }
 
+TEST(SqliteStore, InspectionReadsWithoutCreatingOrMigrating) {
+  TempDir dir;
+  const std::string path = dir.file("state.db");
+  auto absent = inspect_sqlite_store(path);
+  EXPECT_FALSE(absent.exists);
+  EXPECT_TRUE(absent.problem.empty()) << absent.problem;
+  EXPECT_FALSE(std::filesystem::exists(path)) << "inspecting created the file";
+  {
+    auto opened = open_sqlite_store(path);
+    opened.store->put(sample_allocation("a1"));
+    opened.store->put(sample_kernel("k1", "a1"));
+    auto ended = sample_kernel("k2", "");
+    ended.state = "ended";
+    opened.store->put(ended);
+  }
+  auto found = inspect_sqlite_store(path);
+  EXPECT_TRUE(found.exists);
+  EXPECT_TRUE(found.problem.empty()) << found.problem;
+  EXPECT_EQ(found.schema_version, kSchemaVersion);
+  EXPECT_EQ(found.allocations, 1);
+  EXPECT_EQ(found.kernels, 2);
+  EXPECT_EQ(found.live_kernels, 1);
+  ::chmod(path.c_str(), 0640);
+  EXPECT_NE(inspect_sqlite_store(path).problem.find("chmod 600"), std::string::npos);
+  const std::string junk = dir.write("junk.db", std::string(4096, 'j'), 0600);
+  EXPECT_FALSE(inspect_sqlite_store(junk).problem.empty());
+}
+
 }  // namespace
 }  // namespace kb::store
