@@ -389,6 +389,25 @@ void KernelLifecycle::reattach(const AllocPtr& alloc, Kernel* k) {
                        std::to_string(alloc->agent.port) + " via " + alloc->link->login_host());
     }
     alloc->link->connect(alloc->agent);
+    // An agent that has not answered by the time its no-bridge timeout must have run out (counted
+    // from now, later than the old bridge's end) has exited with its kernel: do not hold the ports
+    // and list the kernel as re-attaching for ever when no token comes to ask UNICORE why.
+    std::weak_ptr<Allocation> weak = alloc;
+    std::weak_ptr<bool> alive = alive_;
+    alloc->connect_timer.wait(options_.agent_no_bridge_timeout, [this, weak, alive] {
+      if (alive.expired()) return;
+      auto a = weak.lock();
+      if (!a || a->phase >= AllocationPhase::serving || a->releasing()) return;
+      end_attached(
+          a, EndCause::link_failed,
+          "the bridge restarted and the agent of job " + a->job_id + " did not answer within " +
+              std::to_string(options_.agent_no_bridge_timeout.count()) +
+              " s, its no-bridge timeout: it has stopped the kernel and the job ends" +
+              (a->awaiting_token ? " (without a UNICORE token of user " + a->owner +
+                                       " the bridge could not ask the site why)"
+                                 : std::string()) +
+              (a->last_link_error.empty() ? std::string() : "; last error: " + a->last_link_error));
+    });
   } else if (k) {
     progress(*k, "the bridge restarted: following job " + alloc->job_id + " again");
   }

@@ -96,6 +96,21 @@ TEST_F(LifecycleStoreTest, AJobThatEndedWhileTheBridgeWasDownGetsItsRealReasonOn
   EXPECT_NE(view(id).reason.find("DUE TO TIME LIMIT"), std::string::npos) << view(id).reason;
 }
 
+TEST_F(LifecycleStoreTest, AnAgentThatNeverAnswersEndsTheKernelAfterItsNoBridgeTimeout) {
+  const std::string id = ready_kernel(request());
+  crash_and_restore();
+  clock.advance(std::chrono::seconds(599));
+  EXPECT_EQ(view(id).state, KernelState::reconnecting);
+  clock.advance(std::chrono::seconds(2));
+  run_until_state(id, KernelState::ended);
+  EXPECT_EQ(view(id).end_cause, EndCause::link_failed);
+  EXPECT_NE(view(id).reason.find("did not answer within 600 s, its no-bridge timeout"),
+            std::string::npos)
+      << view(id).reason;
+  EXPECT_NE(view(id).reason.find("without a UNICORE token of user alice"), std::string::npos);
+  EXPECT_FALSE(link(1).listening) << "the hub-side ports are released";
+}
+
 TEST_F(LifecycleStoreTest, AQueuedKernelIsWatchedAgainAndStartsNormally) {
   const std::string id = create_ok(request());
   run_until([&] { return jobs.order.size() == 1; });
