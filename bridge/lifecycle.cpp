@@ -202,6 +202,12 @@ std::vector<HealthCheck> KernelLifecycle::health() const {
   for (const auto& [site, checks] : site_health_) {
     for (const auto& [component, check] : checks) out.push_back(check);
   }
+  if (options_.store) {
+    out.push_back({"state database " + options_.store->where(), store_ok_,
+                   store_ok_ ? std::string()
+                             : store_error_ + "; kernels run, but a restart could not re-attach "
+                                              "them: free the disk or fix the file's rights"});
+  }
   return out;
 }
 

@@ -197,8 +197,8 @@ class KernelLifecycle final : public KernelService {
   void unpersist(const Kernel& k);
   template <class F>
   void with_store(const std::string& what, F&& write);
-  AllocPtr restore_allocation(const store::AllocationRecord& record);
-  void restore_kernel(const store::KernelRecord& record, RestoreSummary& summary);
+  AllocPtr read_allocation(const store::AllocationRecord& record);
+  void restore_kernel(const store::KernelRecord& record, KernelView view, RestoreSummary& summary);
   void reattach(const AllocPtr& alloc, Kernel* k);
   void resume_job(const AllocPtr& alloc);
   void on_credentials(const std::string& user);
@@ -226,8 +226,9 @@ class KernelLifecycle final : public KernelService {
   kb::Clock& clock_;
   kb::ClockTimer tick_timer_;
   bool shutting_down_ = false;
-  bool detached_ = false;  // detach(): events of the closing links are ignored
-  bool store_ok_ = true;   // the last write to the store succeeded
+  bool detached_ = false;    // detach(): events of the closing links are ignored
+  bool store_ok_ = true;     // the last write to the store succeeded
+  std::string store_error_;  // why it did not, for /v1/health
   std::uint64_t credentials_subscription_ = 0;
   std::function<void()> shutdown_done_;
   std::unique_ptr<kb::Timer> shutdown_timer_;

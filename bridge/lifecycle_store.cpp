@@ -162,6 +162,7 @@ void KernelLifecycle::with_store(const std::string& what, F&& write) {
           what, e.what());
     }
     store_ok_ = false;
+    store_error_ = e.what();
   }
 }
 
@@ -225,14 +226,42 @@ void KernelLifecycle::unpersist(const Kernel& k) {
 // Restoring
 
 RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
-  RestoreSummary summary;
-  std::map<std::string, AllocPtr> allocations;
+  // Every record is read first: one that cannot be read refuses the start (StoreError) before
+  // anything is changed, in memory or in the file.
+  std::vector<AllocPtr> read_allocations;
   for (const auto& record : snapshot.allocations) {
-    if (auto alloc = restore_allocation(record)) allocations[record.id] = alloc;
+    read_allocations.push_back(read_allocation(record));
   }
-  for (const auto& record : snapshot.kernels) restore_kernel(record, summary);
+  std::vector<KernelView> views;
+  for (const auto& record : snapshot.kernels) {
+    try {
+      views.push_back(view_from_json(json::parse(record.view_json)));
+    } catch (const std::exception& e) {
+      throw store::StoreError("kernel " + record.id +
+                              " in the state database cannot be read: " + e.what());
+    }
+  }
+
+  RestoreSummary summary;
+  std::vector<AllocPtr> restored;
+  for (auto& alloc : read_allocations) {
+    if (!alloc->site) {
+      spdlog::error(
+          "[{}] allocation {} in the state database is on a site that is no longer configured: "
+          "its job {} is left to end by its agent's no-bridge timeout (or abort it on the site)",
+          alloc->log_id, alloc->log_id,
+          alloc->job_url.empty() ? std::string("(never submitted)") : alloc->job_url);
+      unpersist(*alloc);
+      continue;
+    }
+    allocations_.push_back(alloc);
+    restored.push_back(alloc);
+  }
+  for (std::size_t i = 0; i < snapshot.kernels.size(); ++i) {
+    restore_kernel(snapshot.kernels[i], std::move(views[i]), summary);
+  }
   // Kernels are attached; now the allocations move on.
-  for (auto& [id, alloc] : allocations) {
+  for (auto& alloc : restored) {
     if (alloc->link_dead) {  // nothing to re-attach to; its kernel was ended above
       forget(alloc);
       unpersist(*alloc);
@@ -255,13 +284,13 @@ RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
   return summary;
 }
 
-KernelLifecycle::AllocPtr KernelLifecycle::restore_allocation(const store::AllocationRecord& r) {
+// An allocation from its record, not yet part of the lifecycle: `site` is null when the site is no
+// longer configured. Throws StoreError for a record that cannot be read.
+KernelLifecycle::AllocPtr KernelLifecycle::read_allocation(const store::AllocationRecord& r) {
   const std::string where = "allocation " + r.id + " in the state database";
   auto alloc = std::make_shared<Allocation>(clock_);
   alloc->log_id = r.id;
   alloc->owner = r.owner;
-  alloc->site = config_.find_site(r.site);
-  auto backend = backends_.find(r.site);
   try {
     alloc->phase = phase_from(r.phase);
     if (auto error = parse_resources(json::parse(r.resources_json), alloc->resources)) {
@@ -276,14 +305,9 @@ KernelLifecycle::AllocPtr KernelLifecycle::restore_allocation(const store::Alloc
   } catch (const std::exception& e) {
     throw store::StoreError(where + " cannot be read: " + e.what());
   }
-  if (!alloc->site || backend == backends_.end()) {
-    spdlog::error(
-        "[{}] {} is on site {}, which is no longer configured: its job {} is left to "
-        "end by its agent's no-bridge timeout (or abort it on the site)",
-        r.id, where, r.site, r.job_url.empty() ? "(never submitted)" : r.job_url);
-    unpersist(*alloc);
-    return nullptr;
-  }
+  auto backend = backends_.find(r.site);
+  alloc->site = backend == backends_.end() ? nullptr : config_.find_site(r.site);
+  if (!alloc->site) return alloc;
   alloc->backend = backend->second;
   alloc->connection.ip = r.hub_ip;
   std::tie(alloc->connection.shell_port, alloc->connection.iopub_port, alloc->connection.stdin_port,
@@ -315,18 +339,13 @@ KernelLifecycle::AllocPtr KernelLifecycle::restore_allocation(const store::Alloc
     alloc->running_since = clock_.now();
   }
   if (alloc->phase == AllocationPhase::serving) alloc->phase = AllocationPhase::connecting;
-  allocations_.push_back(alloc);
   return alloc;
 }
 
-void KernelLifecycle::restore_kernel(const store::KernelRecord& r, RestoreSummary& summary) {
+void KernelLifecycle::restore_kernel(const store::KernelRecord& r, KernelView view,
+                                     RestoreSummary& summary) {
   Kernel k;
-  try {
-    k.view = view_from_json(json::parse(r.view_json));
-  } catch (const std::exception& e) {
-    throw store::StoreError("kernel " + r.id +
-                            " in the state database cannot be read: " + e.what());
-  }
+  k.view = std::move(view);
   k.lease = std::chrono::seconds(r.lease_s);
   k.last_watch = clock_.now();  // a full lease from now: its front end may be reconnecting too
   k.ended_at = clock_.now();
@@ -349,8 +368,8 @@ void KernelLifecycle::restore_kernel(const store::KernelRecord& r, RestoreSummar
     end_kernel(kernel, EndCause::internal,
                alloc ? "the bridge restarted while it submitted the kernel's job; start the kernel "
                        "again"
-                     : "the bridge restarted and its state database has no allocation for this "
-                       "kernel; start the kernel again",
+                     : "the bridge restarted and its state database has no usable allocation for "
+                       "this kernel (its site may no longer be configured); start the kernel again",
                {}, {}, false);
     return;
   }

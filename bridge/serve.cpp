@@ -235,9 +235,9 @@ int run_serve(const ServeOptions& options) {
   try {
     const RestoreSummary restored = lifecycle->restore(snapshot);
     spdlog::info(
-        "state database {}: {} kernel(s) re-attaching, {} waiting for their job, {} ended "
-        "kernel(s) "
-        "listed, {} allocation(s) kept for a restart, {} kernel(s) could not be restored",
+        "state database {}: {} kernel(s) re-attaching, {} waiting for their job, "
+        "{} ended kernel(s) listed, {} allocation(s) kept for a restart, {} kernel(s) "
+        "could not be restored",
         state.store->where(), restored.reattaching, restored.resumed, restored.kept_ended,
         restored.parked, restored.ended);
   } catch (const store::StoreError& e) {

@@ -184,7 +184,8 @@ TEST_F(LifecycleStoreTest, AParkedAllocationIsKeptForTheGraceThenItsAgentIsStopp
   run_until([&] { return link(1).shutdowns == 1; });
 }
 
-TEST_F(LifecycleStoreTest, AnUnreadableRecordRefusesTheRestoreNamingTheKernel) {
+TEST_F(LifecycleStoreTest, AnUnreadableRecordRefusesTheRestoreNamingTheKernelAndChangesNothing) {
+  const std::string good = ready_kernel(request());
   store::KernelRecord bad;
   bad.id = "feedfacecafe";
   bad.owner = "alice";
@@ -198,6 +199,51 @@ TEST_F(LifecycleStoreTest, AnUnreadableRecordRefusesTheRestoreNamingTheKernel) {
   } catch (const store::StoreError& e) {
     EXPECT_NE(std::string(e.what()).find("kernel feedfacecafe"), std::string::npos) << e.what();
   }
+  // Refused before anything was applied: the good kernel's record is as the old bridge left it.
+  bool found = false;
+  for (const auto& k : store->load().kernels) {
+    if (k.id != good) continue;
+    found = true;
+    EXPECT_EQ(k.state, "ready");
+  }
+  EXPECT_TRUE(found);
+  EXPECT_EQ(store->load().allocations.size(), 1u);
+}
+
+// A store whose disk is full: every write fails.
+class FullDiskStore final : public store::Store {
+ public:
+  store::Snapshot load() override { return {}; }
+  void put(const store::AllocationRecord&) override { fail(); }
+  void put(const store::KernelRecord&) override { fail(); }
+  void remove_allocation(const std::string&) override { fail(); }
+  void remove_kernel(const std::string&) override { fail(); }
+  std::string where() const override { return "sqlite /full/state.db"; }
+  int writes = 0;
+
+ private:
+  void fail() {
+    ++writes;
+    throw store::StoreError("state database /full/state.db: database or disk is full");
+  }
+};
+
+TEST_F(LifecycleTest, AStoreThatCannotBeWrittenLeavesKernelsRunningAndShowsInHealth) {
+  FullDiskStore full;
+  store = &full;
+  make(std::chrono::seconds(30));
+  const std::string id = ready_kernel(request());
+  EXPECT_EQ(view(id).state, KernelState::ready);
+  EXPECT_GT(full.writes, 0);
+  bool seen = false;
+  for (const auto& check : lifecycle->health()) {
+    if (check.component != "state database sqlite /full/state.db") continue;
+    seen = true;
+    EXPECT_FALSE(check.ok);
+    EXPECT_NE(check.detail.find("disk is full"), std::string::npos) << check.detail;
+  }
+  EXPECT_TRUE(seen);
+  lifecycle.reset();
 }
 
 }  // namespace
