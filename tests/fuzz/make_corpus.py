@@ -1,5 +1,7 @@
 #!/usr/bin/python3
-"""Regenerates the committed seed corpus in tests/fuzz/corpus/ (valid and near-valid link frames).
+"""Regenerates the committed seed corpora in tests/fuzz/corpus/: valid and near-valid link frames
+and bridge configurations (config_fuzz); the control API's requests (control_api_fuzz) are written
+by hand.
 Frame layout: docs/protocol.md. Run from anywhere: /usr/bin/python3 tests/fuzz/make_corpus.py"""
 import json
 import os
@@ -47,3 +49,79 @@ write("link_session_fuzz", "streams",
 write("link_session_fuzz", "flood", fr(OPEN, 1, 1, b"\x01") + b"".join(fr(DATA, 1, 2 + i, b"z" * 4000) for i in range(5)))
 write("link_session_fuzz", "control_bad_json", fr(CONTROL, 0, 1, b"not json") + fr(CONTROL, 0, 2, b"[1]"))
 write("link_session_fuzz", "goodbye", fr(BYE, payload=b"bridge shutting down"))
+
+# config_fuzz: TOML as an operator writes it (the sample in etc/ is a seed too), and near misses.
+SITE = '''[[site]]
+name = "demo"
+unicore_url = "https://unicore.example.org:8080/DEMO-SITE/rest/core"
+login_hosts = ["login1.example.org:22", "login2.example.org"]
+known_hosts = "known_hosts"
+ssh_user = "kbridge"
+ssh_identity = "id_ed25519"
+agent = { mode = "installed", path = "/opt/kernel-bridge/bin/kernel-bridge" }
+kernels = { python3 = ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"] }
+default_kernel = "python3"
+'''
+MINIMAL = '[bridge]\nstate_dir = "/var/lib/kernel-bridge"\n[api]\nunix_socket = "api.sock"\n' + SITE
+with open(os.path.join(os.path.dirname(BASE), "..", "..", "etc", "kernel-bridge.toml"), "rb") as f:
+    write("config_fuzz", "etc_sample", f.read())
+write("config_fuzz", "minimal", MINIMAL.encode())
+write("config_fuzz", "tcp_two_sites", ('''[bridge]
+state_dir = "state"
+log_level = "debug"
+restart_grace = "2m30s"
+ended_retention = "1d12h"
+max_kernels_per_user = 0
+[api]
+tcp = "[::1]:8765"
+tokens_file = "api-tokens"
+admin_users = []
+max_body = "64KiB"
+header_timeout = "5s"
+read_timeout = "30s"
+idle_timeout = "2m"
+max_wait = "1min"
+max_connections = 16
+max_connections_per_user = 1
+''' + SITE + '''
+[[site]]
+name = "gpu.site-2"
+description = ""
+unicore_url = "http://[fd00::1]:8080/G/rest/core///"
+verify_tls = false
+login_hosts = ["[fd00::2]:2222", "10.0.0.1"]
+known_hosts = "/k"
+ssh_user = "kb"
+ssh_identity = "/id"
+ssh_cipher = "aes128-gcm@openssh.com"
+ssh_keepalive = "0s"
+connect_timeout = "1h"
+agent = { mode = "upload" }
+gpu_mode = "batch_lines"
+job_template = """
+module load CUDA ${VERSION} {kernel_argv}
+exec {agent}
+"""
+environment = { OMP_NUM_THREADS = "1", _X2 = "" }
+job_tags = []
+kernels = { r = ["R", "--connection={connection_file}"] }
+[site.defaults]
+queue = "gpus"
+nodes = 2
+gpus = 4
+runtime = "2h30m"
+project = "training2401"
+reservation = "r1"
+qos = "normal"
+memory = "16G"
+[site.limits]
+queues = ["gpus"]
+max_nodes = 4
+max_gpus = 4
+max_runtime = "24h"
+max_memory = "1T"
+''').encode())
+write("config_fuzz", "unknown_key", MINIMAL.replace("ssh_user", "ssh_usr").encode())
+write("config_fuzz", "defaults_outside_limits",
+      (MINIMAL + '[site.defaults]\nruntime = "48h"\n[site.limits]\nmax_runtime = "1d"\n').encode())
+write("config_fuzz", "bad_toml", b'[bridge\nstate_dir = "/x"\n[[site]]\nname = 1e999\n')
