@@ -1,7 +1,7 @@
 #!/usr/bin/python3
-"""Regenerates the committed seed corpora in tests/fuzz/corpus/: valid and near-valid link frames
-and bridge configurations (config_fuzz); the control API's requests (control_api_fuzz) are written
-by hand.
+"""Regenerates the committed seed corpora in tests/fuzz/corpus/: valid and near-valid link frames,
+bridge configurations (config_fuzz) and UNICORE replies (unicore_replies_fuzz); the control API's
+requests (control_api_fuzz) are written by hand.
 Frame layout: docs/protocol.md. Run from anywhere: /usr/bin/python3 tests/fuzz/make_corpus.py"""
 import json
 import os
@@ -125,3 +125,42 @@ write("config_fuzz", "unknown_key", MINIMAL.replace("ssh_user", "ssh_usr").encod
 write("config_fuzz", "defaults_outside_limits",
       (MINIMAL + '[site.defaults]\nruntime = "48h"\n[site.limits]\nmax_runtime = "1d"\n').encode())
 write("config_fuzz", "bad_toml", b'[bridge\nstate_dir = "/x"\n[[site]]\nname = 1e999\n')
+
+# unicore_replies_fuzz: the first byte is the selector (bits 0-2: 7 = a bare NodeList; bits 3-5: the
+# HTTP status 200 201 401 403 404 500 502 503; bits 6-7: content type json, none, html, problem+json).
+def reply(name, body, status=0, ctype=0):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    write("unicore_replies_fuzz", name, bytes([(status << 3) | (ctype << 6)]) + data)
+
+
+links = lambda **k: {"_links": {n: {"href": h} for n, h in k.items()}}
+BASE_URL = "https://unicore.example:8080/DEMO-SITE/rest/core"
+reply("core_info", {
+    "client": {"dn": "CN=demouser,O=Test", "xlogin": {"UID": "demouser", "availableUIDs": ["demouser"],
+               "group": "users", "availableGroups": ["users", "proj1"]},
+               "role": {"selected": "user", "availableRoles": ["user"]},
+               "queues": {"selected": "batch", "availableQueues": ["batch", "gpus"]},
+               "authenticationMethod": "PASSWORD_FILE"},
+    "server": {"version": "10.1.0", "siteName": "DEMO-SITE",
+               "jobSubmission": {"enabled": "false", "message": "maintenance"}},
+    **links(jobs=BASE_URL + "/jobs", storages=BASE_URL + "/storages")})
+reply("job", {"status": "FAILED", "statusMessage": "Job aborted.", "exitCode": "137", "queue": "batch",
+              "batchSystemID": "8017847", "name": "k", "tags": ["jupyter", "kernel-bridge"],
+              "submissionTime": "2024-05-02T10:11:12+0200", "terminationTime": None,
+              **links(workingDirectory=BASE_URL + "/storages/j-1-uspace",
+                      details=BASE_URL + "/jobs/j-1/details")}, status=1)
+reply("job_details", {"JobId": "8017847", "JobState": "RUNNING", "NodeList": "jrc[0025-0026,0030]",
+                      "BatchHost": "jrc0025", "NumNodes": 3, "Exclusive": False, "Priority": 1.5})
+reply("job_details_pending", {"rawDetailsData": "N/A"})
+reply("file_info", {"path": "/", "isDirectory": True, "size": "4096", "owner": "alice",
+                    "permissions": "rwx------", "lastAccessed": "2024-05-02T10:11:12+0200",
+                    "content": {"/stdout": {"isDirectory": "false", "size": 12},
+                                "/kernel-bridge-agent.json": {"isDirectory": False, "size": 90}}})
+reply("job_list", {"jobs": [BASE_URL + "/jobs/j-1", BASE_URL + "/jobs/j-2"],
+                   **links(next=BASE_URL + "/jobs?offset=2&num=2")})
+reply("error_401", {"errorMessage": "Access denied: the token has expired", "status": 401},
+      status=2)
+reply("html_502", b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+      status=6, ctype=2)
+reply("deep", b"[" * 70 + b"]" * 70)
+write("unicore_replies_fuzz", "hostlist", b"\x07n[1-3]-ib,a[1-2]b[003-004],jrc[0025-0026,0030],c1")
