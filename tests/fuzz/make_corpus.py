@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Regenerates the committed seed corpora in tests/fuzz/corpus/: valid and near-valid link frames,
-bridge configurations (config_fuzz) and UNICORE replies (unicore_replies_fuzz); the control API's
-requests (control_api_fuzz) are written by hand.
+the control API's request bodies (api_forms_fuzz), bridge configurations (config_fuzz) and UNICORE
+replies (unicore_replies_fuzz); the control API's whole requests (control_api_fuzz) are written by
+hand.
 Frame layout: docs/protocol.md. Run from anywhere: /usr/bin/python3 tests/fuzz/make_corpus.py"""
 import json
 import os
@@ -164,3 +165,24 @@ reply("html_502", b"<html><head><title>502 Bad Gateway</title></head><body>nginx
       status=6, ctype=2)
 reply("deep", b"[" * 70 + b"]" * 70)
 write("unicore_replies_fuzz", "hostlist", b"\x07n[1-3]-ib,a[1-2]b[003-004],jrc[0025-0026,0030],c1")
+
+# api_forms_fuzz: request bodies as the hub and the kernel wrapper send them, and expires_at values.
+def body(name, value):
+    write("api_forms_fuzz", name, value if isinstance(value, bytes) else json.dumps(value).encode())
+
+
+CONNECTION = {"ip": "127.0.0.1", "transport": "tcp", "shell_port": 40000, "iopub_port": 40001,
+              "stdin_port": 40002, "control_port": 40003, "hb_port": 40004, "key": "a0b1c2",
+              "signature_scheme": "hmac-sha256", "kernel_name": "python3"}
+body("create_kernel", {"site": "demo", "kernel": "python3", "name": "analysis", "lease": 300,
+                       "tags": {"course": "hpc101"},
+                       "resources": {"queue": "gpus", "nodes": 1, "gpus": 1, "runtime": "2h30m",
+                                     "project": "proj1", "reservation": "course", "qos": "normal",
+                                     "memory": "32G"},
+                       "connection": CONNECTION})
+body("resources_numbers", {"resources": {"nodes": 4, "gpus": 0, "runtime": 7200, "memory": 1000},
+                           "connection": dict(CONNECTION, ip="::1", hb_port=40000)})
+body("credentials", {"token": "eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl", "expires_at": "2030-11-26T18:00:00Z"})
+body("credentials_unix", {"token": "abc.def", "expires_at": 1924992000.5})
+body("credentials_offset", {"token": "abc.def", "expires_at": "2030-02-28T23:59:60.123456+05:30"})
+body("expires_at", b"2031-12-31T23:59:59.999z")
