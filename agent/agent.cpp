@@ -517,9 +517,10 @@ void Agent::try_connect(std::uint32_t id) {
     }
     if (!ec && generation == kernel_generation_ && kernel_state_ == KernelState::running) {
       auto socket = std::move(p.socket);
+      const ChannelKind kind = p.kind;  // erase() frees p (scripts/sanitize: heap-use-after-free)
       pending_.erase(it);
       spdlog::debug("[{}] stream {} ({}) connected to the kernel's port {}", log_id_, id,
-                    to_string(p.kind), port);
+                    to_string(kind), port);
       session_->attach_stream(id, std::move(socket));
       return;
     }

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <ctime>
+#include <initializer_list>
 #include <set>
 
 #include "bridge/config.hpp"
@@ -37,7 +38,16 @@ std::string format_time_utc(Clock::time_point t) {
 }
 
 std::optional<Clock::time_point> parse_time_utc(const std::string& text) {
-  // 2026-11-26T16:00:00Z, with optional .fraction, and Z or ±hh:mm.
+  // 2026-11-26T16:00:00Z, with optional .fraction, and Z or ±hh:mm. Digits where the form has
+  // them: sscanf alone also took "-1" for an hour and "+05:3*" for an offset (found by
+  // api_forms_fuzz).
+  auto digits_at = [&text](std::initializer_list<std::size_t> positions) {
+    for (std::size_t p : positions) {
+      if (p >= text.size() || !std::isdigit(static_cast<unsigned char>(text[p]))) return false;
+    }
+    return true;
+  };
+  if (!digits_at({0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18})) return std::nullopt;
   std::tm tm{};
   int year, month, day, hour, minute, second;
   int consumed = 0;
@@ -46,7 +56,10 @@ std::optional<Clock::time_point> parse_time_utc(const std::string& text) {
       consumed != 19) {
     return std::nullopt;
   }
-  if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60)
+  static constexpr int kDaysInMonth[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  const bool leap_year = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+  if (month < 1 || month > 12 || day < 1 || day > kDaysInMonth[month - 1] ||
+      (month == 2 && day == 29 && !leap_year) || hour > 23 || minute > 59 || second > 60)
     return std::nullopt;
   // Clock counts nanoseconds in 64 bits (up to the year 2262): later years are not a time we can
   // hold, and converting them would overflow (found by control_api_fuzz).
@@ -67,9 +80,11 @@ std::optional<Clock::time_point> parse_time_utc(const std::string& text) {
   long offset = 0;
   if (i < text.size() && (text[i] == 'Z' || text[i] == 'z')) {
     ++i;
-  } else if (i + 6 == text.size() && (text[i] == '+' || text[i] == '-') && text[i + 3] == ':') {
+  } else if (i + 6 == text.size() && (text[i] == '+' || text[i] == '-') && text[i + 3] == ':' &&
+             digits_at({i + 1, i + 2, i + 4, i + 5})) {
     int oh = 0, om = 0;
-    if (std::sscanf(text.c_str() + i + 1, "%2d:%2d", &oh, &om) != 2) return std::nullopt;
+    if (std::sscanf(text.c_str() + i + 1, "%2d:%2d", &oh, &om) != 2 || oh > 23 || om > 59)
+      return std::nullopt;
     offset = (oh * 3600L + om * 60L) * (text[i] == '+' ? 1 : -1);
     i += 6;
   } else {

@@ -1,5 +1,6 @@
 #include "unicore/hostlist.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdint>
 
@@ -7,9 +8,18 @@ namespace kb::unicore {
 
 namespace {
 
+// A host name is at most 253 characters in DNS (Slurm's are far shorter). With `max_hosts` names
+// this bounds the memory an expansion takes, not only the number of names.
+constexpr std::size_t kMaxHostName = 255;
+
 UnicoreError hostlist_error(std::string_view list, const std::string& why) {
   return UnicoreError{ErrorKind::bad_reply, 0,
                       "cannot expand host list '" + std::string(list) + "': " + why, "", ""};
+}
+
+UnicoreError name_too_long(std::string_view list) {
+  return hostlist_error(
+      list, "a host name is longer than " + std::to_string(kMaxHostName) + " characters");
 }
 
 bool all_digits(std::string_view s) {
@@ -55,17 +65,32 @@ Result<std::vector<std::string>> expand_ranges(std::string_view list, std::strin
   return out;
 }
 
-// One top-level item: literal text and bracket groups, expanded as a cartesian product.
+// One top-level item: literal text and bracket groups, expanded as a cartesian product. The count
+// and the length of the names are known before any is made, and each name is made once: a hostile
+// item (a 100 kB name before "[0-65535]", or "[0-65535]" followed by 250 "[0]") costs neither
+// gigabytes nor seconds (both found by unicore_replies_fuzz).
 Result<std::vector<std::string>> expand_item(std::string_view list, std::string_view item,
                                              std::size_t max_hosts) {
-  std::vector<std::string> names{""};
+  // The parts in order, each a list of values; a literal is a part of one value, joined to the part
+  // before it when that has one value too (so there are at most 2 * log2(max_hosts) + 1 parts).
+  std::vector<std::vector<std::string>> parts;
+  auto add_part = [&parts](std::vector<std::string> values) {
+    if (values.size() == 1 && !parts.empty() && parts.back().size() == 1)
+      parts.back().front() += values.front();
+    else
+      parts.push_back(std::move(values));
+  };
+  std::size_t count = 1;
+  std::size_t longest = 0;  // the longest name the parts can make
   std::size_t pos = 0;
   while (pos < item.size()) {
     std::size_t open = item.find('[', pos);
     std::string_view literal =
         item.substr(pos, open == std::string_view::npos ? item.npos : open - pos);
     if (literal.find(']') != std::string_view::npos) return hostlist_error(list, "unbalanced ']'");
-    for (auto& n : names) n.append(literal);
+    longest += literal.size();
+    if (longest > kMaxHostName) return name_too_long(list);
+    if (!literal.empty()) add_part({std::string(literal)});
     if (open == std::string_view::npos) break;
     std::size_t close = item.find(']', open);
     if (close == std::string_view::npos) return hostlist_error(list, "unbalanced '['");
@@ -73,16 +98,39 @@ Result<std::vector<std::string>> expand_item(std::string_view list, std::string_
     if (body.find('[') != std::string_view::npos) return hostlist_error(list, "nested '['");
     auto values = expand_ranges(list, body, max_hosts);
     if (!values) return values.error();
-    if (names.size() * values->size() > max_hosts) {
+    if (count * values->size() > max_hosts) {
       return hostlist_error(list, "more than " + std::to_string(max_hosts) + " hosts");
     }
-    std::vector<std::string> next;
-    next.reserve(names.size() * values->size());
-    for (const auto& n : names) {
-      for (const auto& v : *values) next.push_back(n + v);
-    }
-    names = std::move(next);
+    count *= values->size();
+    std::size_t widest = 0;
+    for (const auto& v : *values) widest = std::max(widest, v.size());
+    longest += widest;
+    if (longest > kMaxHostName) return name_too_long(list);
+    add_part(std::move(values.value()));
     pos = close + 1;
+  }
+  // Every combination, the last group varying fastest ("r[1-2]n[1-2]": r1n1 r1n2 r2n1 r2n2); each
+  // name keeps the start of the one before it up to the first part that changed.
+  std::vector<std::string> names;
+  names.reserve(count);
+  std::vector<std::size_t> index(parts.size(), 0);
+  std::vector<std::size_t> end(parts.size() + 1, 0);  // where each part ends in `name`
+  std::string name;
+  std::size_t changed = 0;
+  for (std::size_t k = 0; k < count; ++k) {
+    name.resize(end[changed]);
+    for (std::size_t p = changed; p < parts.size(); ++p) {
+      name += parts[p][index[p]];
+      end[p + 1] = name.size();
+    }
+    names.push_back(name);
+    std::size_t p = parts.size();
+    while (p > 0) {
+      --p;
+      if (++index[p] < parts[p].size()) break;
+      index[p] = 0;
+    }
+    changed = p;
   }
   return names;
 }

@@ -53,5 +53,30 @@ TEST(Hostlist, HugeExpansionIsRefusedNotAllocated) {
   ASSERT_FALSE(product.ok());
 }
 
+// unicore_replies_fuzz: the count of names was bounded, their length was not, so a NodeList of a
+// 100 kB name before "[0-65535]" asked for 6.5 GB.
+TEST(Hostlist, OverlongNamesAreRefusedNotAllocated) {
+  auto r = expand_hostlist(std::string(100000, 'n') + "[0-65535]");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message.find("longer than 255"), std::string::npos) << r.error().message;
+  EXPECT_FALSE(expand_hostlist("n[0-9]" + std::string(254, 'x')).ok());
+  EXPECT_FALSE(expand_hostlist(std::string(256, 'a')).ok());
+  EXPECT_EQ(expand(std::string(255, 'a')), V{std::string(255, 'a')});
+  EXPECT_EQ(expand(std::string(250, 'a') + "[0-9999]").back(), std::string(250, 'a') + "9999");
+}
+
+// unicore_replies_fuzz: "[0-65535]" followed by 249 "[0]" made every one of the 65536 names again
+// for each group (seconds of the event loop); one-value groups are joined like literal text.
+TEST(Hostlist, OneValueGroupsBetweenRanges) {
+  EXPECT_EQ(expand("r[1-2][0]n[1-2][5]"), (V{"r10n15", "r10n25", "r20n15", "r20n25"}));
+  std::string many = "a[0-65535]";
+  for (int i = 0; i < 249; ++i) many += "[0]";
+  auto r = expand_hostlist(many);
+  ASSERT_TRUE(r.ok()) << r.error().message;
+  ASSERT_EQ(r->size(), 65536u);
+  EXPECT_EQ(r->front(), "a0" + std::string(249, '0'));
+  EXPECT_EQ(r->back(), "a65535" + std::string(249, '0'));
+}
+
 }  // namespace
 }  // namespace kb::unicore
