@@ -8,10 +8,13 @@
 // starts a fresh kernel in the running job. Any other end releases the allocation at once (link
 // closed, job aborted), as does the end of the grace.
 // Thread model: construct, call and destroy on the io_context's thread; every callback and listener
-// runs there. Nothing blocks.
+// runs there. Nothing blocks, except the store's short local transactions (options.store).
+// Every change is recorded in the store, and restore() brings kernels back after the bridge's own
+// restart (docs/state.md).
 // Code: lifecycle.cpp (kernels, ending them, releasing allocations, leases, shutdown),
 // lifecycle_admit.cpp (create), lifecycle_job.cpp (the UNICORE job and discovery),
-// lifecycle_link.cpp (the link's events); their shared private state is lifecycle_state.hpp.
+// lifecycle_link.cpp (the link's events), lifecycle_store.cpp (records, restore, detach); their
+// shared private state is lifecycle_state.hpp.
 #include <boost/asio/io_context.hpp>
 
 #include <chrono>
