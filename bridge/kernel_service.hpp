@@ -116,6 +116,25 @@ inline std::string_view to_string(EndCause cause) {
   return "unknown";
 }
 
+inline constexpr EndCause kAllEndCauses[] = {EndCause::none,
+                                             EndCause::shutdown,
+                                             EndCause::cancelled,
+                                             EndCause::job_failed,
+                                             EndCause::walltime,
+                                             EndCause::kernel_exited,
+                                             EndCause::credentials_refused,
+                                             EndCause::host_key_mismatch,
+                                             EndCause::submit_failed,
+                                             EndCause::link_failed,
+                                             EndCause::internal};
+
+inline std::optional<EndCause> end_cause_from_string(std::string_view text) {
+  for (auto cause : kAllEndCauses) {
+    if (to_string(cause) == text) return cause;
+  }
+  return std::nullopt;
+}
+
 // Who calls. Filled by the control API from SO_PEERCRED (Unix socket) or the bearer token (TCP).
 struct Caller {
   std::string user;       // the kernels' owner this request acts for

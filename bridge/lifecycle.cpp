@@ -73,6 +73,7 @@ KernelLifecycle::Kernel* KernelLifecycle::attached(const AllocPtr& alloc) {
 void KernelLifecycle::changed(Kernel& k) {
   ++k.view.version;
   persist(k);
+  if (k.alloc) persist(*k.alloc);
   KernelView copy = k.view;
   notify_changed(copy);
 }

@@ -201,7 +201,8 @@ class KernelLifecycle final : public KernelService {
   template <class F>
   void with_store(const std::string& what, F&& write);
   AllocPtr read_allocation(const store::AllocationRecord& record);
-  void restore_kernel(const store::KernelRecord& record, KernelView view, RestoreSummary& summary);
+  void restore_kernel(const store::KernelRecord& record, KernelView view, const AllocPtr& alloc,
+                      RestoreSummary& summary);
   void reattach(const AllocPtr& alloc, Kernel* k);
   void resume_job(const AllocPtr& alloc);
   void on_credentials(const std::string& user);

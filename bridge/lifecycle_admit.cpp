@@ -15,11 +15,6 @@ using unicore::JobStatus;
 
 namespace {
 
-// The hub-side ports a request asks for, in the order KernelLink::listen returns them.
-std::array<std::uint16_t, 5> hub_ports(const HubConnection& hub) {
-  return {hub.shell_port, hub.iopub_port, hub.stdin_port, hub.control_port, hub.hb_port};
-}
-
 // Whether an allocation listening on `held_ports` of `held` has one of the ports `hub` asks for.
 bool overlaps(const HubConnection& held, const std::array<std::uint16_t, 5>& held_ports,
               const HubConnection& hub) {
@@ -31,11 +26,6 @@ bool overlaps(const HubConnection& held, const std::array<std::uint16_t, 5>& hel
     }
   }
   return false;
-}
-
-void set_view_ports(KernelView& view, const std::array<std::uint16_t, 5>& ports) {
-  std::tie(view.shell_port, view.iopub_port, view.stdin_port, view.control_port, view.hb_port) =
-      std::tuple(ports[0], ports[1], ports[2], ports[3], ports[4]);
 }
 
 }  // namespace

@@ -10,6 +10,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <tuple>
 
 #include "auth/secret.hpp"
 #include "bridge/lifecycle.hpp"
@@ -30,6 +32,11 @@ enum class AllocationPhase {
   aborting,     // the bridge asked UNICORE to abort the job; the allocation goes once it answers
 };
 
+inline constexpr AllocationPhase kAllAllocationPhases[] = {
+    AllocationPhase::submitting, AllocationPhase::submitted, AllocationPhase::discovering,
+    AllocationPhase::connecting, AllocationPhase::serving,   AllocationPhase::releasing,
+    AllocationPhase::aborting};
+
 inline const char* to_string(AllocationPhase phase) {
   switch (phase) {
     case AllocationPhase::submitting:
@@ -48,6 +55,27 @@ inline const char* to_string(AllocationPhase phase) {
       return "aborting";
   }
   return "?";
+}
+
+inline std::optional<AllocationPhase> allocation_phase_from_string(std::string_view text) {
+  for (auto phase : kAllAllocationPhases) {
+    if (text == to_string(phase)) return phase;
+  }
+  return std::nullopt;
+}
+
+// The hub-side ports in the order KernelLink::listen returns them: shell, iopub, stdin, control,
+// hb. The same order as the store's records.
+inline std::array<std::uint16_t, 5> hub_ports(const HubConnection& hub) {
+  return {hub.shell_port, hub.iopub_port, hub.stdin_port, hub.control_port, hub.hb_port};
+}
+inline void set_hub_ports(HubConnection& hub, const std::array<std::uint16_t, 5>& ports) {
+  std::tie(hub.shell_port, hub.iopub_port, hub.stdin_port, hub.control_port, hub.hb_port) =
+      std::tuple(ports[0], ports[1], ports[2], ports[3], ports[4]);
+}
+inline void set_view_ports(KernelView& view, const std::array<std::uint16_t, 5>& ports) {
+  std::tie(view.shell_port, view.iopub_port, view.stdin_port, view.control_port, view.hb_port) =
+      std::tuple(ports[0], ports[1], ports[2], ports[3], ports[4]);
 }
 
 struct KernelLifecycle::Allocation {

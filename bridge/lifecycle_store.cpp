@@ -27,33 +27,6 @@ Clock::time_point from_ms(std::int64_t ms) {
       std::chrono::duration_cast<Clock::duration>(std::chrono::milliseconds(ms)));
 }
 
-constexpr EndCause kAllEndCauses[] = {EndCause::none,
-                                      EndCause::shutdown,
-                                      EndCause::cancelled,
-                                      EndCause::job_failed,
-                                      EndCause::walltime,
-                                      EndCause::kernel_exited,
-                                      EndCause::credentials_refused,
-                                      EndCause::host_key_mismatch,
-                                      EndCause::submit_failed,
-                                      EndCause::link_failed,
-                                      EndCause::internal};
-
-EndCause end_cause_from(const std::string& text) {
-  for (auto cause : kAllEndCauses) {
-    if (to_string(cause) == text) return cause;
-  }
-  throw std::runtime_error("unknown end cause \"" + text + "\"");
-}
-
-AllocationPhase phase_from(const std::string& text) {
-  for (int i = 0; i <= static_cast<int>(AllocationPhase::aborting); ++i) {
-    auto phase = static_cast<AllocationPhase>(i);
-    if (text == to_string(phase)) return phase;
-  }
-  throw std::runtime_error("unknown allocation phase \"" + text + "\"");
-}
-
 json optional_int(const std::optional<int>& v) {
   return v ? json(*v) : json(nullptr);
 }
@@ -112,7 +85,9 @@ KernelView view_from_json(const json& j) {
   auto state = kernel_state_from_string(j.at("state").get<std::string>());
   if (!state) throw std::runtime_error("unknown state " + j.at("state").dump());
   v.state = *state;
-  v.end_cause = end_cause_from(j.at("end_cause").get<std::string>());
+  auto cause = end_cause_from_string(j.at("end_cause").get<std::string>());
+  if (!cause) throw std::runtime_error("unknown end cause " + j.at("end_cause").dump());
+  v.end_cause = *cause;
   v.reason = j.at("reason").get<std::string>();
   v.exit_code = read_optional_int(j, "exit_code");
   v.exit_signal = read_optional_int(j, "exit_signal");
@@ -122,9 +97,7 @@ KernelView view_from_json(const json& j) {
   if (!j.at("walltime_end").is_null())
     v.walltime_end = from_ms(j["walltime_end"].get<std::int64_t>());
   v.hub_ip = j.at("hub_ip").get<std::string>();
-  const auto ports = j.at("ports").get<std::array<std::uint16_t, 5>>();
-  std::tie(v.shell_port, v.iopub_port, v.stdin_port, v.control_port, v.hb_port) =
-      std::tuple(ports[0], ports[1], ports[2], ports[3], ports[4]);
+  set_view_ports(v, j.at("ports").get<std::array<std::uint16_t, 5>>());
   v.restarts = j.at("restarts").get<int>();
   v.link_reconnects = j.at("link_reconnects").get<std::uint64_t>();
   v.created_at = from_ms(j.at("created_ms").get<std::int64_t>());
@@ -181,7 +154,6 @@ void KernelLifecycle::persist(const Kernel& k) {
   r.created_ms = to_ms(k.view.created_at);
   r.updated_ms = to_ms(Clock::now());
   with_store("kernel " + r.id, [&](store::Store& s) { s.put(r); });
-  if (k.alloc) persist(*k.alloc);
 }
 
 void KernelLifecycle::persist(const Allocation& alloc) {
@@ -243,7 +215,7 @@ RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
   }
 
   RestoreSummary summary;
-  std::vector<AllocPtr> restored;
+  std::map<std::string, AllocPtr> restored;  // by id
   for (auto& alloc : read_allocations) {
     if (!alloc->site) {
       spdlog::error(
@@ -255,13 +227,16 @@ RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
       continue;
     }
     allocations_.push_back(alloc);
-    restored.push_back(alloc);
+    restored[alloc->log_id] = alloc;
   }
   for (std::size_t i = 0; i < snapshot.kernels.size(); ++i) {
-    restore_kernel(snapshot.kernels[i], std::move(views[i]), summary);
+    const auto& record = snapshot.kernels[i];
+    auto alloc = restored.find(record.allocation_id);
+    restore_kernel(record, std::move(views[i]), alloc == restored.end() ? nullptr : alloc->second,
+                   summary);
   }
   // Kernels are attached; now the allocations move on.
-  for (auto& alloc : restored) {
+  for (auto& [id, alloc] : restored) {
     if (alloc->link_dead) {  // nothing to re-attach to; its kernel was ended above
       forget(alloc);
       unpersist(*alloc);
@@ -292,7 +267,9 @@ KernelLifecycle::AllocPtr KernelLifecycle::read_allocation(const store::Allocati
   alloc->log_id = r.id;
   alloc->owner = r.owner;
   try {
-    alloc->phase = phase_from(r.phase);
+    auto phase = allocation_phase_from_string(r.phase);
+    if (!phase) throw std::runtime_error("unknown allocation phase \"" + r.phase + "\"");
+    alloc->phase = *phase;
     if (auto error = parse_resources(json::parse(r.resources_json), alloc->resources)) {
       throw std::runtime_error("resources: " + error->message);
     }
@@ -310,9 +287,7 @@ KernelLifecycle::AllocPtr KernelLifecycle::read_allocation(const store::Allocati
   if (!alloc->site) return alloc;
   alloc->backend = backend->second;
   alloc->connection.ip = r.hub_ip;
-  std::tie(alloc->connection.shell_port, alloc->connection.iopub_port, alloc->connection.stdin_port,
-           alloc->connection.control_port, alloc->connection.hb_port) =
-      std::tuple(r.ports[0], r.ports[1], r.ports[2], r.ports[3], r.ports[4]);
+  set_hub_ports(alloc->connection, r.ports);
   alloc->connection.key = r.jupyter_key;
   alloc->connection.signature_scheme = r.signature_scheme;
   alloc->ports = r.ports;
@@ -343,18 +318,12 @@ KernelLifecycle::AllocPtr KernelLifecycle::read_allocation(const store::Allocati
 }
 
 void KernelLifecycle::restore_kernel(const store::KernelRecord& r, KernelView view,
-                                     RestoreSummary& summary) {
+                                     const AllocPtr& alloc, RestoreSummary& summary) {
   Kernel k;
   k.view = std::move(view);
   k.lease = std::chrono::seconds(r.lease_s);
   k.last_watch = clock_.now();  // a full lease from now: its front end may be reconnecting too
   k.ended_at = clock_.now();
-  AllocPtr alloc;
-  if (!r.allocation_id.empty()) {
-    for (const auto& a : allocations_) {
-      if (a->log_id == r.allocation_id) alloc = a;
-    }
-  }
   const std::string id = k.view.id;
   auto [it, inserted] = kernels_.emplace(id, std::move(k));
   if (!inserted) return;
@@ -465,8 +434,8 @@ void KernelLifecycle::on_credentials(const std::string& user) {
 
 void KernelLifecycle::detach() {
   shutting_down_ = true;
-  for (auto& [id, k] : kernels_) persist(k);
-  for (const auto& alloc : allocations_) persist(*alloc);
+  for (const auto& [id, k] : kernels_) persist(k);
+  for (const auto& alloc : allocations_) persist(*alloc);  // parked ones too
   detached_ = true;
   spdlog::info(
       "stopping with {} allocation(s) left running (bridge.on_stop = keep-kernels): "

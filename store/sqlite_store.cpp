@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <ctime>
@@ -107,6 +108,38 @@ class Statement {
   int bound_ = 0;
 };
 
+// The first column of the last row a query returns (counts, PRAGMA values).
+std::int64_t query_int(sqlite3* db, const std::string& path, const char* sql) {
+  Statement s(db, path, sql);
+  std::int64_t value = 0;
+  while (s.step()) value = s.integer(0);
+  return value;
+}
+
+// What PRAGMA quick_check finds, "; "-separated; empty when the file is sound. Throws StoreError
+// when the file cannot even be read that far.
+std::string integrity_problems(sqlite3* db, const std::string& path) {
+  Statement check(db, path, "PRAGMA quick_check(5)");
+  std::string problems;
+  while (check.step()) {
+    const std::string line = check.text(0);
+    if (line != "ok") problems += (problems.empty() ? "" : "; ") + line;
+  }
+  return problems;
+}
+
+// Why an existing file cannot hold link secrets: not a regular file, or others may read or write
+// it. Empty when it can.
+std::string private_file_problem(const std::string& path, const struct stat& st) {
+  if (!S_ISREG(st.st_mode)) return "state database " + path + " is not a regular file";
+  if ((st.st_mode & 077) == 0) return "";
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+  return "state database " + path + " has mode " + mode +
+         ", but it holds link secrets: only the service account may read it (chmod 600 " + path +
+         ")";
+}
+
 std::string utc_stamp() {
   std::time_t now = std::time(nullptr);
   std::tm tm{};
@@ -127,17 +160,7 @@ void prepare_file(const std::string& path) {
   }
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0) {
-    if (!S_ISREG(st.st_mode)) {
-      throw StoreError("state database " + path + " is not a regular file");
-    }
-    if ((st.st_mode & 077) != 0) {
-      char mode[8];
-      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-      throw StoreError("state database " + path + " has mode " + mode +
-                       ", but it holds link secrets: only the service account may read it "
-                       "(chmod 600 " +
-                       path + ")");
-    }
+    if (auto problem = private_file_problem(path, st); !problem.empty()) throw StoreError(problem);
     return;
   }
   const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
@@ -182,20 +205,15 @@ class SqliteStore final : public Store {
                        "knows up to " + std::to_string(kSchemaVersion) +
                        "): run that version, or start empty");
     }
-    if (version == 0) {
-      if (count_tables() != 0) {
-        throw Unreadable("state database " + path_ +
-                         " has tables but no schema version: it is not kernel-bridge's");
-      }
+    if (version == 0 && count_tables() != 0) {
+      throw Unreadable("state database " + path_ +
+                       " has tables but no schema version: it is not kernel-bridge's");
+    }
+    if (version < kSchemaVersion) {
       transaction([&] {
-        exec(kSchema1);
-        for (const auto& [from, sql] : kMigrations) exec(sql);
-        exec("PRAGMA user_version=" + std::to_string(kSchemaVersion));
-      });
-    } else if (version < kSchemaVersion) {
-      transaction([&] {
+        if (version == 0) exec(kSchema1);  // a new file starts at schema 1, then migrates
         for (const auto& [from, sql] : kMigrations) {
-          if (from >= version) exec(sql);
+          if (from >= std::max(version, 1)) exec(sql);
         }
         exec("PRAGMA user_version=" + std::to_string(kSchemaVersion));
       });
@@ -317,14 +335,9 @@ class SqliteStore final : public Store {
   }
 
   void check_integrity() {
-    Statement check(db_, path_, "PRAGMA quick_check(5)");
     std::string problems;
     try {
-      while (check.step()) {
-        std::string line = check.text(0);
-        if (line == "ok") continue;
-        problems += (problems.empty() ? "" : "; ") + line;
-      }
+      problems = integrity_problems(db_, path_);
     } catch (const StoreError& e) {
       throw Unreadable(e.what());
     }
@@ -333,18 +346,11 @@ class SqliteStore final : public Store {
     }
   }
 
-  int user_version() {
-    Statement s(db_, path_, "PRAGMA user_version");
-    int version = 0;
-    while (s.step()) version = static_cast<int>(s.integer(0));
-    return version;
-  }
+  int user_version() { return static_cast<int>(query_int(db_, path_, "PRAGMA user_version")); }
 
   int count_tables() {
-    Statement s(db_, path_, "SELECT count(*) FROM sqlite_master WHERE type = 'table'");
-    int n = 0;
-    while (s.step()) n = static_cast<int>(s.integer(0));
-    return n;
+    return static_cast<int>(
+        query_int(db_, path_, "SELECT count(*) FROM sqlite_master WHERE type = 'table'"));
   }
 
   void prepare() {
@@ -415,17 +421,8 @@ SqliteInspection inspect_sqlite_store(const std::string& path) {
     return out;
   }
   out.exists = true;
-  if (!S_ISREG(st.st_mode)) {
-    out.problem = "not a regular file";
-    return out;
-  }
-  if ((st.st_mode & 077) != 0) {
-    char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    out.problem =
-        std::string("mode ") + mode + ": others may read the link secrets in it (chmod 600)";
-    return out;
-  }
+  out.problem = private_file_problem(path, st);
+  if (!out.problem.empty()) return out;
   sqlite3* db = nullptr;
   const std::string uri = "file:" + path + "?mode=ro";
   if (sqlite3_open_v2(uri.c_str(), &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, nullptr) !=
@@ -435,24 +432,14 @@ SqliteInspection inspect_sqlite_store(const std::string& path) {
     return out;
   }
   sqlite3_busy_timeout(db, 2000);
-  auto count = [&](const char* sql) {
-    Statement s(db, path, sql);
-    std::int64_t n = 0;
-    while (s.step()) n = s.integer(0);
-    return static_cast<int>(n);
-  };
+  auto count = [&](const char* sql) { return static_cast<int>(query_int(db, path, sql)); };
   try {
     out.schema_version = count("PRAGMA user_version");
     if (out.schema_version > kSchemaVersion) {
       out.problem = "schema version " + std::to_string(out.schema_version) +
                     ", written by a newer kernel-bridge";
     } else if (out.schema_version >= 1) {
-      std::string problems;
-      Statement check(db, path, "PRAGMA quick_check(3)");
-      while (check.step()) {
-        if (check.text(0) != "ok") problems += (problems.empty() ? "" : "; ") + check.text(0);
-      }
-      if (!problems.empty()) {
+      if (auto problems = integrity_problems(db, path); !problems.empty()) {
         out.problem = "corrupt: " + problems;
       } else {
         out.allocations = count("SELECT count(*) FROM allocations");
