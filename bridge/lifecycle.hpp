@@ -72,6 +72,12 @@ struct LifecycleOptions {
   store::Store* store = nullptr;
 };
 
+// One allocation's link as a previous process handed it over (planned restart, docs/state.md).
+struct HandedOver {
+  std::string allocation_id;
+  tunnel::HubHandover link;
+};
+
 // What restore() found in the store.
 struct RestoreSummary {
   int reattaching = 0;  // kernels whose agent the bridge reconnects to
@@ -79,6 +85,7 @@ struct RestoreSummary {
   int ended = 0;        // kernels that could not be restored (reason in their view)
   int kept_ended = 0;   // kernels that had ended before, listed again until their retention
   int parked = 0;       // allocations without a kernel, kept for the restart grace
+  int handed_over = 0;  // of the re-attaching: taken over from the previous process, link resumed
 };
 
 class KernelLifecycle final : public KernelService {
@@ -111,12 +118,20 @@ class KernelLifecycle final : public KernelService {
   // back. The hub-side endpoints listen on the same ports, the link reconnects to the same agent
   // (which kept the kernel) and the job is watched again once its owner's token is pushed.
   // Throws store::StoreError for a record it cannot read (serve then refuses to start).
-  RestoreSummary restore(const store::Snapshot& snapshot);
+  // `handed_over`: links the previous process handed over (planned restart): those kernels take
+  // them (listeners, client connections, the same link session) instead of listening anew;
+  // descriptors of one without a live allocation in the store are closed.
+  RestoreSummary restore(const store::Snapshot& snapshot, std::vector<HandedOver> handed_over = {});
 
   // Bridge stop that keeps the kernels (bridge.on_stop = "keep-kernels"): refuses new kernels,
   // records every kernel and allocation as they are, and closes every link; agents keep their
   // kernels for the next bridge. No kernel is ended, no job aborted.
   void detach();
+  // Planned restart: detach(), but first every link is quiesced (nothing in flight either way)
+  // and handed over; `done` gets those that could be (a link that could not — e.g. down with
+  // frames unacknowledged — is closed as detach() closes it, and re-attaches with a new session).
+  void hand_over(std::chrono::milliseconds timeout,
+                 std::function<void(std::vector<HandedOver>)> done);
 
   std::size_t live_allocations() const { return allocations_.size(); }
 
@@ -203,7 +218,8 @@ class KernelLifecycle final : public KernelService {
   AllocPtr read_allocation(const store::AllocationRecord& record);
   void restore_kernel(const store::KernelRecord& record, KernelView view, const AllocPtr& alloc,
                       RestoreSummary& summary);
-  void reattach(const AllocPtr& alloc, Kernel* k);
+  void reattach(const AllocPtr& alloc, Kernel* k, std::optional<tunnel::HubHandover> handover);
+  static void close_handover(const tunnel::HubHandover& handover);
   void resume_job(const AllocPtr& alloc);
   void on_credentials(const std::string& user);
 

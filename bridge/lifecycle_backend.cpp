@@ -178,7 +178,8 @@ class SshKernelLink final : public KernelLink {
         });
     std::array<std::uint16_t, tunnel::kChannelKinds> bound{};
     try {
-      bound = hub_->listen().ports;
+      bound = spec_.handover ? hub_->adopt(*spec_.handover).ports : hub_->listen().ports;
+      spec_.handover.reset();  // its descriptors are the HubKernel's now
       hub_->start();
     } catch (const std::exception& e) {
       hub_.reset();
@@ -197,6 +198,14 @@ class SshKernelLink final : public KernelLink {
 
   void interrupt() override {
     if (hub_) hub_->interrupt();
+  }
+
+  void quiesce(std::chrono::milliseconds timeout, HandoverDone done) override {
+    if (!hub_) {
+      done(std::nullopt, "the kernel does not listen");
+      return;
+    }
+    hub_->quiesce(timeout, std::move(done));
   }
   void restart() override {
     if (hub_) hub_->restart();

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -101,7 +102,13 @@ struct LinkSpec {
   const SiteConfig* site = nullptr;
   HubConnection connection;  // hub-side endpoints and the Jupyter key
   kb::auth::LinkSecret secret;
+  // Set when a previous process handed this kernel over (planned restart): listen() takes its
+  // listeners and link session instead of binding new ones. Its descriptors are the link's.
+  std::optional<tunnel::HubHandover> handover;
 };
+
+using HandoverDone =
+    std::function<void(std::optional<tunnel::HubHandover>, const std::string& why_not)>;
 
 // Bytes the kernel's streams carried, from the link's counters.
 struct LinkTraffic {
@@ -132,6 +139,9 @@ class KernelLink {
   virtual void shutdown(std::function<void()> done) = 0;
   // Closes the listeners and the link now.
   virtual void close(const std::string& reason) = 0;
+  // Planned restart: stop accepting, quiesce the link and hand it over
+  // (tunnel::HubKernel::quiesce). On failure the link is left for close().
+  virtual void quiesce(std::chrono::milliseconds timeout, HandoverDone done) = 0;
   virtual LinkTraffic traffic() const = 0;
   virtual std::string login_host() const = 0;  // "host:port" the link goes through, for people
 };

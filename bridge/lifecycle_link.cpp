@@ -68,6 +68,14 @@ void KernelLifecycle::on_link_up(const AllocPtr& alloc, Kernel* k) {
       ++k->view.link_reconnects;
       progress(*k, "link to the agent re-established");
     }
+  } else if (alloc->handed_over) {
+    // The session the previous process handed over resumed: the kernel runs, nothing was lost.
+    alloc->reattached = false;
+    alloc->set_phase(AllocationPhase::serving);
+    alloc->connect_timer.cancel();
+    if (k)
+      progress(*k, "re-attached: the link session resumed, the kernel runs on " +
+                       (alloc->node.empty() ? std::string("the compute node") : alloc->node));
   } else if (k) {
     progress(*k, alloc->reattached ? "link to the agent is up again; asking it what runs"
                                    : "link to the agent is up; the kernel is starting");

@@ -117,6 +117,8 @@ struct KernelLifecycle::Allocation {
   // Restored from the store at start-up: the agent is asked what runs rather than to start a
   // kernel, and the job is watched again once its owner's UNICORE token is there.
   bool reattached = false;
+  // Its link was handed over by the previous process: the same session resumes, the kernel runs.
+  bool handed_over = false;
   // Watching the job (and reading the discovery file) waits for the owner's token: after a
   // restart the bridge has none until JupyterHub pushes one (tokens are never stored).
   bool awaiting_token = false;

@@ -4,6 +4,7 @@
 // once the owner's UNICORE token is pushed (tokens are never stored) — and detach() stops the
 // bridge without ending any kernel.
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 #include <boost/asio/post.hpp>
 
 #include <nlohmann/json.hpp>
@@ -13,6 +14,8 @@
 #include "bridge/lifecycle_state.hpp"
 
 namespace kb::bridge {
+
+namespace asio = boost::asio;
 
 namespace {
 
@@ -197,7 +200,8 @@ void KernelLifecycle::unpersist(const Kernel& k) {
 // ------------------------------------------------------------------------------------------------
 // Restoring
 
-RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
+RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot,
+                                        std::vector<HandedOver> handed_over) {
   // Every record is read first: one that cannot be read refuses the start (StoreError) before
   // anything is changed, in memory or in the file.
   std::vector<AllocPtr> read_allocations;
@@ -215,6 +219,8 @@ RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
   }
 
   RestoreSummary summary;
+  std::map<std::string, tunnel::HubHandover> handovers;  // by allocation id
+  for (auto& h : handed_over) handovers.emplace(h.allocation_id, std::move(h.link));
   std::map<std::string, AllocPtr> restored;  // by id
   for (auto& alloc : read_allocations) {
     if (!alloc->site) {
@@ -247,7 +253,22 @@ RestoreSummary KernelLifecycle::restore(const store::Snapshot& snapshot) {
       ++summary.parked;
       park(alloc);
     }
-    reattach(alloc, k);
+    std::optional<tunnel::HubHandover> handover;
+    if (auto h = handovers.find(id); h != handovers.end()) {
+      if (alloc->phase >= AllocationPhase::connecting) {
+        handover = std::move(h->second);
+        ++summary.handed_over;
+      }
+      handovers.erase(h);
+    }
+    reattach(alloc, k, std::move(handover));
+  }
+  for (auto& [id, h] : handovers) {
+    spdlog::warn(
+        "[{}] the previous process handed over a link for allocation {}, which the state "
+        "database does not list as live; its connections are closed",
+        id, id);
+    close_handover(h);
   }
   if (!credentials_subscription_) {
     std::weak_ptr<bool> alive = alive_;
@@ -354,12 +375,15 @@ void KernelLifecycle::restore_kernel(const store::KernelRecord& r, KernelView vi
 
 // The link opens on the recorded ports and reconnects to the recorded agent; the job is watched
 // again when its owner's token is there.
-void KernelLifecycle::reattach(const AllocPtr& alloc, Kernel* k) {
+void KernelLifecycle::reattach(const AllocPtr& alloc, Kernel* k,
+                               std::optional<tunnel::HubHandover> handover) {
   LinkSpec spec;
   spec.kernel_id = alloc->log_id;
   spec.site = alloc->site;
   spec.connection = alloc->connection;
   spec.secret = alloc->secret;
+  const bool taken_over = handover.has_value();
+  spec.handover = std::move(handover);
   alloc->link = open_link(alloc, spec);
   try {
     alloc->link->listen();
@@ -368,11 +392,21 @@ void KernelLifecycle::reattach(const AllocPtr& alloc, Kernel* k) {
     end_attached(alloc, EndCause::link_failed,
                  std::string("the bridge restarted and cannot listen on the kernel's hub-side "
                              "ports again: ") +
-                     e.what() + "; another program took them");
+                     e.what() + (taken_over ? "" : "; another program took them"));
     return;
   }
+  if (taken_over) {
+    // The kernel ran when the previous process stopped; the same link session resumes.
+    alloc->handed_over = true;
+    alloc->kernel_running = true;
+  }
   if (alloc->phase >= AllocationPhase::connecting) {
-    if (k) {
+    if (taken_over && k) {
+      progress(*k,
+               "the bridge restarted in place: it took over the kernel's connections and "
+               "resumes the link session with the agent at " +
+                   alloc->agent.host + ":" + std::to_string(alloc->agent.port));
+    } else if (k) {
       progress(*k, "the bridge restarted: re-attaching to the agent at " + alloc->agent.host + ":" +
                        std::to_string(alloc->agent.port) + " via " + alloc->link->login_host());
     }
@@ -431,6 +465,62 @@ void KernelLifecycle::on_credentials(const std::string& user) {
 
 // ------------------------------------------------------------------------------------------------
 // Stopping without ending
+
+void KernelLifecycle::close_handover(const tunnel::HubHandover& h) {
+  for (int fd : h.listeners) {
+    if (fd >= 0) ::close(fd);
+  }
+  for (const auto& st : h.link.streams) {
+    if (st.fd >= 0) ::close(st.fd);
+  }
+}
+
+void KernelLifecycle::hand_over(std::chrono::milliseconds timeout,
+                                std::function<void(std::vector<HandedOver>)> done) {
+  shutting_down_ = true;
+  std::vector<AllocPtr> links;
+  for (const auto& alloc : allocations_) {
+    if (alloc->link && !alloc->link_dead && !alloc->releasing() &&
+        alloc->phase >= AllocationPhase::connecting) {
+      links.push_back(alloc);
+    }
+  }
+  struct Gather {
+    std::vector<HandedOver> taken;
+    std::size_t pending = 0;
+    std::function<void(std::vector<HandedOver>)> done;
+  };
+  auto gather = std::make_shared<Gather>();
+  gather->pending = links.size() + 1;  // +1: released once every quiesce has been asked
+  gather->done = std::move(done);
+  std::weak_ptr<bool> alive = alive_;
+  auto one_done = [this, gather, alive] {
+    if (--gather->pending != 0) return;
+    asio::post(io_, [this, gather, alive] {
+      if (alive.expired()) return;
+      spdlog::info("{} of {} kernel link(s) quiet and handed over", gather->taken.size(),
+                   allocations_.size());
+      detach();  // records everything; closes the links that could not be handed over
+      gather->done(std::move(gather->taken));
+    });
+  };
+  for (const auto& alloc : links) {
+    std::string id = alloc->log_id;
+    alloc->link->quiesce(timeout, [gather, one_done, id](std::optional<tunnel::HubHandover> h,
+                                                         const std::string& why) {
+      if (h) {
+        gather->taken.push_back({id, std::move(*h)});
+      } else {
+        spdlog::warn(
+            "[{}] its link cannot be handed over ({}): the next process re-attaches "
+            "it with a new link session, and what is in flight may be lost",
+            id, why);
+      }
+      one_done();
+    });
+  }
+  one_done();
+}
 
 void KernelLifecycle::detach() {
   shutting_down_ = true;

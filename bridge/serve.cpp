@@ -5,6 +5,8 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -19,6 +21,7 @@
 #include "bridge/lifecycle.hpp"
 #include "bridge/lifecycle_backend.hpp"
 #include "bridge/metrics.hpp"
+#include "bridge/process_handover.hpp"
 #include "common/text.hpp"
 #include "ssh/connection.hpp"
 #include "store/sqlite_store.hpp"
@@ -77,20 +80,29 @@ LifecycleOptions lifecycle_options_from(const BridgeConfig& config) {
   return options;
 }
 
+// How long a planned restart waits for each kernel's link to get quiet (docs/state.md).
+constexpr std::chrono::seconds kQuiesceTimeout{5};
+
 // SIGTERM/SIGINT: stop accepting; then shut every kernel down and abort its job, or (bridge.on_stop
-// = "keep-kernels") record them and leave them running for the next start; then leave. A second
-// one leaves at once (jobs not yet aborted end by the agent's no-bridge timeout).
+// = "keep-kernels") record them and leave them running for the next start — under systemd handing
+// every kernel's connections to its file-descriptor store, so the next process resumes them with
+// nothing lost; then leave. A second one leaves at once (jobs not yet aborted end by the agent's
+// no-bridge timeout).
+// SIGUSR2: restart in place (also to run an upgraded binary): hand every kernel's connections over
+// and execute the program again, same PID, same arguments.
 // SIGHUP: read api.tokens_file again (add or revoke TCP callers without touching the kernels).
 class SignalHandler {
  public:
   SignalHandler(boost::asio::io_context& io, ControlApi& api, KernelLifecycle& lifecycle,
-                tunnel::SshConnectionPool& pool, OnStop on_stop)
+                tunnel::SshConnectionPool& pool, OnStop on_stop, ExecSelf self)
       : on_stop_(on_stop),
+        self_(std::move(self)),
         io_(io),
         api_(api),
         lifecycle_(lifecycle),
         pool_(pool),
         signals_(io, SIGTERM, SIGINT, SIGHUP) {
+    signals_.add(SIGUSR2);
     wait();
   }
 
@@ -111,6 +123,33 @@ class SignalHandler {
       }
       return true;
     }
+    if (signal == SIGUSR2) {
+      if (stopping_) return true;
+      if (self_.path.empty() || ::access(self_.path.c_str(), X_OK) != 0) {
+        spdlog::error("SIGUSR2: cannot restart in place: {} cannot be executed; going on",
+                      self_.path.empty() ? std::string("this program") : self_.path);
+        return true;
+      }
+      stopping_ = true;
+      notify_service_manager("RELOADING=1\nSTATUS=restarting in place");
+      spdlog::info(
+          "SIGUSR2: restarting in place ({}); kernels and their connections are handed "
+          "over",
+          self_.path);
+      api_.stop();
+      lifecycle_.hand_over(kQuiesceTimeout, [this](std::vector<HandedOver> kernels) {
+        const auto package = encode_handover(kernels);
+        std::string error;
+        reexec_with(self_, package, error);
+        // Only on failure: the descriptors may be disturbed; exit, the next start re-attaches.
+        spdlog::critical(
+            "restart in place failed: {}; exiting (the next start re-attaches the "
+            "kernels)",
+            error);
+        std::_Exit(1);
+      });
+      return false;
+    }
     if (stopping_) {
       spdlog::warn("second signal ({}): exiting without waiting for the kernels' jobs", signal);
       io_.stop();
@@ -118,6 +157,28 @@ class SignalHandler {
     }
     stopping_ = true;
     api_.stop();
+    notify_service_manager("STOPPING=1");
+    if (on_stop_ == OnStop::keep_kernels && service_manager_present()) {
+      spdlog::info(
+          "signal {}: stopping; kernels, agents and jobs keep running, and their "
+          "connections are handed to the service manager for the next start",
+          signal);
+      lifecycle_.hand_over(kQuiesceTimeout, [this](std::vector<HandedOver> kernels) {
+        const auto package = encode_handover(kernels);
+        std::string error;
+        if (!kernels.empty() && !push_to_fdstore(package, error)) {
+          spdlog::error(
+              "could not hand the connections to the service manager ({}): the next "
+              "start re-attaches the kernels with new link sessions",
+              error);
+        }
+        for (int fd : package.fds) ::close(fd);
+        signals_.cancel();
+        pool_.shutdown_all();
+        io_.stop();
+      });
+      return true;
+    }
     if (on_stop_ == OnStop::keep_kernels) {
       spdlog::info("signal {}: stopping; kernels, agents and jobs keep running", signal);
       lifecycle_.detach();
@@ -137,6 +198,7 @@ class SignalHandler {
   }
 
   OnStop on_stop_;
+  ExecSelf self_;
   boost::asio::io_context& io_;
   ControlApi& api_;
   KernelLifecycle& lifecycle_;
@@ -180,6 +242,10 @@ store::SqliteOpened open_state(const BridgeConfig& config, const ServeOptions& o
 }  // namespace
 
 int run_serve(const ServeOptions& options) {
+  // First, before anything else takes descriptors: what a previous process handed over.
+  ExecSelf self = exec_self_now();
+  std::string handover_error;
+  std::vector<HandedOver> handed_over = receive_handover(handover_error);
   BridgeConfig config;
   try {
     config = load_config(options.config_file);
@@ -233,13 +299,15 @@ int run_serve(const ServeOptions& options) {
       std::make_unique<KernelLifecycle>(io, config, credentials, &metrics, backends,
                                         make_ssh_link_factory(io, pool), lifecycle_options);
   try {
-    const RestoreSummary restored = lifecycle->restore(snapshot);
+    if (!handover_error.empty()) spdlog::error("{}", handover_error);
+    const std::size_t offered = handed_over.size();
+    const RestoreSummary restored = lifecycle->restore(snapshot, std::move(handed_over));
     spdlog::info(
-        "state database {}: {} kernel(s) re-attaching, {} waiting for their job, "
-        "{} ended kernel(s) listed, {} allocation(s) kept for a restart, {} kernel(s) "
-        "could not be restored",
-        state.store->where(), restored.reattaching, restored.resumed, restored.kept_ended,
-        restored.parked, restored.ended);
+        "state database {}: {} kernel(s) re-attaching ({} of {} handed over by the previous "
+        "process, their link sessions resume), {} waiting for their job, {} ended kernel(s) "
+        "listed, {} allocation(s) kept for a restart, {} kernel(s) could not be restored",
+        state.store->where(), restored.reattaching, restored.handed_over, offered, restored.resumed,
+        restored.kept_ended, restored.parked, restored.ended);
   } catch (const store::StoreError& e) {
     std::fprintf(stderr, "kernel-bridge serve: %s\n", e.what());
     return 2;
@@ -259,7 +327,10 @@ int run_serve(const ServeOptions& options) {
                config.api.unix_socket.empty() ? std::string("TCP only") : config.api.unix_socket,
                format_duration(config.restart_grace));
 
-  auto signals = std::make_unique<SignalHandler>(io, *api, *lifecycle, pool, config.on_stop);
+  auto signals =
+      std::make_unique<SignalHandler>(io, *api, *lifecycle, pool, config.on_stop, std::move(self));
+  notify_service_manager("READY=1\nSTATUS=serving " + std::to_string(config.sites.size()) +
+                         " site(s)");
   ::signal(SIGPIPE, SIG_IGN);
   raise_descriptor_limit(config);
   run_until_stopped(io, metrics);

@@ -44,6 +44,12 @@ class ReplayBuffer {
   std::size_t bytes() const { return bytes_; }            // all frames held
   std::size_t unsent_bytes() const { return unsent_bytes_; }  // frames after the cursor
 
+  // An empty buffer whose next frame gets `seq` (a session handed over by a previous process goes
+  // on numbering where it stopped). Only while nothing is held.
+  void continue_at(std::uint64_t seq) {
+    if (bytes_ != 0 || seq == 0) return;
+    front_seq_ = cursor_seq_ = next_seq_ = seq;
+  }
   // Frees every frame with seq <= upto (callers validate acked() <= upto <= sent()).
   void ack(std::uint64_t upto);
   // After a resume: frees frames <= upto and moves the cursor to the first frame after it.

@@ -8,7 +8,12 @@
 #include <cstring>
 #include <deque>
 #include <optional>
+#include <stdexcept>
 #include <unordered_map>
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "common/clock.hpp"
 #include "link/frame.hpp"
@@ -152,7 +157,8 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
         real_clock_(opts_.clock ? nullptr : std::make_unique<kb::AsioClock>(io)),
         clock_(opts_.clock ? *opts_.clock : *real_clock_),
         ack_timer_(clock_),
-        tick_timer_(clock_) {
+        tick_timer_(clock_),
+        quiet_timer_(clock_) {
     opts_.max_chunk = std::clamp<std::size_t>(opts_.max_chunk, 1, frame::kMaxDataPayload);
     opts_.stream_window = std::clamp<std::size_t>(opts_.stream_window, 1024, 1u << 30);
     opts_.replay_limit = std::max<std::size_t>(opts_.replay_limit, 2 * opts_.max_chunk);
@@ -309,6 +315,86 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     }
   }
 
+  // ---- handover (planned restart) -------------------------------------------------------------
+
+  void quiesce(std::chrono::milliseconds timeout,
+               std::function<void(std::optional<LinkHandover>, const std::string&)> done) {
+    if (role_ != LinkSession::Role::bridge || state_ == LinkState::closed || quiesce_done_) {
+      done(std::nullopt, state_ == LinkState::closed ? "the link is closed: " + closed_reason_
+                                                     : std::string("not a bridge-side session"));
+      return;
+    }
+    spdlog::info("{} quiescing for a handover (replay {} bytes, {} streams)", log_, replay_.bytes(),
+                 streams_.size());
+    draining_ = true;
+    for (auto& q : ready_) q.clear();
+    for (auto& [id, st] : streams_) st->queued = false;
+    quiesce_done_ = std::move(done);
+    quiesce_deadline_ = clock_.now() + timeout;
+    check_quiet();
+  }
+
+  // Throws std::invalid_argument for a handover that cannot be this side's (bad identities).
+  void adopt(const LinkHandover& h) {
+    SessionId self{}, peer{};
+    kb::auth::Bytes bytes;
+    if (!kb::auth::from_hex(h.self_id, bytes) || bytes.size() != self.size())
+      throw std::invalid_argument("handover: bad session id");
+    std::copy(bytes.begin(), bytes.end(), self.begin());
+    kb::auth::Bytes peer_bytes;
+    if (!kb::auth::from_hex(h.peer_id, peer_bytes) || peer_bytes.size() != peer.size())
+      throw std::invalid_argument("handover: bad peer session id");
+    std::copy(peer_bytes.begin(), peer_bytes.end(), peer.begin());
+    if (is_zero(peer)) throw std::invalid_argument("handover: no peer session id");
+    if (h.peer_window == 0 || h.next_seq == 0)
+      throw std::invalid_argument("handover: no window or sequence");
+    self_id_ = self;
+    peer_id_ = peer;
+    peer_window_ = h.peer_window;
+    ever_up_ = true;
+    state_ = LinkState::down;
+    replay_.continue_at(h.next_seq);
+    high_water_seq_ = h.next_seq - 1;
+    last_received_ = acked_sent_ = h.last_received;
+    next_stream_id_ = h.next_stream_id;
+    for (const auto& hs : h.streams) {
+      auto st = std::make_shared<LinkStream>(hs.id, hs.kind);
+      st->answered = true;
+      st->credit = std::min<std::uint64_t>(hs.credit, peer_window_);
+      st->credit_to_return = hs.credit_to_return;
+      st->read_eof = hs.read_eof;
+      st->peer_fin = hs.peer_fin;
+      st->shut_down = hs.shut_down;
+      streams_.emplace(hs.id, st);
+      ++stats_.streams_opened;
+      sockaddr_storage addr{};
+      socklen_t len = sizeof(addr);
+      boost::system::error_code ec;
+      tcp::socket socket(io_);
+      if (hs.fd < 0 || ::getsockname(hs.fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+          (addr.ss_family != AF_INET && addr.ss_family != AF_INET6)) {
+        ec = asio::error::bad_descriptor;
+      } else {
+        socket.assign(addr.ss_family == AF_INET ? tcp::v4() : tcp::v6(), hs.fd, ec);
+      }
+      if (ec) {
+        if (hs.fd >= 0) ::close(hs.fd);
+        // The agent closes its end on the resume.
+        reset_stream(st, "the handed-over connection is unusable: " + ec.message());
+        continue;
+      }
+      prepare_socket(socket);
+      st->socket.emplace(std::move(socket));
+      make_ready(*st);
+      maybe_finish(st);
+    }
+    spdlog::info(
+        "{} session {} taken over from the previous process: {} streams, next frame {}, "
+        "delivered up to {}; resuming with the agent",
+        log_, hex_id(self_id_), streams_.size(), h.next_seq, h.last_received);
+    pump();
+  }
+
   LinkState state() const { return state_; }
 
   LinkSession::Stats stats() const {
@@ -323,6 +409,74 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
  private:
   static constexpr std::size_t kMaxCandidates = 8;
 
+  // Quiet means: nothing waiting for or being written to a local socket, and nothing of ours
+  // unacknowledged (credit returned by those writes included).
+  void check_quiet() {
+    if (!quiesce_done_) return;
+    bool writing = false;
+    for (const auto& [id, st] : streams_) {
+      if (st->write_in_flight || !st->pending.empty()) writing = true;
+    }
+    if (!writing && replay_.bytes() == 0) {
+      finish_quiesce();
+      return;
+    }
+    if (state_ == LinkState::closed || clock_.now() >= quiesce_deadline_) {
+      auto done = std::move(quiesce_done_);
+      quiesce_done_ = nullptr;
+      const std::string why = state_ == LinkState::closed
+                                  ? "the link closed: " + closed_reason_
+                                  : std::string("not quiet in time: ") +
+                                        std::to_string(replay_.bytes()) +
+                                        " bytes unacknowledged by the agent" +
+                                        (writing ? ", writes to local sockets pending" : "") +
+                                        " (link " + to_string(state_) + ")";
+      spdlog::warn("{} handover not possible: {}", log_, why);
+      done(std::nullopt, why);
+      return;
+    }
+    quiet_timer_.wait(std::chrono::milliseconds(5), [weak = weak_from_this()] {
+      if (auto self = weak.lock()) self->check_quiet();
+    });
+  }
+
+  void finish_quiesce() {
+    auto done = std::move(quiesce_done_);
+    quiesce_done_ = nullptr;
+    LinkHandover h;
+    h.self_id = hex_id(self_id_);
+    h.peer_id = hex_id(peer_id_);
+    h.peer_window = peer_window_;
+    h.next_seq = replay_.next_seq();
+    h.last_received = last_received_;
+    h.next_stream_id = next_stream_id_;
+    for (const auto& [id, st] : streams_) {
+      if (st->closed || !st->socket) continue;
+      const int fd = ::fcntl(st->socket->native_handle(), F_DUPFD_CLOEXEC, 3);
+      if (fd < 0) {
+        const std::string why =
+            std::string("cannot duplicate a stream's socket: ") + std::strerror(errno);
+        for (const auto& taken : h.streams) ::close(taken.fd);
+        spdlog::warn("{} handover not possible: {}", log_, why);
+        done(std::nullopt, why);
+        return;
+      }
+      h.streams.push_back({st->id, st->kind, st->credit, st->credit_to_return, st->read_eof,
+                           st->peer_fin, st->shut_down, fd});
+    }
+    std::sort(h.streams.begin(), h.streams.end(),
+              [](const auto& a, const auto& b) { return a.id < b.id; });
+    spdlog::info(
+        "{} quiet: handing over session {} ({} streams, next frame {}, delivered up to "
+        "{}); the agent keeps the session for the resume",
+        log_, h.self_id, h.streams.size(), h.next_seq, h.last_received);
+    // No GOODBYE: the agent must keep this session for the next process.
+    if (current_) retire(current_);
+    current_.reset();
+    enter_closed("handed over to the next process", true);
+    done(std::move(h), {});
+  }
+
   // ---- streams --------------------------------------------------------------------------------
 
   void prepare_socket(tcp::socket& socket) {
@@ -332,7 +486,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
   }
 
   bool can_read(const LinkStream& s) const {
-    return s.socket && !s.closed && !s.read_eof && s.credit > 0 && !s.armed;
+    return s.socket && !s.closed && !s.read_eof && s.credit > 0 && !s.armed && !draining_;
   }
 
   void make_ready(LinkStream& s) {
@@ -794,6 +948,9 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
           return;
       }
     }
+    // Quiescing for a handover: the peer's frames are left to it (unacknowledged, it keeps them)
+    // and go to the next process after the resume, so what was delivered here stays final.
+    if (draining_) return;
     if (h.seq != last_received_ + 1) {
       protocol_error(slot, "out-of-order frame: expected sequence number " +
                                std::to_string(last_received_ + 1) + ", got " +
@@ -1002,6 +1159,7 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
     for (auto& q : ready_) q.clear();
     ack_timer_.cancel();
     tick_timer_.cancel();
+    quiet_timer_.cancel();
     state_ = LinkState::closed;
     if (!quiet && handlers_.on_state) handlers_.on_state(LinkState::closed, reason);
   }
@@ -1079,7 +1237,12 @@ class LinkSessionImpl : public std::enable_shared_from_this<LinkSessionImpl> {
   kb::Clock& clock_;
   kb::ClockTimer ack_timer_;
   kb::ClockTimer tick_timer_;
+  kb::ClockTimer quiet_timer_;
   Clock::time_point last_rx_{}, unacked_since_{};
+  // Quiescing for a handover: local sockets are not read, the peer's frames are not taken.
+  bool draining_ = false;
+  std::function<void(std::optional<LinkHandover>, const std::string&)> quiesce_done_;
+  Clock::time_point quiesce_deadline_{};
   bool ping_outstanding_ = false;
   std::uint64_t ping_counter_ = 0;
 
@@ -1098,6 +1261,31 @@ std::shared_ptr<LinkSession> LinkSession::create(asio::io_context& io, Role role
                                                std::move(handlers));
   s->impl_->start();
   return s;
+}
+
+std::shared_ptr<LinkSession> LinkSession::resume_handed_over(asio::io_context& io,
+                                                             kb::auth::LinkSecret secret,
+                                                             Options options, Handlers handlers,
+                                                             const LinkHandover& handover) {
+  std::shared_ptr<LinkSession> s(new LinkSession());
+  s->impl_ = std::make_shared<LinkSessionImpl>(io, Role::bridge, std::move(secret),
+                                               std::move(options), std::move(handlers));
+  try {
+    s->impl_->adopt(handover);
+  } catch (...) {
+    for (const auto& st : handover.streams) {
+      if (st.fd >= 0) ::close(st.fd);
+    }
+    throw;
+  }
+  s->impl_->start();
+  return s;
+}
+
+void LinkSession::quiesce(
+    std::chrono::milliseconds timeout,
+    std::function<void(std::optional<LinkHandover>, const std::string& why_not)> done) {
+  impl_->quiesce(timeout, std::move(done));
 }
 
 LinkSession::~LinkSession() {

@@ -14,7 +14,9 @@
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "auth/secret.hpp"
 #include "common/clock.hpp"
@@ -38,6 +40,28 @@ enum class LinkState { connecting, up, down, closed };
 const char* to_string(LinkState state);
 
 class LinkSessionImpl;
+
+// What a bridge-side session hands to the process that replaces it (a planned restart,
+// docs/state.md): its identity and sequence state and every open stream with its local socket's
+// descriptor, so the new process resumes the same session with the agent and every Jupyter client
+// connection goes on as if nothing happened. Taken only once the session is quiet: nothing is
+// waiting to be written to a local socket and the agent has acknowledged everything sent to it.
+struct LinkHandover {
+  struct Stream {
+    std::uint32_t id = 0;
+    ChannelKind kind = ChannelKind::shell;
+    std::uint64_t credit = 0;            // bytes this side may still send on it
+    std::uint64_t credit_to_return = 0;  // written to the socket, not yet credited back
+    bool read_eof = false, peer_fin = false, shut_down = false;
+    int fd = -1;  // the local socket (owned by the holder of this object)
+  };
+  std::string self_id, peer_id;  // 32 hex digits each
+  std::uint32_t peer_window = 0;
+  std::uint64_t next_seq = 1;       // the seq this side's next frame gets
+  std::uint64_t last_received = 0;  // the peer's frames up to here were delivered
+  std::uint32_t next_stream_id = 1;
+  std::vector<Stream> streams;
+};
 
 class LinkSession : public std::enable_shared_from_this<LinkSession> {
  public:
@@ -104,6 +128,14 @@ class LinkSession : public std::enable_shared_from_this<LinkSession> {
   static std::shared_ptr<LinkSession> create(boost::asio::io_context& io, Role role,
                                              kb::auth::LinkSecret secret, Options options,
                                              Handlers handlers);
+  // Bridge side: the session a previous process handed over (LinkSession::quiesce there). It
+  // starts down, with its streams reading their sockets again; the next attach_transport resumes
+  // the same session with the agent, which retransmits what the previous process did not take.
+  // The descriptors in `handover` are owned by the session from here on (closed on failure).
+  static std::shared_ptr<LinkSession> resume_handed_over(boost::asio::io_context& io,
+                                                         kb::auth::LinkSecret secret,
+                                                         Options options, Handlers handlers,
+                                                         const LinkHandover& handover);
   ~LinkSession();
   LinkSession(const LinkSession&) = delete;
   LinkSession& operator=(const LinkSession&) = delete;
@@ -128,6 +160,15 @@ class LinkSession : public std::enable_shared_from_this<LinkSession> {
 
   // Close every stream, tell the peer (best effort, GOODBYE with `reason`), state -> closed.
   void close(const std::string& reason);
+
+  // Bridge side, for a planned restart: stop reading the local sockets and stop taking the peer's
+  // frames (it keeps them for the resume), finish writing what was taken, and wait until the peer
+  // has acknowledged everything sent. Then `done` gets the handover (the descriptors are
+  // duplicates the caller owns) and the session is closed without a word to the peer, which waits
+  // for the resume. If it cannot get quiet within `timeout` (e.g. the link is down with frames
+  // unacknowledged), `done` gets nothing and a reason; the session stays usable for close().
+  void quiesce(std::chrono::milliseconds timeout,
+               std::function<void(std::optional<LinkHandover>, const std::string& why_not)> done);
 
   LinkState state() const;
   Stats stats() const;

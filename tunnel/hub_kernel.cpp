@@ -9,6 +9,11 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 namespace kb::tunnel {
 
@@ -123,6 +128,12 @@ const ConnectionInfo& HubKernel::listen() {
     if (info.port(kind) == 0) info.port(kind) = acceptor.local_endpoint().port();
   }
 
+  session_ = LinkSession::create(io_, LinkSession::Role::bridge, options_.secret, link_options(),
+                                 link_handlers());
+  return info;
+}
+
+LinkSession::Handlers HubKernel::link_handlers() {
   LinkSession::Handlers handlers;
   std::weak_ptr<HubKernel> weak = weak_from_this();
   handlers.on_control = [weak](const nlohmann::json& m) {
@@ -140,11 +151,114 @@ const ConnectionInfo& HubKernel::listen() {
     self->emit(hub_event::Error{message});
     self->schedule_retry(reason);
   };
+  return handlers;
+}
+
+LinkSession::Options HubKernel::link_options() const {
   auto link_options = options_.link;
   if (link_options.log_id.empty()) link_options.log_id = log_id_;
-  session_ = LinkSession::create(io_, LinkSession::Role::bridge, options_.secret, link_options,
-                                 std::move(handlers));
+  return link_options;
+}
+
+const ConnectionInfo& HubKernel::adopt(const HubHandover& handover) {
+  auto close_all = [&handover] {
+    for (int fd : handover.listeners) {
+      if (fd >= 0) ::close(fd);
+    }
+    for (const auto& st : handover.link.streams) {
+      if (st.fd >= 0) ::close(st.fd);
+    }
+  };
+  ConnectionInfo& info = options_.connection;
+  for (ChannelKind kind : kAllChannelKinds) {
+    auto i = static_cast<std::size_t>(kind);
+    const int fd = handover.listeners[i];
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    int listening = 0;
+    socklen_t optlen = sizeof(listening);
+    if (fd < 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+        (addr.ss_family != AF_INET && addr.ss_family != AF_INET6) ||
+        ::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening) {
+      for (auto& a : acceptors_) a.reset();
+      close_all();
+      throw HubKernelError("kernel " + std::to_string(options_.index) + ": the handed-over " +
+                           to_string(kind) + " listener is not a listening TCP socket");
+    }
+    auto& acceptor = acceptors_[i].emplace(io_);
+    error_code ec;
+    acceptor.assign(addr.ss_family == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6(), fd, ec);
+    if (ec) {
+      ::close(fd);
+      acceptors_[i].reset();
+      for (auto& a : acceptors_) a.reset();
+      close_all();
+      throw HubKernelError("kernel " + std::to_string(options_.index) + ": cannot take over the " +
+                           to_string(kind) + " listener: " + ec.message());
+    }
+    info.port(kind) = acceptor.local_endpoint().port();
+  }
+  try {
+    session_ = LinkSession::resume_handed_over(io_, options_.secret, link_options(),
+                                               link_handlers(), handover.link);
+  } catch (const std::exception& e) {
+    for (auto& a : acceptors_) a.reset();  // closes the listeners
+    throw HubKernelError("kernel " + std::to_string(options_.index) +
+                         ": cannot take over its link session: " + e.what());
+  }
+  start_sent_ = true;  // the kernel runs: the agent is not asked to start it
   return info;
+}
+
+void HubKernel::quiesce(
+    std::chrono::milliseconds timeout,
+    std::function<void(std::optional<HubHandover>, const std::string& why_not)> done) {
+  if (closed_ || !session_ || quiescing_) {
+    done(std::nullopt, closed_ ? "the kernel's link is closed" : "not listening");
+    return;
+  }
+  quiescing_ = true;
+  error_code ec;
+  for (auto& acceptor : acceptors_) {
+    if (acceptor) acceptor->cancel(ec);
+  }
+  retry_timer_.cancel();
+  std::weak_ptr<HubKernel> weak = weak_from_this();
+  session_->quiesce(
+      timeout, [weak, done](std::optional<LinkHandover> link, const std::string& why) {
+        auto self = weak.lock();
+        if (!self || !link) {
+          done(std::nullopt, self ? why : std::string("the kernel is gone"));
+          return;
+        }
+        HubHandover h;
+        h.link = std::move(*link);
+        for (std::size_t i = 0; i < kChannelKinds; ++i) {
+          auto& acceptor = self->acceptors_[i];
+          h.listeners[i] = acceptor ? ::fcntl(acceptor->native_handle(), F_DUPFD_CLOEXEC, 3) : -1;
+          if (h.listeners[i] < 0) {
+            for (int fd : h.listeners) {
+              if (fd >= 0) ::close(fd);
+            }
+            for (const auto& st : h.link.streams) ::close(st.fd);
+            done(std::nullopt, std::string("cannot duplicate a listener: ") + std::strerror(errno));
+            return;
+          }
+        }
+        // Handed over: closed here without a word to the agent and without a Closed event.
+        self->closed_ = true;
+        self->stable_timer_.cancel();
+        self->shutdown_timer_.cancel();
+        error_code ignored;
+        for (auto& acceptor : self->acceptors_) {
+          if (acceptor) acceptor->close(ignored);
+        }
+        for (auto& timer : self->accept_retry_) {
+          if (timer) timer->cancel();
+        }
+        spdlog::info("[{}] handed over to the next process", self->log_id_);
+        done(std::move(h), {});
+      });
 }
 
 void HubKernel::start() {
@@ -162,12 +276,13 @@ void HubKernel::start() {
 }
 
 void HubKernel::accept_next(std::size_t i) {
-  if (closed_ || !acceptors_[i]) return;
+  if (closed_ || quiescing_ || !acceptors_[i]) return;
   std::weak_ptr<HubKernel> weak = weak_from_this();
   acceptors_[i]->async_accept([weak, i](const error_code& ec, asio::ip::tcp::socket socket) {
     auto self = weak.lock();
     if (!self || self->closed_ || ec == asio::error::operation_aborted) return;
     auto kind = kAllChannelKinds[i];
+    if (self->quiescing_ && ec) return;
     if (ec) {
       bool exhausted = ec == asio::error::no_descriptors || ec.value() == ENFILE;
       auto delay = std::chrono::milliseconds(exhausted ? 500 : 50);
@@ -193,7 +308,7 @@ void HubKernel::accept_next(std::size_t i) {
 }
 
 void HubKernel::request_transport() {
-  if (closed_ || failed_permanently_ || attempt_in_flight_) return;
+  if (closed_ || failed_permanently_ || attempt_in_flight_ || quiescing_) return;
   attempt_in_flight_ = true;
   ++attempts_;
   std::weak_ptr<HubKernel> weak = weak_from_this();

@@ -93,6 +93,14 @@ struct TransportResult {
 };
 using TransportProvider = std::function<void(std::function<void(TransportResult)>)>;
 
+// What a HubKernel hands to the process that replaces it (planned restart): its five listening
+// sockets (indexed by ChannelKind) and its link session with every client connection. The
+// descriptors belong to whoever holds this.
+struct HubHandover {
+  std::array<int, kChannelKinds> listeners{-1, -1, -1, -1, -1};
+  LinkHandover link;
+};
+
 // A transport provider that connects over plain TCP to host:port (used with --direct).
 TransportProvider make_direct_provider(
     boost::asio::io_context& io, std::string host, std::uint16_t port,
@@ -125,9 +133,19 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   // info with the bound ports (chosen ones where 0 was given), so a caller that keeps a
   // connection file can rewrite it before anyone is told the kernel listens. Call once.
   const ConnectionInfo& listen();
-  // After listen(): reports Listening, starts accepting and asks the provider for the first
-  // transport.
+  // Instead of listen(): take the listeners and the link session a previous process handed over
+  // (the kernel runs; no start_kernel is sent). The ports are the listeners'. Throws
+  // HubKernelError for descriptors that are not listening TCP sockets (they are closed).
+  const ConnectionInfo& adopt(const HubHandover& handover);
+  // After listen() or adopt(): reports Listening, starts accepting and asks the provider for the
+  // first transport.
   void start();
+  // For a planned restart: stop accepting (new connections wait in the listen backlog for the
+  // next process), quiesce the link (LinkSession::quiesce) and hand everything over. On success
+  // this kernel is closed without a word to the agent and without a Closed event; on failure
+  // (`why_not`) it stops accepting but is otherwise untouched, for close().
+  void quiesce(std::chrono::milliseconds timeout,
+               std::function<void(std::optional<HubHandover>, const std::string& why_not)> done);
 
   // Commands to the agent (reliable: queued while the link is down).
   void interrupt();
@@ -147,6 +165,8 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   HubKernel(boost::asio::io_context& io, Options options, TransportProvider provider,
             EventSink events);
   void emit(const HubEvent& event);
+  LinkSession::Handlers link_handlers();
+  LinkSession::Options link_options() const;
   void accept_next(std::size_t kind);
   void request_transport();
   void schedule_retry(const std::string& why);
@@ -173,6 +193,7 @@ class HubKernel : public std::enable_shared_from_this<HubKernel> {
   bool failed_permanently_ = false;
   bool agent_terminating_ = false;
   bool shutting_down_ = false;
+  bool quiescing_ = false;
   std::function<void()> shutdown_done_;
   std::uint64_t attempts_ = 0;
 };

@@ -22,7 +22,7 @@ TUNNEL_KEYS = ["rtt_p50_us_direct", "rtt_p50_us_bridge", "rtt_p50_us_ssh", "rtt_
                "thr_mbps_ssh_down", "thr_mbps_link_nossh",
                "thr_mbps_link_nossh_down", "thr_mbps_ssh_relay", "thr_mbps_ssh_relay_down"]
 LIFECYCLE_KEYS = ["start_to_ready_ms", "restart_ms", "rtt_p50_us_bridge", "reattach_ms",
-                  "reattach_kernels", "planned_restart_lines"]
+                  "reattach_kernels", "planned_restart_lines", "stop_start_lines"]
 
 
 def run(argv, timeout):

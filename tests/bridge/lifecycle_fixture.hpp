@@ -142,7 +142,8 @@ struct LinkRecord {
   bool listening = false, closed = false, destroyed = false;
   std::string close_reason;
   std::optional<AgentAddress> agent;
-  int interrupts = 0, restarts = 0, shutdowns = 0;
+  int interrupts = 0, restarts = 0, shutdowns = 0, quiesces = 0;
+  bool refuse_quiesce = false;
 
   // An agent event, as the real link reports it (never after the link is gone).
   void emit(const LinkEvent& event) {
@@ -182,6 +183,17 @@ struct FakeLink final : KernelLink {
   }
   LinkTraffic traffic() const override { return {}; }
   std::string login_host() const override { return "login.example:22"; }
+  // Hands over descriptors -1 (nothing real to pass) unless told to refuse.
+  void quiesce(std::chrono::milliseconds, HandoverDone done) override {
+    ++r->quiesces;
+    if (r->refuse_quiesce) {
+      done(std::nullopt, "the fake link refuses");
+      return;
+    }
+    tunnel::HubHandover h;
+    h.link.self_id = "fake-session-of-" + r->spec.kernel_id;
+    done(std::move(h), {});
+  }
 
   std::shared_ptr<LinkRecord> r;
 };

@@ -83,6 +83,62 @@ TEST_F(LifecycleStoreTest, AReadyKernelIsReattachedToItsAgentOnTheSamePortsWithN
   EXPECT_EQ(view(id).state, KernelState::ready);
 }
 
+// A planned restart: the link is quiesced and handed over; the next lifecycle gives it to the new
+// link (which takes the listeners and session instead of listening anew) and the kernel is ready
+// as soon as the resumed link is up — no start_kernel, no "asking it what runs".
+TEST_F(LifecycleStoreTest, AHandedOverLinkIsGivenToTheNextProcessAndReadyOnItsFirstLinkUp) {
+  const std::string id = ready_kernel(request(51000, "the-key"));
+  std::optional<std::vector<HandedOver>> handed;
+  lifecycle->hand_over(std::chrono::seconds(5),
+                       [&](std::vector<HandedOver> h) { handed = std::move(h); });
+  run_until([&] { return handed.has_value(); });
+  EXPECT_EQ(link(0).quiesces, 1);
+  ASSERT_EQ(handed->size(), 1u);
+  const std::string alloc_id = handed->front().allocation_id;
+  EXPECT_EQ(handed->front().link.link.self_id, "fake-session-of-" + link(0).spec.kernel_id);
+
+  lifecycle.reset();
+  credentials.erase("alice");
+  opened.store.reset();
+  opened = store::open_sqlite_store(dir.file("state.db"));
+  store = opened.store.get();
+  make(std::chrono::seconds(30));
+  const RestoreSummary summary = lifecycle->restore(store->load(), std::move(*handed));
+  EXPECT_EQ(summary.reattaching, 1);
+  EXPECT_EQ(summary.handed_over, 1);
+  ASSERT_EQ(links.links.size(), 2u);
+  LinkRecord& again = link(1);
+  ASSERT_TRUE(again.spec.handover.has_value());
+  EXPECT_EQ(again.spec.handover->link.self_id, "fake-session-of-" + link(0).spec.kernel_id);
+  EXPECT_TRUE(has_progress(view(id), "the bridge restarted in place"));
+  EXPECT_EQ(view(id).state, KernelState::reconnecting);
+  again.emit(hub_event::LinkUp{});
+  run_until_state(id, KernelState::ready);
+  EXPECT_TRUE(has_progress(view(id), "re-attached: the link session resumed"));
+  EXPECT_EQ(view(id).link_reconnects, 0u);
+  // The agent's no-bridge timer is off: the kernel stays.
+  clock.advance(std::chrono::seconds(700));
+  EXPECT_EQ(view(id).state, KernelState::ready);
+  EXPECT_EQ(jobs.order.size(), 1u);
+}
+
+// A link that cannot get quiet is not handed over; it is closed as detach() closes it, and the
+// next process re-attaches it the ordinary way.
+TEST_F(LifecycleStoreTest, ALinkThatCannotBeQuiescedIsNotHandedOver) {
+  const std::string id = ready_kernel(request());
+  link(0).refuse_quiesce = true;
+  std::optional<std::vector<HandedOver>> handed;
+  lifecycle->hand_over(std::chrono::seconds(5),
+                       [&](std::vector<HandedOver> h) { handed = std::move(h); });
+  run_until([&] { return handed.has_value(); });
+  EXPECT_TRUE(handed->empty());
+  EXPECT_TRUE(link(0).closed);
+  const RestoreSummary summary = crash_and_restore();
+  EXPECT_EQ(summary.handed_over, 0);
+  EXPECT_FALSE(link(1).spec.handover.has_value());
+  EXPECT_TRUE(has_progress(view(id), "the bridge restarted: re-attaching"));
+}
+
 TEST_F(LifecycleStoreTest, AJobThatEndedWhileTheBridgeWasDownGetsItsRealReasonOnceATokenComes) {
   const std::string id = ready_kernel(request());
   crash_and_restore();

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,8 +70,31 @@ def main():
             out["stream"] = stream
             kernels = fs.kernels()
             out["kernel"] = kernels[0] if kernels else None
-            # `systemctl restart` with the kernel running (on_stop = "keep-kernels"): the same
-            # kernel, its variables, the same wrapper afterwards.
+            # `systemctl restart` with the kernel running (on_stop = "keep-kernels") and a print
+            # loop running across it: the connections go through systemd's file-descriptor store,
+            # so every number arrives once, in order, none lost; the same kernel, its variables,
+            # the same wrapper afterwards.
+            numbers, replies = [], []
+            loop_id = kc.execute("import time\nfor i in range(200):\n    print(i, flush=True)\n"
+                                 "    time.sleep(0.02)\n")
+
+            def collect():
+                deadline = time.time() + 60
+                while time.time() < deadline:
+                    try:
+                        m = kc.get_iopub_msg(timeout=0.5)
+                    except Exception:  # noqa: BLE001 (queue.Empty)
+                        continue
+                    if m["parent_header"].get("msg_id") != loop_id:
+                        continue
+                    if m["msg_type"] == "stream":
+                        numbers.extend(int(n) for n in m["content"]["text"].split())
+                    if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                        return
+
+            collector = threading.Thread(target=collect, daemon=True)
+            collector.start()
+            time.sleep(1.5)
             t1 = time.time()
             subprocess.run(["systemctl", "restart", "kernel-bridge"], check=True)
             fs.wait_api(ok=(200,))
@@ -78,6 +102,18 @@ def main():
             fs.wait_kernel(lambda k: k["id"] == kid and k["state"] == "ready", timeout=60,
                            what="the kernel re-attached after systemctl restart")
             out["reattach_s"] = round(time.time() - t1, 2)
+            collector.join(timeout=70)
+            try:
+                while True:
+                    m = kc.get_shell_msg(timeout=2)
+                    if m["parent_header"].get("msg_id") == loop_id:
+                        replies.append(m["content"]["status"])
+            except Exception:  # noqa: BLE001 (queue.Empty: no more replies)
+                pass
+            out["loop_numbers"] = len(numbers)
+            out["loop_in_order"] = numbers == sorted(set(numbers))
+            out["loop_lost"] = sorted(set(range(200)) - set(numbers))
+            out["loop_replies"] = replies
             out["wrapper_alive"] = km.is_alive()
             kc.stop_channels()
             kc = ready_client(km, timeout=60)

@@ -1,7 +1,9 @@
 """The bridge's own restart loses no kernel (issue "a bridge restart or crash loses no kernel"):
 a real jupyter_client KernelManager runs a kernel through the kernelspec wrapper, then
-`kernel-bridge serve` is (a) SIGKILLed and started again, (b) stopped with SIGTERM under
-bridge.on_stop = "keep-kernels" and started again. After each: the same kernel id, the same job
+`kernel-bridge serve` is (a) SIGKILLed and started again, (b) restarted in place (SIGUSR2: it
+hands every kernel's connections and link session to its next image — nothing in flight may be
+lost), (c) stopped with SIGTERM under bridge.on_stop = "keep-kernels" without a service manager to
+hold the connections, and started again. After each: the same kernel id, the same job
 (no new one on the site), the kernel's variables and process are the ones from before, the wrapper
 never exited (so Jupyter never saw a dead kernel and never restarted it), and the job is followed
 again once the hub pushes the user's token (tokens are memory only). Also: three kernels of two
@@ -15,6 +17,7 @@ note in docs/state.md says why a crash loses what was on the wire): every number
 arrives once and in order.
 """
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -74,10 +77,25 @@ class BridgeRestart(FrontSiteCase):
         self.fs.start_serve(config)
         return time.time() - t0
 
+    def usr2_serve(self):
+        """Restart in place: the same process executes itself again and takes its connections."""
+        self._starts = self.fs.tail("serve.log", 4000000).count("kernel-bridge serve: ")
+        self.fs.serve.send_signal(signal.SIGUSR2)
+
+    def wait_reexec(self, config=None):
+        t0 = time.time()
+        deadline = t0 + 60
+        while self.fs.tail("serve.log", 4000000).count("kernel-bridge serve: ") <= self._starts:
+            self.assertIsNone(self.fs.serve.poll(), "serve exited:\n" + self.fs.tail("serve.log"))
+            self.assertLess(time.time(), deadline, "serve did not come back")
+            time.sleep(0.05)
+        self.fs.wait_api(proc=self.fs.serve)
+        return time.time() - t0
+
     def site_jobs(self):
         return [j for j in self.fs.unicore_jobs()]
 
-    def survives(self, stop, config=None):
+    def survives(self, stop, config=None, restart=None):
         """A kernel with state, a print loop across `stop` + start; returns the loop's figures."""
         fs = self.fs
         km = self.new_km()
@@ -126,7 +144,7 @@ class BridgeRestart(FrontSiteCase):
         time.sleep(3)
         stop()
         alive_during = km.is_alive()
-        took = self.restart_serve(config)
+        took = (restart or self.restart_serve)(config)
         log(f"serve back up in {took:.1f} s")
 
         # Re-attached: the same kernel, never ended; the wrapper stayed (Jupyter saw no death).
@@ -165,7 +183,20 @@ class BridgeRestart(FrontSiteCase):
         got, lost, replies = self.survives(self.kill_serve)
         log(f"crash: {got} numbers delivered, {len(lost)} lost in flight, {replies} reply")
 
-    def test_planned_restart_keep_kernels(self):
+    def test_planned_restart_in_place_loses_nothing(self):
+        pid = self.fs.serve.pid
+        got, lost, replies = self.survives(self.usr2_serve, restart=self.wait_reexec)
+        log(f"restart in place: {got} numbers delivered, {len(lost)} lost, {replies} reply")
+        self.assertEqual(self.fs.serve.pid, pid)
+        log_text = self.fs.tail("serve.log", 4000000)
+        self.assertIn("SIGUSR2: restarting in place", log_text)
+        # Every live allocation was handed over (a parked one of an earlier test too).
+        handed = re.findall(r"\((\d+) of (\d+) handed over by the previous process", log_text)
+        self.assertTrue(handed and handed[-1][0] == handed[-1][1] != "0", handed)
+        self.assertEqual(lost, [], "numbers lost over a planned restart")
+        self.assertEqual(replies, 1, "the execute_reply did not arrive exactly once")
+
+    def test_stop_and_start_keep_kernels_without_a_service_manager(self):
         config = self.fs.write_config(path=os.path.join(self.fs.dir, "keep.toml"))
         with open(config) as f:
             text = f.read()
@@ -177,7 +208,8 @@ class BridgeRestart(FrontSiteCase):
         self.fs.push_token("root")
         try:
             got, lost, replies = self.survives(self.term_serve, config)
-            log(f"planned restart: {got} numbers delivered, {len(lost)} lost, {replies} reply")
+            log(f"stop + start without a service manager: {got} numbers delivered, "
+                f"{len(lost)} lost, {replies} reply")
             self.assertIn("kernels, agents and jobs keep running", self.fs.tail("serve.log", 400000))
         finally:
             self.fs.stop_all()

@@ -6,6 +6,9 @@
 #include <gtest/gtest.h>
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -970,6 +973,110 @@ TEST(LinkSession, InvalidControlJsonIsReportedAndTheLinkStaysUp) {
   EXPECT_EQ(p.agent_controls.size(), 1u);
   EXPECT_EQ(p.agent_controls[0]["type"], "interrupt");
   EXPECT_EQ(p.agent->state(), LinkState::up);
+}
+
+}  // namespace
+}  // namespace kb::tunnel
+
+// ---- handover to the next bridge process (planned restart) --------------------------------------
+
+namespace kb::tunnel {
+namespace {
+
+// A bridge process hands its session over mid-transfer: a new LinkSession made from the handover
+// (the same descriptors, as the next process gets them) resumes with the same agent session and
+// every client's bytes arrive exactly once, in order, both ways.
+TEST(LinkSessionHandover, ResumesInANewSessionObjectWithNothingLostOrDuplicated) {
+  LinkSession::Options opts;
+  opts.max_chunk = 16 * 1024;
+  LinkPair p(opts);
+  add_echo_kernels(p);
+  p.connect_pipe();
+  for (int i = 0; i < 5; ++i) {
+    auto data = pattern(4'000'000 + 7 * i, 700 + i);
+    p.open_client(kKinds[i], data, data, 40 + i);
+  }
+  // Mid-transfer: a client has had part of its echo, none all of it.
+  ASSERT_TRUE(run_until(p.io, [&] {
+    for (auto& c : p.clients) {
+      if (c->received >= 100'000) return true;
+    }
+    return false;
+  }));
+  for (auto& c : p.clients) ASSERT_FALSE(c->done || c->failed) << c->failure;
+  std::optional<LinkHandover> handover;
+  std::string why_not;
+  bool answered = false;
+  p.bridge->quiesce(std::chrono::seconds(10),
+                    [&](std::optional<LinkHandover> h, const std::string& why) {
+                      handover = std::move(h);
+                      why_not = why;
+                      answered = true;
+                    });
+  ASSERT_TRUE(run_until(p.io, [&] { return answered; }));
+  ASSERT_TRUE(handover) << why_not;
+  EXPECT_EQ(p.bridge->state(), LinkState::closed);
+  EXPECT_EQ(handover->self_id, p.bridge->session_id());
+  ASSERT_EQ(handover->streams.size(), 5u);
+  for (const auto& st : handover->streams) EXPECT_GE(st.fd, 3);
+  // Nothing more is delivered by the old process; the agent only sees its transport go.
+  const auto received_before = p.clients[0]->received;
+  ASSERT_TRUE(run_until(p.io, [&] { return p.agent->state() == LinkState::down; }));
+  EXPECT_EQ(p.clients[0]->received, received_before);
+  p.bridge.reset();
+
+  std::vector<std::pair<LinkState, std::string>> states;
+  LinkSession::Handlers bh;
+  bh.on_state = [&](LinkState s, const std::string& why) { states.push_back({s, why}); };
+  p.bridge = LinkSession::resume_handed_over(p.io, p.bridge_secret, opts, bh, *handover);
+  EXPECT_EQ(p.bridge->state(), LinkState::down);
+  EXPECT_EQ(p.bridge->session_id(), handover->self_id);
+  p.connect_pipe();
+  ASSERT_TRUE(run_until(
+      p.io, [&] { return p.all_clients_done() || p.any_client_failed(); }, 120));
+  ASSERT_TRUE(p.all_clients_done()) << p.client_failures();
+  ASSERT_FALSE(states.empty());
+  EXPECT_EQ(states.front().first, LinkState::up) << states.front().second;
+  for (auto& [s, why] : p.agent_states) EXPECT_NE(s, LinkState::closed) << why;
+  EXPECT_EQ(p.bridge->stats().resumes, 1u);
+}
+
+// Down with frames unacknowledged, a session cannot get quiet: no handover, a reason, and the
+// session can still be closed normally.
+TEST(LinkSessionHandover, QuiesceRefusesWhenTheAgentCannotAcknowledge) {
+  LinkPair p;
+  add_echo_kernels(p);
+  auto data = pattern(1000, 1);
+  p.open_client(ChannelKind::shell, data, data, 1);  // its OPEN waits for a transport
+  std::optional<LinkHandover> handover;
+  std::string why_not;
+  bool answered = false;
+  p.bridge->quiesce(std::chrono::milliseconds(100),
+                    [&](std::optional<LinkHandover> h, const std::string& why) {
+                      handover = std::move(h);
+                      why_not = why;
+                      answered = true;
+                    });
+  ASSERT_TRUE(run_until(p.io, [&] { return answered; }));
+  EXPECT_FALSE(handover);
+  EXPECT_NE(why_not.find("unacknowledged"), std::string::npos) << why_not;
+  p.bridge->close("test over");
+  EXPECT_EQ(p.bridge->state(), LinkState::closed);
+}
+
+TEST(LinkSessionHandover, AHandoverWithBadIdentitiesIsRefusedAndItsDescriptorsClosed) {
+  asio::io_context io;
+  LinkHandover h;
+  h.self_id = "not hex";
+  h.peer_id = std::string(32, 'a');
+  h.peer_window = 65536;
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  h.streams.push_back({1, ChannelKind::shell, 0, 0, false, false, false, fds[0]});
+  EXPECT_THROW(LinkSession::resume_handed_over(io, auth::LinkSecret::generate(), {}, {}, h),
+               std::invalid_argument);
+  EXPECT_EQ(::fcntl(fds[0], F_GETFD), -1);  // closed
+  ::close(fds[1]);
 }
 
 }  // namespace
