@@ -301,10 +301,55 @@ class BridgeRestart(FrontSiteCase):
                              text=True)
         self.assertEqual(out.stdout.strip(), "2", out.stderr)
 
+    def test_a_database_from_an_older_schema_is_migrated_and_its_kernel_reattached(self):
+        """The state database a previous kernel-bridge (schema 1: the secrets were columns of
+        allocations) left behind, with a live kernel in it: serve migrates it in place, says so,
+        and re-attaches the kernel with its variables."""
+        fs = self.fs
+        km = self.new_km()
+        start(km)
+        kc = ready_client(km, timeout=120)
+        kbtest.run_cell(kc, "old = 'schema one'")
+        kid = fs.live_kernels()[0]["id"]
+        self.kill_serve()
+        db = os.path.join(fs.dir, "bridge-state", "state.db")
+        downgrade = """
+ALTER TABLE allocations ADD COLUMN link_secret TEXT NOT NULL DEFAULT '';
+ALTER TABLE allocations ADD COLUMN jupyter_key TEXT NOT NULL DEFAULT '';
+ALTER TABLE allocations ADD COLUMN signature_scheme TEXT NOT NULL DEFAULT '';
+UPDATE allocations SET
+  link_secret = (SELECT link_secret FROM secrets s WHERE s.allocation_id = allocations.id),
+  jupyter_key = (SELECT jupyter_key FROM secrets s WHERE s.allocation_id = allocations.id),
+  signature_scheme = (SELECT signature_scheme FROM secrets s WHERE s.allocation_id = allocations.id);
+DROP TABLE secrets;
+PRAGMA user_version = 1;
+"""
+        subprocess.run(["sh", "-c", f"umask 077; sqlite3 '{db}'"], input=downgrade, text=True,
+                       check=True, timeout=60)
+        version = subprocess.run(["sqlite3", "-readonly", db, "PRAGMA user_version"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        self.assertEqual(version, "1")
+        self.restart_serve()
+        self.assertIn("migrated from schema 1 to 2", fs.tail("serve.log", 200000))
+        fs.push_token("root")
+        fs.wait_kernel(lambda k: k["id"] == kid and k["state"] == "ready", timeout=60,
+                       what="re-attached from the migrated file")
+        self.assertTrue(km.is_alive(), stderr_of(km))
+        reply, out, _ = kbtest.run_cell(kc, "print(old)", timeout=60)
+        self.assertEqual(out.strip(), "schema one")
+        version = subprocess.run(["sqlite3", "-readonly", db, "PRAGMA user_version"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        self.assertEqual(version, "2")
+        kc.stop_channels()
+        km.shutdown_kernel()
+        fs.wait_nothing_running(timeout=90)  # its allocation released: the next test starts clean
+
     def test_canary_token_and_link_secret_stay_where_documented(self):
         """A recognisable UNICORE token and link secret through a kernel's whole life (start,
-        Jupyter restart, crash + re-attach, shutdown): afterwards neither is in any log, any
-        process's argv or environment, or any file but those docs/state.md names."""
+        Jupyter restart, crash + re-attach, restart in place with the handover, shutdown):
+        afterwards neither is in any log, any process's argv or environment, or any file but
+        those docs/state.md names — in the run's directory and everywhere else a process of
+        this machine writes (/tmp, /var, /etc, /run, /root, /home, /dev/shm, /srv, /opt)."""
         fs = self.fs
         token = fs.tokens["root"]  # "tok-root-<12 hex>", unique to this run
         km = self.new_km()
@@ -325,6 +370,11 @@ class BridgeRestart(FrontSiteCase):
         fs.push_token("root")
         fs.wait_kernel(lambda k: k["state"] == "ready", timeout=60, what="re-attached")
         kbtest.run_cell(kc, "v = 2")
+        self.usr2_serve()  # the handover document passes through a memfd and LISTEN_FDS
+        self.wait_reexec()
+        fs.push_token("root")
+        fs.wait_kernel(lambda k: k["state"] == "ready", timeout=60, what="taken over")
+        kbtest.run_cell(kc, "v = 3")
         kc.stop_channels()
         km.shutdown_kernel()
         fs.wait_kernel(lambda k: k["state"] == "ended", timeout=60, what="ended")
@@ -364,6 +414,18 @@ class BridgeRestart(FrontSiteCase):
                     continue
                 found += [f"{what} in /proc/{pid}/{part}" for what, n in needles.items()
                           if n in data]
+        # Beyond the run's directory: every place a process here writes, by grep (text needles).
+        grep = subprocess.run(
+            ["grep", "-rlaF", "--no-messages", "-e", token, "-e", secret, "/tmp", "/var", "/etc",
+             "/run", "/root", "/home", "/dev/shm", "/srv", "/opt"],
+            capture_output=True, text=True, timeout=300)
+        for path in grep.stdout.split("\n"):
+            if not path or path in allowed or path.startswith(fs.dir + "/") and (
+                    os.path.basename(path) == "kernel-bridge-link.secret" and "/jobs/" in path):
+                continue
+            if path.startswith("/run/netns/") or path.startswith("/proc/"):
+                continue
+            found.append(f"token or link secret in {path}")
         self.assertEqual(found, [], "a canary leaked")
         self.assertFalse(os.path.exists(db + "-wal") and needles["link secret"] in
                          open(db + "-wal", "rb").read())
