@@ -44,6 +44,7 @@ SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
 READY_TIMEOUT = 15.0  # seconds sshd gets to accept connections before up fails
 MUNGED, SLURMCTLD, SLURMD = "/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd"
+MUNGE_RUN_ROOT = "/run/kb-sitebox"  # munged's socket: /run/kb-sitebox/<site name>/munge.sock
 SLURM_READY_TIMEOUT = 40.0  # slurmctld answering, every node idle
 SLURM_PARTITIONS = ("batch", "gpus")  # the first is the default; the queues fullsite.py publishes
 SLURM_CPUS = 2  # per node: one job with --exclusive or 2 one-CPU jobs fill a node
@@ -687,18 +688,24 @@ class SiteBox:
         if reason:
             self._needs_slurm(reason)
         sd = os.path.join(self.info["state_dir"], "slurm")
-        for d in ("", "munge", "munge-run", "ctld", "log"):
+        for d in ("", "munge", "ctld", "log"):
             os.makedirs(os.path.join(sd, d), exist_ok=True)
         os.chmod(os.path.join(sd, "munge"), 0o700)
-        os.chmod(os.path.join(sd, "munge-run"), 0o755)  # munged refuses a socket dir not executable by all
+        # munged refuses a socket whose directories are not all executable by everyone; a test's state
+        # dir usually is private (mkdtemp: 0700), so the socket lives in /run/kb-sitebox/<name>/.
+        run_dir = os.path.join(MUNGE_RUN_ROOT, self.name)
+        os.makedirs(MUNGE_RUN_ROOT, mode=0o755, exist_ok=True)
+        os.makedirs(run_dir, mode=0o755, exist_ok=True)
+        os.chmod(run_dir, 0o755)
         computes = [h for h in (("compute", COMPUTE2) if self._compute_nodes == 2 else ("compute",))]
         rnd = random.Random()
         sl = {
             "dir": sd,
             "conf": os.path.join(sd, "slurm.conf"),
             "munge_key": os.path.join(sd, "munge", "munge.key"),
-            "munge_socket": os.path.join(sd, "munge-run", "munge.sock"),
-            "munged_pidfile": os.path.join(sd, "munge-run", "munged.pid"),
+            "munge_run_dir": run_dir,
+            "munge_socket": os.path.join(run_dir, "munge.sock"),
+            "munged_pidfile": os.path.join(run_dir, "munged.pid"),
             "munged_log": os.path.join(sd, "log", "munged.log"),
             "slurmctld_log": os.path.join(sd, "log", "slurmctld.log"),
             "slurmctld_host": self.info["hosts"]["login"]["hostname"],
@@ -1013,6 +1020,9 @@ def _stop_slurm(info, procs, errors):
             pass
     if left:
         errors.append("Slurm daemons still alive: %s" % left)
+    rd = sl.get("munge_run_dir")
+    if rd and os.path.dirname(rd) == MUNGE_RUN_ROOT:
+        shutil.rmtree(rd, ignore_errors=True)
 
 
 def teardown(info, sshd_popen=None, slurm_procs=None):
