@@ -567,9 +567,12 @@ class SiteBox:
         with open(ident + ".pub") as f:
             pub = f.read().strip()
         ak = os.path.join(kd, "authorized_keys")
+        # Every compute host: a second one exists only with Slurm, where a job may land on either.
+        targets = [self.info["compute_addr"]] + [self.info["hosts"][h]["addr"] for h in self._host_names()
+                                                 if h == COMPUTE2 and self.info["hosts"][h]["addr"]]
         with open(ak, "w") as f:
-            f.write('restrict,port-forwarding,permitopen="%s:*",command="/bin/false" %s\n'
-                    % (self.info["compute_addr"], pub))
+            f.write('restrict,port-forwarding,%s,command="/bin/false" %s\n'
+                    % (",".join('permitopen="%s:*"' % t for t in targets), pub))
         self.info["authorized_keys"] = ak
         self.info["known_hosts"] = os.path.join(sd, "known_hosts")
 
