@@ -11,6 +11,7 @@ submits the bridge's job with sbatch. Shows:
 Exit 77 (skipped) where Slurm or network namespaces cannot be had.
 """
 import os
+import re
 import subprocess
 import sys
 import time
@@ -154,9 +155,16 @@ class SlurmKernel(FrontSiteCase):
         t0 = time.time()
         start(km)
         kc = ready_client(km, timeout=120)
+        t_ready = time.time()
         kid = fs.live_kernels()[0]["id"]
         job = fs.kernel(kid)["job"]["id"]
         batch = self.uc_job(job)["batchSystemID"]
+        # Nothing queued ahead: how long the start took, and Slurm's part of it (sbatch -> RUNNING as
+        # the test site saw it, polling every 0.5 s).
+        seen = re.findall(r"Slurm job %s, ([0-9.]+) s after sbatch" % batch, fs.tail("unicore-site.log", 200000))
+        log(f"start -> ready {t_ready - t0:.2f} s with nothing queued; sbatch -> RUNNING seen after "
+            f"{seen[0] if seen else '?'} s")
+        self.assertTrue(seen, "the test site did not log the job's start")
         limit = [w for w in self.slurm("scontrol", "show", "job", "-o", batch).stdout.split() if w.startswith("TimeLimit=")]
         self.assertEqual(limit, ["TimeLimit=00:01:00"])  # 30 s rounded up to Slurm's minute
         proc = wrapper_process(km)
