@@ -104,7 +104,7 @@ class FullSite:
     def __init__(self, state_dir=None, queue_delay=1.0, users=("root", "alice", "bob"),
                  site_name="box", restart_grace="20s", serve=True, extra_site_toml="",
                  log_level="debug", admin_users=(), agent_mode="installed", loopback=None,
-                 extra_api_toml="", extra_bridge_toml=""):
+                 extra_api_toml="", extra_bridge_toml="", slurm=False, compute_nodes=1):
         self.own_dir = state_dir is None
         self.dir = state_dir or tempfile.mkdtemp(prefix="kb-full-")
         os.makedirs(self.dir, exist_ok=True)
@@ -121,6 +121,11 @@ class FullSite:
         self.extra_bridge_toml = extra_bridge_toml  # more [bridge] keys, e.g. on_stop
         self.agent_mode = agent_mode  # "installed" (BIN on the site) or "upload" (staged per job)
         self.loopback = loopback  # SiteBox's choice: None = namespaces where possible
+        # slurm=True: the site in a box runs a real Slurm and the UNICORE test site submits to it
+        # (raises sitebox.NeedsSlurm, a skip, where Slurm cannot run); queue_delay then holds jobs in
+        # Slurm (--hold) rather than in the test site.
+        self.slurm = slurm
+        self.compute_nodes = compute_nodes
         self.box = None
         self.unicore = None
         self.serve = None
@@ -140,7 +145,8 @@ class FullSite:
         return False
 
     def up(self):
-        self.box = SiteBox(state_dir=os.path.join(self.dir, "site"), loopback=self.loopback)
+        self.box = SiteBox(state_dir=os.path.join(self.dir, "site"), loopback=self.loopback,
+                           slurm=self.slurm, compute_nodes=self.compute_nodes)
         self.box.__enter__()
         self.info = self.box.info
         self._start_unicore()
@@ -164,9 +170,13 @@ class FullSite:
                 "--queue-delay", str(self.queue_delay)]
         if job_prefix:
             argv += ["--job-prefix", job_prefix]
+        env = None
+        if self.slurm:
+            argv += ["--slurm-conf", self.box.slurm["conf"], "--bss-poll", "0.5"]
+            env = self.box.slurm_env()
         log = self._log("unicore-site.log")
         self.unicore = self.box.popen("login", argv, stdout=subprocess.PIPE, stderr=log,
-                                      start_new_session=True)
+                                      start_new_session=True, env=env)
         line = self.unicore.stdout.readline().decode().strip()
         if not line.startswith("READY "):
             raise RuntimeError(f"UNICORE test site did not start: {line!r}\n"
@@ -301,12 +311,16 @@ max_gpus = 0
         return self.control("GET", "/jobs")
 
     def compute_pids(self):
-        """Pids of processes running in the compute host (netns mode only)."""
-        ns = self.info["hosts"]["compute"]["ns"]
-        if not ns:
-            return []
-        r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-        return [int(p) for p in r.stdout.split()]
+        """Pids of processes running in the compute host(s) (netns mode only), not counting the
+        site's own slurmd daemons."""
+        daemons = set((self.info.get("slurm") or {}).get("slurmd_pids", {}).values())
+        pids = []
+        for h in ("compute", "compute2"):
+            ns = self.info["hosts"].get(h, {}).get("ns")
+            if ns:
+                r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+                pids += [int(p) for p in r.stdout.split() if int(p) not in daemons]
+        return pids
 
     # ---- teardown ---------------------------------------------------------------------------
     def _log(self, name):

@@ -34,14 +34,20 @@ import tempfile
 import threading
 import time
 
-__all__ = ["SiteBox", "NeedsNetns", "SiteBoxError", "HOSTS"]
+__all__ = ["SiteBox", "NeedsNetns", "NeedsSlurm", "SiteBoxError", "HOSTS"]
 
 log = logging.getLogger("sitebox")
 
 HOSTS = ("hub", "login", "compute")
+COMPUTE2 = "compute2"  # the second compute host, only with SiteBox(slurm=True, compute_nodes=2)
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
 READY_TIMEOUT = 15.0  # seconds sshd gets to accept connections before up fails
+MUNGED, SLURMCTLD, SLURMD = "/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd"
+MUNGE_RUN_ROOT = "/run/kb-sitebox"  # munged's socket: /run/kb-sitebox/<site name>/munge.sock
+SLURM_READY_TIMEOUT = 40.0  # slurmctld answering, every node idle
+SLURM_PARTITIONS = ("batch", "gpus")  # the first is the default; the queues fullsite.py publishes
+SLURM_CPUS = 2  # per node: one job with --exclusive or 2 one-CPU jobs fill a node
 CLONE_NEWNET = 0x40000000
 
 
@@ -49,6 +55,12 @@ class NeedsNetns(Exception):
     """Raised when a test or fault needs isolated hosts but the site runs on loopback.
 
     Tests turn it into a skip (exit code 77), never into a pass."""
+
+
+class NeedsSlurm(NeedsNetns):
+    """Raised when a test needs the site's real Slurm but Slurm cannot run here (not installed, no
+    network namespaces, or its daemons do not come up). Tests turn it into a skip (exit code 77);
+    with KB_REQUIRE_SLURM=1 in the environment up() raises SiteBoxError instead (CI that must run it)."""
 
 
 class SiteBoxError(RuntimeError):
@@ -223,7 +235,14 @@ class SiteBox:
 
     Created and used by one test thread; socket()/prefix() may be called from any thread."""
 
-    def __init__(self, state_dir=None, loopback=None, name=None):
+    def __init__(self, state_dir=None, loopback=None, name=None, slurm=False, compute_nodes=1):
+        if compute_nodes not in (1, 2):
+            raise SiteBoxError("compute_nodes must be 1 or 2, not %r" % (compute_nodes,))
+        if compute_nodes == 2 and not slurm:
+            raise SiteBoxError("a second compute host exists only for Slurm (SiteBox(slurm=True, compute_nodes=2))")
+        self._want_slurm = slurm
+        self._compute_nodes = compute_nodes
+        self._slurm_procs = {}  # Popen objects of the Slurm daemons we started in this process
         self._want_loopback = loopback
         self._own_state_dir = state_dir is None
         self._state_dir_arg = state_dir
@@ -253,6 +272,22 @@ class SiteBox:
     @property
     def netns(self):
         return bool(self.info) and self.info["mode"] == "netns"
+
+    @property
+    def slurm(self):
+        """info["slurm"] (conf, env, nodes, partitions, daemons' pids and logs) or None."""
+        return self.info.get("slurm") if self.info else None
+
+    def slurm_env(self, env=None):
+        """os.environ (or `env`) plus SLURM_CONF: for Slurm's client commands run on login."""
+        out = dict(os.environ if env is None else env)
+        out.update(self.info["slurm"]["env"])
+        return out
+
+    def slurm_run(self, argv, host="login", **kw):
+        """A Slurm client command (squeue, scancel, ...) on `host` (login by default)."""
+        kw.setdefault("env", self.slurm_env())
+        return self.run(host, argv, **kw)
 
     def require_netns(self):
         if not self.netns:
@@ -312,13 +347,13 @@ class SiteBox:
                                    "--state-dir %s` first" % (state_dir, state_dir))
         name = self._name_arg
         while not name or (self._name_arg is None and any(
-                os.path.exists("/run/netns/%s-%s" % (name, h)) for h in HOSTS)):
+                os.path.exists("/run/netns/%s-%s" % (name, h)) for h in HOSTS + (COMPUTE2,))):
             name = "kb%d%s" % (os.getpid() % 10000, "".join(random.choice("0123456789abcdef") for _ in range(3)))
         if not all(c.isalnum() or c == "-" for c in name) or len(name) > 24:
             raise SiteBoxError("bad --name %r: use letters, digits and '-', at most 24 characters" % name)
         self.info = {
             "mode": None, "name": name, "state_dir": state_dir, "own_state_dir": self._own_state_dir,
-            "hosts": {h: {"ns": None, "uts": None, "addr": None, "hostname": None} for h in HOSTS},
+            "hosts": {h: {"ns": None, "uts": None, "addr": None, "hostname": None} for h in self._host_names()},
         }
         _live.add(self)
         try:
@@ -346,6 +381,8 @@ class SiteBox:
                     self._stop_sshd()
                     self.info["ssh_port"] = self._free_port(self.info["login_addr"])
             self._save()
+            if self._want_slurm:
+                self._start_slurm()
             log.info("site %s up (%s): hub %s, login %s:%d, compute %s; state %s", name, mode,
                      self.addr("hub"), self.info["login_addr"], self.info["ssh_port"],
                      self.info["compute_addr"], state_dir)
@@ -356,6 +393,9 @@ class SiteBox:
                 log.error("sitebox %s: cleanup after failed start-up: %s", name, e)
             raise
         return self.info
+
+    def _host_names(self):
+        return HOSTS + ((COMPUTE2,) if self._compute_nodes == 2 else ())
 
     def _choose_mode(self):
         if self._want_loopback:
@@ -413,8 +453,8 @@ class SiteBox:
         self.info["subnet"] = str(net)
         self.info["hub_login_net"] = "%s/30" % a(0)
         self.info["login_compute_net"] = "%s/30" % a(4)
-        addrs = {"hub": hub_a, "login": login_h, "compute": compute_a}
-        for h in HOSTS:
+        addrs = {"hub": hub_a, "login": login_h, "compute": compute_a, COMPUTE2: a(10)}
+        for h in self._host_names():
             ns = "%s-%s" % (name, h)
             hostname = "kb-%s-%s" % (h, name)
             uts = os.path.join(sd, "uts-%s" % h)
@@ -442,16 +482,38 @@ class SiteBox:
         _run(["ip", "-n", compute, "addr", "add", compute_a + "/30", "dev", "to-login"])
         for ns, dev in ((hub, "to-login"), (login, "to-hub"), (login, "to-compute"), (compute, "to-login")):
             _run(["ip", "-n", ns, "link", "set", dev, "up"])
+        if self._compute_nodes == 2:
+            self._make_compute2(a)
         # login must not route hub<->compute; sshd may bind its address even while the link is down.
         self._sysctl("login", "net/ipv4/ip_forward", "0")
         self._sysctl("login", "net/ipv4/ip_nonlocal_bind", "1")
         # hub even has a route to compute via login, so "hub cannot reach compute" proves login does not forward.
         self._hub_routes()
-        for h in HOSTS:
+        for h in self._host_names():
             self.info["hosts"][h]["prefix"] = self.prefix(h)
         self.info["login_addr"] = login_h
         self.info["compute_addr"] = compute_a
         self.info["ssh_port"] = 22
+
+    def _make_compute2(self, a):
+        """compute2: its own link to login (login .9 <-> compute2 .10) and a direct link to compute
+        (compute .13 <-> compute2 .14), so the two nodes reach each other (srun's I/O, slurmd to
+        slurmd) without login forwarding anything. Host routes: compute2 reaches login's
+        compute-side address (where slurmctld is) via .9; each node reaches the other's main
+        address over the direct link. hub has no route to compute2 at all."""
+        login, compute, c2 = (self.info["hosts"][h]["ns"] for h in ("login", "compute", COMPUTE2))
+        self.info["login_compute2_net"] = "%s/30" % a(8)
+        self.info["compute_compute2_net"] = "%s/30" % a(12)
+        self.info["hosts"]["login"]["addr_compute2_side"] = a(9)
+        _run(["ip", "link", "add", "to-compute2", "netns", login, "type", "veth", "peer", "name", "to-login", "netns", c2])
+        _run(["ip", "link", "add", "to-compute2", "netns", compute, "type", "veth", "peer", "name", "to-compute", "netns", c2])
+        for ns, addr, dev in ((login, a(9), "to-compute2"), (c2, a(10), "to-login"),
+                              (compute, a(13), "to-compute2"), (c2, a(14), "to-compute")):
+            _run(["ip", "-n", ns, "addr", "add", addr + "/30", "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+        _run(["ip", "-n", c2, "route", "add", a(5) + "/32", "via", a(9)])
+        _run(["ip", "-n", c2, "route", "add", a(6) + "/32", "via", a(13)])
+        _run(["ip", "-n", compute, "route", "add", a(10) + "/32", "via", a(14)])
 
     def _hub_routes(self):
         _run(["ip", "-n", self.info["hosts"]["hub"]["ns"], "route", "replace",
@@ -505,9 +567,12 @@ class SiteBox:
         with open(ident + ".pub") as f:
             pub = f.read().strip()
         ak = os.path.join(kd, "authorized_keys")
+        # Every compute host: a second one exists only with Slurm, where a job may land on either.
+        targets = [self.info["compute_addr"]] + [self.info["hosts"][h]["addr"] for h in self._host_names()
+                                                 if h == COMPUTE2 and self.info["hosts"][h]["addr"]]
         with open(ak, "w") as f:
-            f.write('restrict,port-forwarding,permitopen="%s:*",command="/bin/false" %s\n'
-                    % (self.info["compute_addr"], pub))
+            f.write('restrict,port-forwarding,%s,command="/bin/false" %s\n'
+                    % (",".join('permitopen="%s:*"' % t for t in targets), pub))
         self.info["authorized_keys"] = ak
         self.info["known_hosts"] = os.path.join(sd, "known_hosts")
 
@@ -602,6 +667,222 @@ class SiteBox:
             json.dump(self.info, f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, os.path.join(sd, "site.json"))
+
+
+    # -- Slurm -----------------------------------------------------------------------------------
+    def _slurm_impossible(self):
+        if not self.netns:
+            return "Slurm in the site in a box needs network namespaces; this site runs on loopback (%s)" % \
+                self.info.get("loopback_reason", "loopback requested")
+        for tool in (MUNGED, SLURMCTLD, SLURMD, "sbatch", "squeue", "scontrol", "scancel", "sinfo"):
+            if shutil.which(tool) is None:
+                return "%s not found (scripts/bootstrap installs slurm-wlm and munge)" % tool
+        return None
+
+    def _needs_slurm(self, reason):
+        if os.environ.get("KB_REQUIRE_SLURM") == "1":
+            raise SiteBoxError("Slurm is required (KB_REQUIRE_SLURM=1) but cannot run: %s" % reason)
+        raise NeedsSlurm(reason)
+
+    def _start_slurm(self):
+        """munged (root namespace; its socket is in the state dir, shared by every namespace),
+        slurmctld on login, slurmd on each compute host; returns once every node is idle."""
+        reason = self._slurm_impossible()
+        if reason:
+            self._needs_slurm(reason)
+        sd = os.path.join(self.info["state_dir"], "slurm")
+        for d in ("", "munge", "ctld", "log"):
+            os.makedirs(os.path.join(sd, d), exist_ok=True)
+        os.chmod(os.path.join(sd, "munge"), 0o700)
+        # munged refuses a socket whose directories are not all executable by everyone; a test's state
+        # dir usually is private (mkdtemp: 0700), so the socket lives in /run/kb-sitebox/<name>/.
+        run_dir = os.path.join(MUNGE_RUN_ROOT, self.name)
+        os.makedirs(MUNGE_RUN_ROOT, mode=0o755, exist_ok=True)
+        os.makedirs(run_dir, mode=0o755, exist_ok=True)
+        os.chmod(run_dir, 0o755)
+        computes = [h for h in (("compute", COMPUTE2) if self._compute_nodes == 2 else ("compute",))]
+        rnd = random.Random()
+        sl = {
+            "dir": sd,
+            "conf": os.path.join(sd, "slurm.conf"),
+            "munge_key": os.path.join(sd, "munge", "munge.key"),
+            "munge_run_dir": run_dir,
+            "munge_socket": os.path.join(run_dir, "munge.sock"),
+            "munged_pidfile": os.path.join(run_dir, "munged.pid"),
+            "munged_log": os.path.join(sd, "log", "munged.log"),
+            "slurmctld_log": os.path.join(sd, "log", "slurmctld.log"),
+            "slurmctld_host": self.info["hosts"]["login"]["hostname"],
+            "slurmctld_addr": self.info["hosts"]["login"]["addr_compute_side"],
+            # Each host has its own port space, but random ports keep two sites' daemons apart in
+            # logs and keep a stray client from reaching the wrong controller.
+            "slurmctld_port": rnd.randrange(20000, 29000),
+            "slurmd_port": rnd.randrange(29000, 38000),
+            "nodes": [self.info["hosts"][h]["hostname"] for h in computes],
+            "node_hosts": {self.info["hosts"][h]["hostname"]: h for h in computes},
+            "partitions": list(SLURM_PARTITIONS),
+            "cpus_per_node": SLURM_CPUS,
+            "slurmd_logs": {},
+            "munged_pid": None, "slurmctld_pid": None, "slurmd_pids": {},
+        }
+        sl["env"] = {"SLURM_CONF": sl["conf"]}
+        self.info["slurm"] = sl
+        self._save()
+        with open(sl["munge_key"], "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(os.urandom(1024))
+        self._write_slurm_conf()
+        self._start_munged()
+        self.start_slurmctld()
+        for h in computes:
+            self._start_slurmd(h)
+        self._wait_nodes_idle()
+        log.info("site %s: Slurm up: slurmctld on %s (%s:%d), nodes %s, partitions %s", self.name,
+                 sl["slurmctld_host"], sl["slurmctld_addr"], sl["slurmctld_port"], ",".join(sl["nodes"]),
+                 ",".join(sl["partitions"]))
+
+    def _write_slurm_conf(self):
+        sl = self.info["slurm"]
+        sd = sl["dir"]
+        nodes = []
+        for n in sl["nodes"]:
+            h = sl["node_hosts"][n]
+            nodes.append("NodeName=%s NodeAddr=%s CPUs=%d Boards=1 SocketsPerBoard=1 CoresPerSocket=%d "
+                         "ThreadsPerCore=1 RealMemory=2000 State=UNKNOWN"
+                         % (n, self.info["hosts"][h]["addr"], SLURM_CPUS, SLURM_CPUS))
+        parts = ["PartitionName=%s Nodes=ALL Default=%s MaxTime=INFINITE State=UP"
+                 % (p, "YES" if i == 0 else "NO") for i, p in enumerate(sl["partitions"])]
+        with open(sl["conf"], "w") as f:
+            f.write("\n".join([
+                "# generated by tests/sitebox/sitebox.py for site %s (see shared/reference/slurm.md)" % self.name,
+                "ClusterName=kbbox",
+                "SlurmctldHost=%s(%s)" % (sl["slurmctld_host"], sl["slurmctld_addr"]),
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                "SlurmctldPort=%d" % sl["slurmctld_port"],
+                "SlurmdPort=%d" % sl["slurmd_port"],
+                "AuthType=auth/munge",
+                "CredType=cred/munge",
+                "AuthInfo=socket=%s" % sl["munge_socket"],
+                "StateSaveLocation=%s/ctld" % sd,
+                "SlurmdSpoolDir=%s/spool-%%n" % sd,
+                "SlurmctldPidFile=%s/slurmctld.pid" % sd,
+                "SlurmdPidFile=%s/slurmd-%%n.pid" % sd,
+                "SlurmctldLogFile=%s" % sl["slurmctld_log"],
+                "SlurmdLogFile=%s/log/slurmd-%%n.log" % sd,
+                "SlurmctldDebug=info",
+                "SlurmdDebug=info",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "SchedulerType=sched/backfill",
+                "SchedulerParameters=sched_interval=5,batch_sched_delay=0",
+                "JobAcctGatherType=jobacct_gather/none",
+                "AccountingStorageType=accounting_storage/none",
+                "JobCompType=jobcomp/none",
+                "MpiDefault=none",
+                "ReturnToService=2",
+                "SlurmdTimeout=60",
+                "InactiveLimit=0",
+                "KillWait=5",
+                # Ended jobs stay visible to scontrol for 10 minutes (there is no accounting database,
+                # so sacct has nothing; the test site reads final states with `scontrol show job`).
+                "MinJobAge=600",
+                "PlugStackConfig=/dev/null",
+            ] + nodes + parts) + "\n")
+        for n in sl["nodes"]:
+            sl["slurmd_logs"][n] = os.path.join(sd, "log", "slurmd-%s.log" % n)
+
+    def _start_munged(self):
+        sl = self.info["slurm"]
+        p = _run([MUNGED, "--key-file=%s" % sl["munge_key"], "--socket=%s" % sl["munge_socket"],
+                  "--pid-file=%s" % sl["munged_pidfile"], "--seed-file=%s" % os.path.join(sl["dir"], "munge", "seed"),
+                  "--log-file=%s" % sl["munged_log"], "--num-threads=4"], check=False)
+        pid = _read_pid(sl["munged_pidfile"])
+        if p.returncode != 0 or pid is None:
+            self._needs_slurm("munged did not start (exit %d): %s %s" % (p.returncode, p.stderr.strip(),
+                                                                      _tail(sl["munged_log"], 5)))
+        sl["munged_pid"] = pid
+        self._save()
+
+    def _popen_daemon(self, host, argv, logname):
+        logf = open(os.path.join(self.info["slurm"]["dir"], "log", logname), "ab")
+        try:
+            # nsenter execs the daemon (no pid namespace): the pid is the daemon's. Only the network and
+            # UTS namespaces change: `ip netns exec` would remount /sys and slurmd would die on the
+            # missing cgroup mount (shared/reference/slurm.md).
+            return subprocess.Popen(self.prefix(host) + argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    start_new_session=True, close_fds=True, env=self.slurm_env())
+        finally:
+            logf.close()
+
+    def _start_slurmd(self, host):
+        sl = self.info["slurm"]
+        node = self.info["hosts"][host]["hostname"]
+        proc = self._popen_daemon(host, [SLURMD, "-D", "-f", sl["conf"], "-N", node], "slurmd-%s.stdout" % node)
+        self._slurm_procs["slurmd-" + node] = proc
+        sl["slurmd_pids"][node] = proc.pid
+        self._save()
+
+    def start_slurmctld(self):
+        """Start slurmctld on login (again, after stop_slurmctld: it reloads its saved state, the jobs
+        survive); returns once it answers `scontrol ping`."""
+        sl = self.info["slurm"]
+        if sl.get("slurmctld_pid") and _pid_alive(sl["slurmctld_pid"]):
+            raise SiteBoxError("slurmctld is already running (pid %d)" % sl["slurmctld_pid"])
+        proc = self._popen_daemon("login", [SLURMCTLD, "-D", "-f", sl["conf"]], "slurmctld.stdout")
+        self._slurm_procs["slurmctld"] = proc
+        sl["slurmctld_pid"] = proc.pid
+        self._save()
+        deadline = time.monotonic() + SLURM_READY_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                self._needs_slurm("slurmctld exited (%d) during start-up; last lines of %s:\n%s"
+                                  % (proc.returncode, sl["slurmctld_log"], _tail(sl["slurmctld_log"], 15)))
+            p = self.slurm_run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+            if p.returncode == 0 and " is UP" in p.stdout:
+                return
+            if time.monotonic() > deadline:
+                self._needs_slurm("slurmctld does not answer `scontrol ping` within %.0f s (%s); last lines of "
+                                  "%s:\n%s" % (SLURM_READY_TIMEOUT, (p.stdout + p.stderr).strip(),
+                                               sl["slurmctld_log"], _tail(sl["slurmctld_log"], 15)))
+            time.sleep(0.1)
+
+    def stop_slurmctld(self):
+        """Stop slurmctld (SIGTERM: it saves its state and exits). Running jobs go on on the nodes;
+        client commands fail until start_slurmctld()."""
+        sl = self.info["slurm"]
+        pid = sl.get("slurmctld_pid")
+        if pid and _pid_alive(pid):
+            _kill([pid], signal.SIGTERM)
+            if _wait_dead([pid], 15.0):
+                _kill([pid])
+                _wait_dead([pid], 5.0)
+        proc = self._slurm_procs.pop("slurmctld", None)
+        if proc is not None:
+            proc.wait(timeout=5)
+        sl["slurmctld_pid"] = None
+        self._save()
+        log.info("sitebox %s: slurmctld stopped", self.name)
+
+    def _wait_nodes_idle(self):
+        sl = self.info["slurm"]
+        deadline = time.monotonic() + SLURM_READY_TIMEOUT
+        last = ""
+        while True:
+            for node, pid in sl["slurmd_pids"].items():
+                if not _pid_alive(pid):
+                    self._needs_slurm("slurmd on %s exited during start-up; last lines of %s:\n%s"
+                                      % (node, sl["slurmd_logs"][node], _tail(sl["slurmd_logs"][node], 15)))
+            p = self.slurm_run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+            last = (p.stdout + p.stderr).strip()
+            states = dict(line.split()[:2] for line in p.stdout.splitlines() if len(line.split()) >= 2)
+            if p.returncode == 0 and all(states.get(n) == "idle" for n in sl["nodes"]):
+                return
+            if time.monotonic() > deadline:
+                self._needs_slurm("the Slurm nodes are not idle within %.0f s (sinfo: %s); slurmctld log:\n%s"
+                                  % (SLURM_READY_TIMEOUT, last, _tail(sl["slurmctld_log"], 15)))
+            time.sleep(0.1)
 
     # -- faults ------------------------------------------------------------------------------
     def sshd_sessions(self):
@@ -699,7 +980,7 @@ class SiteBox:
         if self.info is None or self._closed:
             return
         try:
-            teardown(self.info, sshd_popen=self._sshd)
+            teardown(self.info, sshd_popen=self._sshd, slurm_procs=self._slurm_procs)
         except SiteBoxError:
             self._closed = True  # tried everything; the error says what is left
             _live.discard(self)
@@ -712,11 +993,47 @@ class SiteBox:
     down = close
 
 
-def teardown(info, sshd_popen=None):
+def _read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _stop_slurm(info, procs, errors):
+    """slurmd(s), slurmctld, munged: SIGTERM, then SIGKILL. The job processes (slurmstepd and what it
+    started) live in the compute namespaces and go with everything else there."""
+    sl = info.get("slurm")
+    if not sl:
+        return
+    pids = list(sl.get("slurmd_pids", {}).values()) + [sl.get("slurmctld_pid")]
+    pids = [p for p in pids if p and _pid_alive(p) and sl["conf"] in _cmdline(p)]
+    munged = sl.get("munged_pid")
+    if munged and _pid_alive(munged) and sl["munge_socket"] in _cmdline(munged):
+        pids.append(munged)
+    _kill(pids, signal.SIGTERM)
+    left = _wait_dead(pids, 5.0)
+    _kill(left)
+    left = _wait_dead(left, 5.0)
+    for p in (procs or {}).values():
+        try:
+            p.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+    if left:
+        errors.append("Slurm daemons still alive: %s" % left)
+    rd = sl.get("munge_run_dir")
+    if rd and os.path.dirname(rd) == MUNGE_RUN_ROOT:
+        shutil.rmtree(rd, ignore_errors=True)
+
+
+def teardown(info, sshd_popen=None, slurm_procs=None):
     """Remove a site described by `info` (site.json): sshd, processes in its namespaces, the
     namespaces (and with them the veths), the UTS namespace mounts, and the state dir if it was a
     temporary one. Every step is attempted even if an earlier one failed."""
     errors = []
+    _stop_slurm(info, slurm_procs, errors)
     pid = info.get("sshd_pid")
     if pid:
         sessions = descendants(pid)
@@ -737,7 +1054,7 @@ def teardown(info, sshd_popen=None):
     hosts = info.get("hosts", {})
     spare = _ancestors(os.getpid())
     # Anything still running in the namespaces (agents, kernels, listeners a test forgot).
-    for h in HOSTS:
+    for h in hosts:
         ns = hosts.get(h, {}).get("ns")
         if not ns:
             continue
@@ -749,7 +1066,7 @@ def teardown(info, sshd_popen=None):
                 break
             _kill(pids)
             _wait_dead(pids, 3.0)
-    for h in HOSTS:
+    for h in hosts:
         hi = hosts.get(h, {})
         ns = hi.get("ns")
         if ns and os.path.exists("/run/netns/%s" % ns):
@@ -829,21 +1146,30 @@ def main(argv=None):
     g.add_argument("--loopback", action="store_true", help="hosts are 127.0.0.1/2/3 (no isolation)")
     g.add_argument("--netns", action="store_true", help="fail instead of falling back to loopback")
     u.add_argument("--name", help="instance name prefix (namespaces are NAME-hub, NAME-login, NAME-compute)")
+    u.add_argument("--slurm", action="store_true", help="also a real Slurm: munged, slurmctld on login, slurmd on compute")
+    u.add_argument("--compute-nodes", type=int, choices=(1, 2), default=1,
+                   help="with --slurm: 2 adds the host compute2 as a second Slurm node")
     d = sub.add_parser("down", help="tear a site down (idempotent)")
     d.add_argument("--state-dir", required=True)
     e = sub.add_parser("exec", help="run a command on a host: exec --state-dir DIR HOST -- CMD...")
     e.add_argument("--state-dir", required=True)
-    e.add_argument("host", choices=HOSTS)
+    e.add_argument("host", choices=HOSTS + (COMPUTE2,))
     e.add_argument("argv", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="sitebox: %(message)s", stream=sys.stderr)
     try:
         if args.cmd == "up":
             loopback = True if args.loopback else (False if args.netns else None)
-            sb = SiteBox(state_dir=args.state_dir, loopback=loopback, name=args.name)
-            info = sb.up()
+            sb = SiteBox(state_dir=args.state_dir, loopback=loopback, name=args.name, slurm=args.slurm,
+                         compute_nodes=args.compute_nodes)
+            try:
+                info = sb.up()
+            except NeedsSlurm as ex:
+                print("sitebox: Slurm cannot run here: %s" % ex, file=sys.stderr)
+                return 77
             _live.discard(sb)  # the site outlives this process; `down` removes it
             sb._sshd = None
+            sb._slurm_procs = {}
             json.dump(info, sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
             return 0
@@ -860,6 +1186,8 @@ def main(argv=None):
                 ap.error("exec needs a command after --")
             sb = attach(args.state_dir)
             full = sb.prefix(args.host) + cmd
+            if sb.slurm:
+                os.environ.update(sb.slurm["env"])  # Slurm's client commands find this site's cluster
             os.execvp(full[0], full)
     except SiteBoxError as ex:
         print("sitebox: error: %s" % ex, file=sys.stderr)

@@ -4,6 +4,7 @@ OpenSSH client), each fault injection, and clean teardown.
 
     test_sitebox.py --netns     isolation tests; exit 77 (skipped) where namespaces cannot be made
     test_sitebox.py --loopback  the loopback fallback
+    test_sitebox.py --slurm     a real Slurm across the hosts (2 nodes); exit 77 where Slurm cannot run
 Any skipped test makes the exit code 77, so ctest reports "skipped", never "passed".
 """
 
@@ -486,11 +487,69 @@ class LoopbackStartFailure(unittest.TestCase):
         self.assertFalse(sb.info["sshd_pid"] and sitebox._pid_alive(sb.info["sshd_pid"]))
 
 
+class SlurmBox(unittest.TestCase):
+    """SiteBox(slurm=True, compute_nodes=2): a real Slurm across the namespaces, its faults, and a
+    teardown that leaves no daemon, no job process and no munge socket behind."""
+
+    def test_slurm_two_nodes_outage_and_teardown(self):
+        try:
+            sb = SiteBox(slurm=True, compute_nodes=2)
+            sb.up()
+        except sitebox.NeedsSlurm as e:
+            sb.close()
+            self.skipTest(str(e))
+        try:
+            sl = sb.slurm
+            self.assertEqual(sl["nodes"], [sb.info["hosts"]["compute"]["hostname"],
+                                           sb.info["hosts"]["compute2"]["hostname"]])
+            p = sb.slurm_run(["sinfo", "-h", "-N", "-o", "%N %T %P"], capture_output=True, text=True, timeout=30)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(sorted(set(l.split()[1] for l in p.stdout.splitlines())), ["idle"])
+            # A 2-node batch job: each step runs in its own node's namespace (own hostname).
+            out = os.path.join(sb.state_dir, "j.out")
+            p = sb.slurm_run(["sbatch", "--parsable", "-N2", "-o", out, "--wrap",
+                              "srun hostname | sort; sleep 1000"], capture_output=True, text=True, timeout=30)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            jid = p.stdout.strip()
+            deadline = time.monotonic() + WAIT
+            while len(open(out).read().split()) < 2 if os.path.exists(out) else True:
+                self.assertLess(time.monotonic(), deadline, "the 2-node job did not print both hosts")
+                time.sleep(0.1)
+            self.assertEqual(open(out).read().split(), sorted(sl["nodes"]))
+            # compute2 is a node, not a door: hub still reaches neither compute host.
+            with self.assertRaises(OSError):
+                sb.connect("hub", sb.info["hosts"]["compute2"]["addr"], 22, timeout=1).close()
+            # slurmctld down: clients fail (exit 1, as for a missing job), the job runs on; back up, it is there.
+            sb.stop_slurmctld()
+            p = sb.slurm_run(["squeue", "-h", "-j", jid], capture_output=True, text=True, timeout=60)
+            self.assertNotEqual(p.returncode, 0)
+            sb.start_slurmctld()
+            p = sb.slurm_run(["squeue", "-h", "-j", jid, "-o", "%T"], capture_output=True, text=True, timeout=30)
+            self.assertEqual(p.stdout.strip(), "RUNNING", p.stderr)
+            info = json.loads(json.dumps(sb.info))
+        finally:
+            sb.close()
+        # Nothing left: daemons, the job (it ran in the compute hosts), namespaces, munged's socket dir.
+        for pid in [info["slurm"]["slurmctld_pid"], info["slurm"]["munged_pid"]] + list(info["slurm"]["slurmd_pids"].values()):
+            self.assertFalse(sitebox._pid_alive(pid), pid)
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for h in info["hosts"].values():
+            self.assertNotIn(h["ns"], listed)
+        self.assertFalse(os.path.exists(info["slurm"]["munge_run_dir"]))
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and info["slurm"]["conf"] in sitebox._cmdline(int(pid)):
+                self.assertFalse(sitebox._pid_alive(int(pid)), sitebox._cmdline(int(pid)))
+
+    def test_slurm_on_loopback_is_a_skip_not_a_pass(self):
+        with self.assertRaises(sitebox.NeedsSlurm):
+            SiteBox(loopback=True, slurm=True).up()
+
+
 def main():
     mode = "all"
     argv = [sys.argv[0]]
     for a in sys.argv[1:]:
-        if a in ("--netns", "--loopback"):
+        if a in ("--netns", "--loopback", "--slurm"):
             mode = a[2:]
         else:
             argv.append(a)
@@ -501,7 +560,8 @@ def main():
         suite.addTests(loader.loadTestsFromNames(names, sys.modules[__name__]))
     else:
         classes = {"netns": [NetnsSite, Faults, Lifecycle], "loopback": [LoopbackSite, LoopbackStartFailure],
-                   "all": [NetnsSite, Faults, Lifecycle, LoopbackSite, LoopbackStartFailure]}[mode]
+                   "slurm": [SlurmBox],
+                   "all": [NetnsSite, Faults, Lifecycle, LoopbackSite, LoopbackStartFailure, SlurmBox]}[mode]
         for c in classes:
             suite.addTests(loader.loadTestsFromTestCase(c))
     if os.geteuid() != 0:

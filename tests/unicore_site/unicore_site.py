@@ -235,6 +235,13 @@ class Job:
         self.queue_delay = None  # per-job override from the control API
         self.done = threading.Event()
         self.bss_state = None  # Slurm-like state for details: PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED
+        # Slurm mode only: the job is in the real batch system and the BSS poller drives it.
+        self.in_slurm = False
+        self.held = False  # submitted with --hold (a queue delay); released by the poller
+        self.cancel_sent = False  # scancel succeeded (abort); the end state is still Slurm's to tell
+        self.bss_unknown_since = None  # the last status query failed: state unknown, nothing changed
+        self.vanished_polls = 0  # controller up, job in neither squeue nor scontrol
+        self.time_limit = None  # Slurm's TimeLimit, as scontrol prints it
         self.add_log("Created with ID %s" % self.id)
 
     def add_log(self, msg):
@@ -269,6 +276,7 @@ class Site:
         self.recorded = collections.deque(maxlen=2000)
         self.shutting_down = False
         self.base_url = None  # set once listening
+        self.slurm = SlurmBSS(self, args) if args.slurm_conf else None
         self.reset_faults()
 
     def reset_faults(self):
@@ -505,7 +513,7 @@ class Site:
         env = collections.OrderedDict()
         env["UC_WORKING_DIRECTORY"] = job.dir + "/"
         env["UC_OUTPUT_DIRECTORY"] = job.dir + "/"
-        if job.job_type == "BATCH":
+        if job.job_type == "BATCH" and self.slurm is None:  # under real Slurm these are Slurm's own
             env["SLURM_JOB_ID"] = job.batch_id
             env["SLURM_JOB_NODELIST"] = self.args.node_name
             env["SLURM_JOB_NUM_NODES"] = str(len(expand_hostlist(self.args.node_name)))
@@ -559,6 +567,9 @@ class Site:
         err = self.validate(job)
         if err:
             self.finish(job, "FAILED", err)
+            return
+        if job.job_type == "BATCH" and self.slurm is not None:
+            self.slurm.submit(job)
             return
         with self.cv:
             if job.job_type == "BATCH":
@@ -691,6 +702,8 @@ class Site:
                 job.abort_requested = True
                 job.add_log("Abort requested")
                 self.cv.notify_all()
+        if job.in_slurm and self.slurm is not None:
+            self.slurm.cancel(job)  # at once; the poller retries while the controller is down
 
     def restart(self, job):
         with self.cv:
@@ -708,6 +721,10 @@ class Site:
             job.pgid = None
             job.started = job.ended = None
             job.done = threading.Event()
+            job.in_slurm = job.held = job.cancel_sent = False
+            job.bss_unknown_since = None
+            job.vanished_polls = 0
+            job.queued_at = None
             job.add_log("Restarted")
         threading.Thread(target=self.supervise, args=(job,), daemon=True).start()
 
@@ -716,6 +733,8 @@ class Site:
             self.shutting_down = True
             jobs = list(self.jobs.values())
             self.cv.notify_all()
+        if self.slurm is not None:
+            self.slurm.shutdown([j for j in jobs if j.in_slurm and j.active])
         for j in jobs:
             self.kill_group(j, signal.SIGTERM)
         end = time.time() + min(self.args.kill_grace, 2.0)
@@ -739,6 +758,318 @@ def group_alive(pgid):
         if len(rest) > 2 and rest[0] != "Z" and rest[0] != "X" and int(rest[2]) == pgid:
             return True
     return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Slurm: the batch system behind the site (--slurm-conf), driven the way UNICORE's TSI drives it
+# --------------------------------------------------------------------------------------------------
+
+# Slurm job states -> UNICORE states while the job is listed by squeue (UNICORE-EU/tsi slurm/BSS.py
+# decodes these the same way: PENDING/CONFIGURING -> QUEUED, RUNNING/COMPLETING -> RUNNING). A job that
+# squeue no longer lists has ended; its end state comes from `scontrol show job` (SLURM_END_STATES).
+SLURM_QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD",
+                       "SUSPENDED", "PREEMPTED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+SLURM_RUNNING_STATES = {"RUNNING", "COMPLETING"}
+SLURM_END_STATES = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+SLURM_CMD_TIMEOUT = 20.0  # seconds a client command may take (slurmctld's MessageTimeout is 10 s)
+VANISHED_POLLS = 5  # controller answering, job in neither squeue nor scontrol this many times -> FAILED
+
+
+def parse_scontrol_record(line):
+    """One `scontrol show job -o` line -> {key: value}. Values may contain spaces (Command=, Reason=),
+    so a new key starts only where ` Name=` follows."""
+    out = {}
+    for m in re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=(.*?)(?=\s+[A-Za-z][A-Za-z0-9_:/]*=|\s*$)", line.strip()):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def slurm_exit_code(value):
+    """scontrol's ExitCode=N:S -> the shell's $? (N, or 128+S for a death by signal S)."""
+    m = re.fullmatch(r"(\d+):(\d+)", value or "")
+    if not m:
+        return None
+    code, sig = int(m.group(1)), int(m.group(2))
+    return 128 + sig if sig else code
+
+
+def slurm_minutes(secs):
+    """--time in whole minutes, rounded up (Slurm's unit; a 30 s Runtime is a 1-minute limit)."""
+    return max(1, int((secs + 59) // 60))
+
+
+class SlurmBSS:
+    """Submits BATCH jobs with sbatch (a batch script with #SBATCH lines for the job's resources, as
+    UNICORE's TSI writes it), learns their states with one `squeue` listing per poll (and `scontrol show
+    job` for jobs squeue no longer lists: their end state and exit code), aborts with scancel, and
+    answers job details with scontrol's own key=value record. A failed query makes the state "unknown":
+    the job keeps its last state and nothing is cancelled or failed because of it."""
+
+    def __init__(self, site, args):
+        self.site = site
+        self.env = dict(os.environ)
+        self.env["SLURM_CONF"] = os.path.abspath(args.slurm_conf)
+        self.poll_interval = args.bss_poll
+        self.last_query_ok = None  # time of the last successful squeue
+        self.query_failures = 0
+        self.thread = threading.Thread(target=self.poll_loop, name="bss-poller", daemon=True)
+        self.thread.start()
+
+    def cmd(self, argv, input=None):
+        """Runs a Slurm client command; returns (exit code, stdout, stderr); exit None = it hung."""
+        try:
+            p = subprocess.run(argv, input=input, capture_output=True, text=True, env=self.env,
+                               timeout=SLURM_CMD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return None, "", "%s timed out after %.0f s" % (argv[0], SLURM_CMD_TIMEOUT)
+        except OSError as e:
+            return 127, "", str(e)
+        return p.returncode, p.stdout, p.stderr.strip()
+
+    # -- submission -------------------------------------------------------------------------------
+    def batch_script(self, job):
+        d, res = job.desc, job.resources if isinstance(job.resources, dict) else {}
+        name = job.name if job.name != "N/A" else "UNICORE_Job"
+        if re.search(r"[^0-9a-zA-Z.:=~/_-]", name):
+            name = "UNICORE_Job"  # as the TSI does for names Slurm would choke on
+        lines = ["#!/bin/bash", "#SBATCH --job-name=%s" % name, "#SBATCH --partition=%s" % job.queue]
+        project = res.get("Project", d.get("Project"))
+        if project not in (None, ""):
+            lines.append("#SBATCH --account=%s" % project)
+        if res.get("Nodes") not in (None, ""):
+            lines.append("#SBATCH --nodes=%s" % res["Nodes"])
+            if res.get("CPUsPerNode") not in (None, ""):
+                lines.append("#SBATCH --ntasks-per-node=%s" % res["CPUsPerNode"])
+        elif res.get("TotalCPUs") not in (None, ""):
+            lines.append("#SBATCH --ntasks=%s" % res["TotalCPUs"])
+        elif res.get("CPUsPerNode") not in (None, ""):
+            lines.append("#SBATCH --ntasks-per-node=%s" % res["CPUsPerNode"])
+        if res.get("NodeConstraints") not in (None, ""):
+            lines.append("#SBATCH --constraint=%s" % res["NodeConstraints"])
+        if res.get("QoS") not in (None, ""):
+            lines.append("#SBATCH --qos=%s" % res["QoS"])
+        if res.get("Memory") not in (None, ""):
+            lines.append("#SBATCH --mem=%s" % res["Memory"])
+        if job.runtime:
+            lines.append("#SBATCH --time=%d" % slurm_minutes(job.runtime))
+        if res.get("Reservation") not in (None, ""):
+            lines.append("#SBATCH --reservation=%s" % res["Reservation"])
+        if str(res.get("Exclusive", "false")).lower() == "true":
+            lines.append("#SBATCH --exclusive")
+        gpus = res.get("GPUsPerNode")
+        if gpus not in (None, "", 0, "0"):
+            lines.append("#SBATCH --gpus-per-node=%s" % gpus)
+        lines.append("#SBATCH --output=%s" % resolve_in(job.dir, str(d.get("Stdout") or "stdout")))
+        lines.append("#SBATCH --error=%s" % resolve_in(job.dir, str(d.get("Stderr") or "stderr")))
+        if d.get("Stdin"):
+            lines.append("#SBATCH --input=%s" % resolve_in(job.dir, str(d["Stdin"])))
+        lines.append("#SBATCH --chdir=%s" % job.dir)
+        # The user's part: the same environment exports and command line as the in-process executor;
+        # SLURM_JOB_ID, SLURM_JOB_NODELIST, ... are Slurm's own here.
+        return "\n".join(lines) + "\n" + self.site.build_script(job)
+
+    def submit(self, job):
+        site = self.site
+        try:
+            script = self.batch_script(job)
+        except (ValueError, HttpError) as e:
+            site.finish(job, "FAILED", "Cannot build the batch script: %s" % (e.message if isinstance(e, HttpError) else e))
+            return
+        path = os.path.join(job.dir, "UNICORE_Job_%d" % int(time.time() * 1000))
+        with open(path, "w") as f:
+            f.write(script)
+        with site.cv:
+            if job.abort_requested or site.shutting_down:
+                site.finish(job, "FAILED", MSG_ABORTED)
+                return
+            delay = job.queue_delay if job.queue_delay is not None else site.queue_delay
+        argv = ["sbatch", "--parsable"] + (["--hold"] if delay and delay > 0 else []) + [path]
+        t0 = time.time()
+        rc, out, err = self.cmd(argv)
+        m = re.match(r"(\d+)", out.strip()) if rc == 0 else None
+        if m is None:
+            # UNICORE's words for a refused submission, with sbatch's own message.
+            site.finish(job, "FAILED", "Submission to the batch system failed: %s" % (err or out or "exit %s" % rc).strip())
+            return
+        with site.cv:
+            job.batch_id = m.group(1)
+            job.in_slurm = True
+            job.held = "--hold" in argv
+            job.status = "QUEUED"
+            job.bss_state = "PENDING"
+            job.queued_at = t0
+            job.add_log("Submitted to batch system, ID %s, queue %s (sbatch took %.2f s)" % (
+                job.batch_id, job.queue, time.time() - t0))
+            site.cv.notify_all()
+        log("job %s: Slurm job %s submitted%s" % (job.id, job.batch_id, " held" if job.held else ""))
+        if job.abort_requested:
+            self.cancel(job)
+
+    # -- control ----------------------------------------------------------------------------------
+    def cancel(self, job):
+        if not job.in_slurm or job.cancel_sent or not job.batch_id:
+            return
+        rc, out, err = self.cmd(["scancel", job.batch_id])
+        if rc == 0:
+            job.cancel_sent = True
+            log("job %s: scancel %s" % (job.id, job.batch_id))
+        else:
+            log("job %s: scancel %s failed (%s): retrying at the next poll" % (job.id, job.batch_id, err))
+
+    def release_due(self, job):
+        site = self.site
+        with site.lock:
+            delay = job.queue_delay if job.queue_delay is not None else site.queue_delay
+            due = job.held and job.queued_at is not None and time.time() >= job.queued_at + (delay or 0)
+        if due:
+            rc, _, err = self.cmd(["scontrol", "release", job.batch_id])
+            if rc == 0:
+                job.held = False
+                job.add_log("Released by the test site (queue delay over)")
+            else:
+                log("job %s: scontrol release %s failed (%s)" % (job.id, job.batch_id, err))
+
+    def shutdown(self, jobs):
+        for j in jobs:
+            self.cancel(j)
+
+    # -- status -----------------------------------------------------------------------------------
+    def poll_loop(self):
+        while True:
+            time.sleep(self.poll_interval)
+            try:
+                self.poll()
+            except Exception:
+                log("BSS poller: internal error: %s" % traceback.format_exc())
+
+    def poll(self):
+        site = self.site
+        with site.lock:
+            jobs = [j for j in site.jobs.values() if j.in_slurm and j.active]
+        if not jobs:
+            return
+        for j in jobs:
+            if j.abort_requested and not j.cancel_sent:
+                self.cancel(j)
+            elif j.held:
+                self.release_due(j)
+        rc, out, err = self.cmd(["squeue", "-h", "-a", "-t", "all", "-o", "%i %T %P %r"])
+        if rc != 0:
+            # squeue's exit 1 is ambiguous (no such job / controller unreachable): without -j it can only
+            # mean the controller did not answer. Unknown: keep every state, retry at the next poll.
+            self.query_failures += 1
+            now = time.time()
+            for j in jobs:
+                if j.bss_unknown_since is None:
+                    j.bss_unknown_since = now
+                    j.add_log("Batch system status unknown (squeue failed: %s)" % err)
+            if self.query_failures in (1, 10) or self.query_failures % 60 == 0:
+                log("BSS poller: squeue failed %d time(s): %s" % (self.query_failures, err))
+            return
+        if self.query_failures:
+            log("BSS poller: squeue answers again after %d failure(s)" % self.query_failures)
+        self.query_failures = 0
+        self.last_query_ok = time.time()
+        listed = {}
+        for line in out.splitlines():
+            parts = line.split(None, 3)
+            if len(parts) >= 2:
+                listed[parts[0]] = (parts[1], parts[3] if len(parts) > 3 else "")
+        for j in jobs:
+            if j.bss_unknown_since is not None:
+                j.add_log("Batch system status known again after %.0f s" % (time.time() - j.bss_unknown_since))
+                j.bss_unknown_since = None
+            state, reason = listed.get(j.batch_id, (None, None))
+            if state in SLURM_QUEUED_STATES or state in SLURM_RUNNING_STATES:
+                j.vanished_polls = 0
+                self.apply_active(j, state)
+                continue
+            # Not listed (or listed as ended): its end state and exit code come from scontrol.
+            self.settle(j)
+
+    def apply_active(self, job, state):
+        site = self.site
+        with site.cv:
+            if not job.active:
+                return
+            job.bss_state = state
+            if state in SLURM_RUNNING_STATES and job.status != "RUNNING":
+                job.status = "RUNNING"
+                job.started = time.time()
+                job.add_log("Running (Slurm job %s)" % job.batch_id)
+                site.cv.notify_all()
+                log("job %s RUNNING (Slurm job %s, %.2f s after sbatch)" % (job.id, job.batch_id,
+                                                                          job.started - job.queued_at))
+
+    def show_job(self, batch_id):
+        """(record dict, None) | (None, "gone") | (None, "unknown: <why>")."""
+        rc, out, err = self.cmd(["scontrol", "show", "job", "-o", batch_id])
+        if rc == 0 and out.strip():
+            return parse_scontrol_record(out.splitlines()[0]), None
+        if "Invalid job id" in err:
+            return None, "gone"
+        return None, "unknown: %s" % (err or "exit %s" % rc)
+
+    def settle(self, job):
+        site = self.site
+        rec, why = self.show_job(job.batch_id)
+        if rec is None:
+            if why == "gone":
+                job.vanished_polls += 1
+                if job.vanished_polls >= VANISHED_POLLS:
+                    site.finish(job, "FAILED", "Batch job %s is no longer known to the batch system; its end "
+                                "state is unknown. More information might be available in the job's working "
+                                "directory '%s'" % (job.batch_id, job.dir))
+            elif job.bss_unknown_since is None:
+                job.bss_unknown_since = time.time()
+                job.add_log("Batch system status unknown (%s)" % why)
+            return
+        job.vanished_polls = 0
+        state = rec.get("JobState", "")
+        job.time_limit = rec.get("TimeLimit")
+        if state in SLURM_RUNNING_STATES or state in SLURM_QUEUED_STATES:
+            self.apply_active(job, state)
+            return
+        if state not in SLURM_END_STATES:
+            return  # a state we do not know: wait for the next poll
+        if job.started is None and rec.get("StartTime") not in (None, "", "Unknown", "None"):
+            job.started = time.time()  # ran between two polls
+        code = slurm_exit_code(rec.get("ExitCode"))
+        code_s = str(code) if code is not None else None
+        where = "More information might be available in the job's working directory '%s'" % job.dir
+        if job.abort_requested:
+            site.finish(job, "FAILED", MSG_ABORTED, code_s, state)
+        elif state == "TIMEOUT":
+            site.finish(job, "FAILED", "Batch job %s was terminated by the batch system: state TIMEOUT, CANCELLED "
+                        "DUE TO TIME LIMIT (walltime of %s reached). %s" % (job.batch_id, rec.get("TimeLimit"), where),
+                        code_s, state)
+        elif state == "CANCELLED":
+            site.finish(job, "FAILED", "Batch job %s was terminated by the batch system: state CANCELLED (cancelled "
+                        "outside UNICORE, e.g. by scancel). %s" % (job.batch_id, where), code_s, state)
+        elif state == "COMPLETED" and code == 0 or \
+                (state in ("COMPLETED", "FAILED") and str(job.desc.get("IgnoreNonZeroExitCode", "false")).lower() == "true"):
+            site.finish(job, "SUCCESSFUL", "", code_s or "0", state)
+        elif state in ("COMPLETED", "FAILED"):
+            site.finish(job, "FAILED", "User application exited with non-zero exit code: <%s>. %s" % (code_s, where),
+                        code_s, state)
+        else:
+            site.finish(job, "FAILED", "Batch job %s was terminated by the batch system: state %s (%s). %s" % (
+                job.batch_id, state, rec.get("Reason", "None"), where), code_s, state)
+
+    # -- details ----------------------------------------------------------------------------------
+    def details(self, job):
+        """scontrol's record as UNICORE renders details (every key, Slurm's values); when the controller
+        does not answer, the last known record with a note."""
+        rec, why = self.show_job(job.batch_id)
+        if rec is not None:
+            job.last_details = rec
+            return dict(rec)
+        if getattr(job, "last_details", None):
+            d = dict(job.last_details)
+            d["_note"] = "batch system did not answer (%s); last known details" % why
+            return d
+        return {"rawDetailsData": "N/A"}
 
 
 def resolve_in(root, rel):
@@ -1091,7 +1422,9 @@ class Handler(BaseHTTPRequestHandler):
                 "statusMessage": j.status_message, "batchSystemID": j.batch_id,
                 "pid": j.proc.pid if j.proc else None, "pgid": j.pgid, "returncode": j.returncode,
                 "alive": bool(j.pgid and group_alive(j.pgid)), "dir": j.dir, "queue": j.queue,
-                "jobType": j.job_type, "runtime": j.runtime, "resources": j.resources}
+                "jobType": j.job_type, "runtime": j.runtime, "resources": j.resources,
+                "slurm": j.in_slurm, "bssState": j.bss_state, "held": j.held,
+                "bssUnknown": j.bss_unknown_since is not None}
 
     # -- REST -------------------------------------------------------------------------------------
 
@@ -1314,6 +1647,10 @@ class Handler(BaseHTTPRequestHandler):
         with site.lock:
             if job.started is None or job.job_type != "BATCH":
                 return {"rawDetailsData": "N/A"}
+            in_slurm = job.in_slurm and site.slurm is not None
+        if in_slurm:
+            return site.slurm.details(job)  # scontrol's own record (outside the lock: it may take seconds)
+        with site.lock:
             hosts = expand_hostlist(site.args.node_name)
             res = job.resources
             d = {
@@ -1627,7 +1964,13 @@ def main():
     ap.add_argument("--tls-key")
     ap.add_argument("--job-prefix", default="", help="command prepended to BATCH jobs, e.g. nsenter ... --")
     ap.add_argument("--node-name", default=None, help="compute node name (Slurm hostlist allowed); default: `hostname` run through --job-prefix")
-    ap.add_argument("--queue-delay", type=float, default=1.0, help="seconds a job stays QUEUED")
+    ap.add_argument("--queue-delay", type=float, default=None,
+                    help="seconds a job stays QUEUED (default 1.0; with --slurm-conf 0: Slurm queues, a delay "
+                         "submits held and releases it)")
+    ap.add_argument("--slurm-conf", default=None,
+                    help="run BATCH jobs in this real Slurm cluster (sbatch/squeue/scontrol/scancel with "
+                         "SLURM_CONF=this file) instead of the in-process executor")
+    ap.add_argument("--bss-poll", type=float, default=1.0, help="with --slurm-conf: seconds between squeue polls")
     ap.add_argument("--server-version", default="10.1.0")
     ap.add_argument("--session-lifetime-ms", type=int, default=3600000)
     ap.add_argument("--kill-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
@@ -1635,6 +1978,10 @@ def main():
 
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")
+    if args.queue_delay is None:
+        args.queue_delay = 0.0 if args.slurm_conf else 1.0
+    if args.slurm_conf and not os.path.exists(args.slurm_conf):
+        ap.error("--slurm-conf %s does not exist" % args.slurm_conf)
     if not args.node_name:
         args.node_name = discover_node_name(args.job_prefix)
     if not args.state_dir:
@@ -1695,8 +2042,12 @@ def main():
         with open(tmp, "w") as f:
             f.write("%d\n" % real_port)
         os.replace(tmp, args.port_file)
-    log("listening on %s (state dir %s, node %s, job prefix %r)" % (site.base_url, site.state_dir,
-                                                                      args.node_name, args.job_prefix))
+    if args.slurm_conf:
+        log("listening on %s (state dir %s, BATCH jobs in Slurm: SLURM_CONF=%s)" % (
+            site.base_url, site.state_dir, os.path.abspath(args.slurm_conf)))
+    else:
+        log("listening on %s (state dir %s, node %s, job prefix %r)" % (site.base_url, site.state_dir,
+                                                                          args.node_name, args.job_prefix))
     sys.stdout.write("READY %s\n" % site.base_url)
     sys.stdout.flush()
     try:
