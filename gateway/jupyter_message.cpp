@@ -1,9 +1,9 @@
 #include "gateway/jupyter_message.hpp"
 
-#include <nlohmann/json.hpp>
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
+#include <nlohmann/json.hpp>
 
 #include <cstring>
 
@@ -14,15 +14,24 @@ namespace kb::gateway {
 
 const char* to_string(Fault fault) {
   switch (fault) {
-    case Fault::too_large: return "too_large";
-    case Fault::malformed: return "malformed";
-    case Fault::bad_json: return "bad_json";
-    case Fault::bad_message: return "bad_message";
-    case Fault::bad_channel: return "bad_channel";
-    case Fault::missing_signature: return "missing_signature";
-    case Fault::bad_signature: return "bad_signature";
-    case Fault::duplicate_signature: return "duplicate_signature";
-    case Fault::crypto: return "crypto";
+    case Fault::too_large:
+      return "too_large";
+    case Fault::malformed:
+      return "malformed";
+    case Fault::bad_json:
+      return "bad_json";
+    case Fault::bad_message:
+      return "bad_message";
+    case Fault::bad_channel:
+      return "bad_channel";
+    case Fault::missing_signature:
+      return "missing_signature";
+    case Fault::bad_signature:
+      return "bad_signature";
+    case Fault::duplicate_signature:
+      return "duplicate_signature";
+    case Fault::crypto:
+      return "crypto";
   }
   return "unknown";
 }
@@ -36,7 +45,9 @@ std::size_t JupyterMessage::size() const {
 
 namespace {
 
-GatewayError error(Fault fault, std::string message) { return {fault, std::move(message)}; }
+GatewayError error(Fault fault, std::string message) {
+  return {fault, std::move(message)};
+}
 
 struct MacDeleter {
   void operator()(EVP_MAC* m) const { EVP_MAC_free(m); }
@@ -142,15 +153,44 @@ Result<std::vector<std::string>> serialize(const JupyterMessage& message,
   return parts;
 }
 
+bool json_depth_within(std::string_view text, std::size_t max_depth) {
+  std::size_t depth = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      if (++depth > max_depth) return false;
+    } else if ((c == '}' || c == ']') && depth > 0) {
+      --depth;
+    }
+  }
+  return true;
+}
+
 bool is_json_object(std::string_view text) {
   std::size_t i = 0;
-  while (i < text.size() && (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r'))
+  while (i < text.size() &&
+         (text[i] == ' ' || text[i] == '\t' || text[i] == '\n' || text[i] == '\r'))
     ++i;
   // A valid JSON text whose first token is '{' is an object.
-  return i < text.size() && text[i] == '{' && nlohmann::json::accept(text);
+  // nlohmann's lexer takes a NUL byte for the end of input; JSON text never holds a raw one.
+  return i < text.size() && text[i] == '{' && text.find('\0') == std::string_view::npos &&
+         json_depth_within(text) && nlohmann::json::accept(text);
 }
 
 Result<HeaderFields> read_header(std::string_view header) {
+  if (!json_depth_within(header))
+    return error(Fault::bad_json, "the header nests deeper than " + std::to_string(kMaxJsonDepth));
+  if (header.find('\0') != std::string_view::npos)  // the parser would stop there
+    return error(Fault::bad_json, "the header holds a NUL byte");
   const auto j = nlohmann::json::parse(header, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return error(Fault::bad_json, "the header is not JSON");
   if (!j.is_object()) return error(Fault::bad_json, "the header is not a JSON object");
@@ -186,8 +226,8 @@ Result<JupyterMessage> parse(std::span<const std::string> parts, const MessageSi
   std::size_t delimiter = 0;
   while (delimiter < parts.size() && parts[delimiter] != kDelimiter) ++delimiter;
   if (delimiter == parts.size())
-    return error(Fault::malformed, "no <IDS|MSG> delimiter in " + std::to_string(parts.size()) +
-                                       " parts");
+    return error(Fault::malformed,
+                 "no <IDS|MSG> delimiter in " + std::to_string(parts.size()) + " parts");
   if (delimiter > limits.max_identities)
     return error(Fault::malformed, std::to_string(delimiter) +
                                        " routing identities, above the limit of " +
@@ -204,8 +244,8 @@ Result<JupyterMessage> parse(std::span<const std::string> parts, const MessageSi
   for (std::size_t i = 0; i < delimiter; ++i) {
     if (parts[i].size() > limits.max_identity)
       return error(Fault::malformed, "a routing identity of " + std::to_string(parts[i].size()) +
-                                         " bytes (at most " +
-                                         std::to_string(limits.max_identity) + ")");
+                                         " bytes (at most " + std::to_string(limits.max_identity) +
+                                         ")");
     m.identities.push_back(parts[i]);
   }
   const std::string& signature = parts[delimiter + 1];

@@ -101,9 +101,17 @@ struct HeaderFields {
   std::string msg_type;
   std::string session;  // "" if absent
 };
-// `header` must be a JSON object with string msg_id and msg_type (session optional, a string).
+// `header` must be a JSON object (within kMaxJsonDepth) with string msg_id and msg_type (session
+// optional, a string).
 Result<HeaderFields> read_header(std::string_view header);
-// Whether `text` is one JSON object (RFC 8259, UTF-8), checked without building it.
+// Whether `text` is one JSON object (RFC 8259, UTF-8, so no raw NUL byte) nested at most
+// kMaxJsonDepth deep, checked without building it.
 bool is_json_object(std::string_view text);
+
+// Arrays and objects nest at most this deep in any part the gateway accepts: printing a parsed
+// value recurses, so a 16 MiB "[[[[…" must not reach it. Jupyter's own messages nest a few levels.
+inline constexpr std::size_t kMaxJsonDepth = 256;
+// Whether `text` nests no deeper than `max_depth` (brackets outside strings; not a validator).
+bool json_depth_within(std::string_view text, std::size_t max_depth = kMaxJsonDepth);
 
 }  // namespace kb::gateway

@@ -18,19 +18,32 @@ bool is_word(char c) {
 
 const char* reason_phrase(int status) {
   switch (status) {
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 409: return "Conflict";
-    case 413: return "Payload Too Large";
-    case 415: return "Unsupported Media Type";
-    case 422: return "Unprocessable Entity";
-    case 500: return "Internal Server Error";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    case 409:
+      return "Conflict";
+    case 413:
+      return "Payload Too Large";
+    case 415:
+      return "Unsupported Media Type";
+    case 422:
+      return "Unprocessable Entity";
+    case 500:
+      return "Internal Server Error";
+    case 502:
+      return "Bad Gateway";
+    case 503:
+      return "Service Unavailable";
+    case 504:
+      return "Gateway Timeout";
   }
   return "Error";
 }
@@ -64,14 +77,22 @@ bool valid_kernelspec_name(std::string_view name) {
 
 const char* to_string(ExecutionState state) {
   switch (state) {
-    case ExecutionState::unknown: return "unknown";
-    case ExecutionState::starting: return "starting";
-    case ExecutionState::idle: return "idle";
-    case ExecutionState::busy: return "busy";
-    case ExecutionState::terminating: return "terminating";
-    case ExecutionState::restarting: return "restarting";
-    case ExecutionState::autorestarting: return "autorestarting";
-    case ExecutionState::dead: return "dead";
+    case ExecutionState::unknown:
+      return "unknown";
+    case ExecutionState::starting:
+      return "starting";
+    case ExecutionState::idle:
+      return "idle";
+    case ExecutionState::busy:
+      return "busy";
+    case ExecutionState::terminating:
+      return "terminating";
+    case ExecutionState::restarting:
+      return "restarting";
+    case ExecutionState::autorestarting:
+      return "autorestarting";
+    case ExecutionState::dead:
+      return "dead";
   }
   return "unknown";
 }
@@ -127,7 +148,8 @@ std::optional<std::string> validate_kernelspecs(std::string_view default_name,
     bool utf8 = valid_utf8(s.display_name) && valid_utf8(s.language);
     for (const auto& a : s.argv) utf8 = utf8 && valid_utf8(a);
     for (const auto& [key, value] : s.env) utf8 = utf8 && valid_utf8(key) && valid_utf8(value);
-    for (const auto& [key, value] : s.resources) utf8 = utf8 && valid_utf8(key) && valid_utf8(value);
+    for (const auto& [key, value] : s.resources)
+      utf8 = utf8 && valid_utf8(key) && valid_utf8(value);
     if (!utf8) return which + ": a text in it is not UTF-8";
   }
   if (specs.empty()) return std::nullopt;
@@ -137,12 +159,9 @@ std::optional<std::string> validate_kernelspecs(std::string_view default_name,
 }
 
 nlohmann::json kernelspec_json(const KernelSpec& spec) {
-  nlohmann::json inner = {{"argv", spec.argv},
-                          {"display_name", spec.display_name},
-                          {"language", spec.language},
-                          {"env", spec.env},
-                          {"metadata", spec.metadata},
-                          {"interrupt_mode", spec.interrupt_mode}};
+  nlohmann::json inner = {{"argv", spec.argv},         {"display_name", spec.display_name},
+                          {"language", spec.language}, {"env", spec.env},
+                          {"metadata", spec.metadata}, {"interrupt_mode", spec.interrupt_mode}};
   nlohmann::json resources = nlohmann::json::object();
   for (const auto& [key, url] : spec.resources) resources[key] = url;
   return {{"name", spec.name}, {"spec", std::move(inner)}, {"resources", std::move(resources)}};

@@ -32,7 +32,16 @@ bool valid_kernel_id(std::string_view id);
 bool valid_kernelspec_name(std::string_view name);
 
 // The kernel's status as JupyterLab names it (services kernel/kernel.ts Status).
-enum class ExecutionState { unknown, starting, idle, busy, terminating, restarting, autorestarting, dead };
+enum class ExecutionState {
+  unknown,
+  starting,
+  idle,
+  busy,
+  terminating,
+  restarting,
+  autorestarting,
+  dead
+};
 const char* to_string(ExecutionState state);
 
 struct KernelModel {
@@ -40,7 +49,7 @@ struct KernelModel {
   std::string name;  // its kernelspec
   std::chrono::system_clock::time_point last_activity;
   ExecutionState execution_state = ExecutionState::starting;
-  int connections = 0;  // open WebSockets on this kernel
+  int connections = 0;                // open WebSockets on this kernel
   std::optional<std::string> reason;  // shown while starting, e.g. "job 123 is queued"
 };
 
@@ -58,7 +67,7 @@ struct KernelSpec {
   std::string language;
   std::map<std::string, std::string> env;
   nlohmann::json metadata = nlohmann::json::object();
-  std::string interrupt_mode = "signal";             // or "message"
+  std::string interrupt_mode = "signal";         // or "message"
   std::map<std::string, std::string> resources;  // "logo-64x64" → URL (paths under base_url)
 };
 // Why `specs` with `default_name` cannot be served, or nothing: invalid names, duplicates, an

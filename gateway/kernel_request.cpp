@@ -12,7 +12,9 @@ using json = nlohmann::json;
 
 constexpr long long kMaxRuntime = 100LL * 365 * 86400;  // 100 years, as the control API allows
 
-HttpError bad(std::string message) { return {400, std::move(message)}; }
+HttpError bad(std::string message) {
+  return {400, std::move(message)};
+}
 
 bool is_identifier(std::string_view name) {
   if (name.empty() || (name[0] >= '0' && name[0] <= '9')) return false;
@@ -44,7 +46,10 @@ HttpResult<StartRequest> parse_start_request(std::string_view body,
                               " bytes, more than " + std::to_string(limits.max_body)};
   StartRequest request;
   if (body.find_first_not_of(" \t\r\n") == std::string_view::npos) return request;
-  const json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  // nlohmann's parser takes a NUL byte for the end of input; JSON text never holds a raw one.
+  const json j = body.find('\0') == std::string_view::npos
+                     ? json::parse(body, nullptr, /*allow_exceptions=*/false)
+                     : json(json::value_t::discarded);
   if (j.is_discarded()) return bad("the request body is not JSON (or not UTF-8)");
   if (!j.is_object()) return bad("the request body must be a JSON object");
   if (const auto it = j.find("name"); it != j.end() && !it->is_null()) {
@@ -58,11 +63,10 @@ HttpResult<StartRequest> parse_start_request(std::string_view body,
   if (env == j.end() || env->is_null()) return request;
   if (!env->is_object()) return bad("\"env\" must be an object of strings");
   if (env->size() > limits.max_variables)
-    return HttpError{413, "\"env\" has " + std::to_string(env->size()) +
-                              " variables, more than " + std::to_string(limits.max_variables)};
+    return HttpError{413, "\"env\" has " + std::to_string(env->size()) + " variables, more than " +
+                              std::to_string(limits.max_variables)};
   for (const auto& [name, value] : env->items()) {
-    if (!value.is_string())
-      return bad("env." + printable(name, 64) + " must be a string");
+    if (!value.is_string()) return bad("env." + printable(name, 64) + " must be a string");
     const auto& text = value.get_ref<const std::string&>();
     if (text.size() > limits.max_value)
       return HttpError{413, "env." + printable(name, 64) + " is longer than " +
@@ -219,8 +223,7 @@ std::optional<std::string> percent_decode(std::string_view text, bool plus_is_sp
 HttpResult<KernelspecTarget> parse_kernelspec_target(std::string_view path,
                                                      std::string_view query) {
   constexpr std::string_view kPrefix = "/api/kernelspecs";
-  if (path.substr(0, kPrefix.size()) != kPrefix)
-    return HttpError{404, "not a kernelspecs path"};
+  if (path.substr(0, kPrefix.size()) != kPrefix) return HttpError{404, "not a kernelspecs path"};
   KernelspecTarget target;
   while (!query.empty()) {
     const auto amp = query.find('&');

@@ -41,7 +41,8 @@ HttpResult<StartRequest> parse_start_request(std::string_view body,
 struct EnvPolicy {
   std::set<std::string> extra_names;
 };
-// Contains TOKEN, SECRET or PASSWORD in any case (JUPYTERHUB_API_TOKEN, JUPYTER_GATEWAY_AUTH_TOKEN…).
+// Contains TOKEN, SECRET or PASSWORD in any case (JUPYTERHUB_API_TOKEN,
+// JUPYTER_GATEWAY_AUTH_TOKEN…).
 bool looks_secret(std::string_view name);
 
 struct FilteredEnv {
@@ -55,12 +56,12 @@ FilteredEnv filter_env(const std::map<std::string, std::string>& env, const EnvP
 
 // The resources a user may override per kernel. An empty value counts as unset.
 struct ResourceOverrides {
-  std::optional<std::string> project;      // KERNEL_PROJECT
-  std::optional<std::string> partition;    // KERNEL_PARTITION
-  std::optional<int> nodes;                // KERNEL_NODES, 1 to 1000000
-  std::optional<int> gpus;                 // KERNEL_GPUS (per node), 0 to 1024
+  std::optional<std::string> project;           // KERNEL_PROJECT
+  std::optional<std::string> partition;         // KERNEL_PARTITION
+  std::optional<int> nodes;                     // KERNEL_NODES, 1 to 1000000
+  std::optional<int> gpus;                      // KERNEL_GPUS (per node), 0 to 1024
   std::optional<std::chrono::seconds> runtime;  // KERNEL_RUNTIME: "3600", "90min", "2h30m", "1d"
-  std::optional<std::string> reservation;  // KERNEL_RESERVATION
+  std::optional<std::string> reservation;       // KERNEL_RESERVATION
   bool empty() const;
 };
 // Reads the KERNEL_* resource variables of `env`; a value that does not parse is a 400 naming the

@@ -14,7 +14,9 @@ namespace {
 
 using json = nlohmann::json;
 
-GatewayError error(Fault fault, std::string message) { return {fault, std::move(message)}; }
+GatewayError error(Fault fault, std::string message) {
+  return {fault, std::move(message)};
+}
 
 std::uint32_t get_u32_be(std::string_view s, std::size_t at) {
   return static_cast<std::uint32_t>(static_cast<unsigned char>(s[at])) << 24 |
@@ -41,8 +43,8 @@ void put_u64_le(std::string& out, std::uint64_t v) {
 Result<Channel> client_channel(std::string_view name) {
   const auto channel = channel_from_name(name);
   if (!channel)
-    return error(Fault::bad_channel, "no channel \"" + printable(name, 32) +
-                                         "\" (shell, control or stdin)");
+    return error(Fault::bad_channel,
+                 "no channel \"" + printable(name, 32) + "\" (shell, control or stdin)");
   if (*channel == Channel::iopub)
     return error(Fault::bad_channel, "iopub carries kernel-to-client messages only");
   return *channel;
@@ -51,6 +53,11 @@ Result<Channel> client_channel(std::string_view name) {
 // A legacy JSON message (a text frame's whole payload, or a binary frame's first part) into a
 // ClientMessage without buffers. `in_text_frame`: "buffers" must then be absent or empty.
 Result<ClientMessage> from_legacy_json(std::string_view text, bool in_text_frame) {
+  // One level for the message itself, so its parts may nest as deep as anywhere else.
+  if (!json_depth_within(text, kMaxJsonDepth + 1))
+    return error(Fault::bad_json, "the message nests deeper than " + std::to_string(kMaxJsonDepth));
+  if (text.find('\0') != std::string_view::npos)  // nlohmann's parser would stop there
+    return error(Fault::bad_json, "the message holds a NUL byte, which JSON never does");
   const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return error(Fault::bad_json, "the message is not JSON (or not UTF-8)");
   if (!j.is_object()) return error(Fault::bad_json, "the message is not a JSON object");
@@ -100,8 +107,8 @@ Result<ClientMessage> from_legacy_binary(std::string_view frame, const WsLimits&
                                        ")");
   const std::size_t table = 4 * (static_cast<std::size_t>(nbufs) + 1);
   if (frame.size() < table)
-    return error(Fault::malformed, "the binary message's offset table (" +
-                                       std::to_string(table) + " bytes) is cut off");
+    return error(Fault::malformed, "the binary message's offset table (" + std::to_string(table) +
+                                       " bytes) is cut off");
   std::vector<std::size_t> offsets(nbufs);
   for (std::size_t i = 0; i < nbufs; ++i) offsets[i] = get_u32_be(frame, 4 * (i + 1));
   if (offsets[0] != table)
@@ -134,8 +141,8 @@ Result<ClientMessage> from_v1(std::string_view frame, const WsLimits& limits) {
                                        ")");
   const std::size_t table = 8 * (static_cast<std::size_t>(n) + 1);
   if (frame.size() < table)
-    return error(Fault::malformed, "the v1 offset table (" + std::to_string(table) +
-                                       " bytes) is cut off");
+    return error(Fault::malformed,
+                 "the v1 offset table (" + std::to_string(table) + " bytes) is cut off");
   std::vector<std::uint64_t> offsets(n);
   for (std::size_t i = 0; i < n; ++i) offsets[i] = get_u64_le(frame, 8 * (i + 1));
   if (offsets[0] != table)
@@ -149,8 +156,8 @@ Result<ClientMessage> from_v1(std::string_view frame, const WsLimits& limits) {
   }
   if (offsets[n - 1] != frame.size())
     return error(Fault::malformed, "the last v1 offset (" + std::to_string(offsets[n - 1]) +
-                                       ") is not the frame's end (" +
-                                       std::to_string(frame.size()) + ")");
+                                       ") is not the frame's end (" + std::to_string(frame.size()) +
+                                       ")");
   auto part = [&](std::size_t i) { return frame.substr(offsets[i], offsets[i + 1] - offsets[i]); };
   auto channel = client_channel(part(0));
   if (auto* e = std::get_if<GatewayError>(&channel)) return *e;
@@ -195,10 +202,14 @@ WsProtocol choose_protocol(std::string_view offered) {
 
 const char* to_string(Channel channel) {
   switch (channel) {
-    case Channel::shell: return "shell";
-    case Channel::control: return "control";
-    case Channel::stdin_channel: return "stdin";
-    case Channel::iopub: return "iopub";
+    case Channel::shell:
+      return "shell";
+    case Channel::control:
+      return "control";
+    case Channel::stdin_channel:
+      return "stdin";
+    case Channel::iopub:
+      return "iopub";
   }
   return "unknown";
 }

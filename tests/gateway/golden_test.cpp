@@ -49,8 +49,7 @@ MessageSigner golden_signer() {
 JupyterMessage golden_parse(const char* field) {
   auto r = parse(unhex_all(golden()[field]), golden_signer());
   if (auto* e = std::get_if<GatewayError>(&r)) ADD_FAILURE() << e->message;
-  return std::holds_alternative<JupyterMessage>(r) ? std::get<JupyterMessage>(r)
-                                                   : JupyterMessage{};
+  return std::holds_alternative<JupyterMessage>(r) ? std::get<JupyterMessage>(r) : JupyterMessage{};
 }
 
 // The legacy binary layout split into its parts (independently of the code under test).

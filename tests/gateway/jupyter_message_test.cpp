@@ -69,7 +69,8 @@ TEST(GatewayJupyterMessage, ParseOfSerializeGivesTheMessageBack) {
 TEST(GatewayJupyterMessage, SignatureCoversEachJsonPart) {
   for (std::size_t part = 3; part <= 6; ++part) {
     auto parts = wire(sample());
-    parts[part].insert(parts[part].size() - 1, " ");  // still a JSON object, but not what was signed
+    parts[part].insert(parts[part].size() - 1,
+                       " ");  // still a JSON object, but not what was signed
     EXPECT_EQ(refused(parts).fault, Fault::bad_signature) << "part " << part;
   }
 }
@@ -198,6 +199,10 @@ TEST(GatewayJupyterMessage, JsonPartsMustBeObjects) {
       {6, "[1]", Fault::bad_json},
       {6, "{\"a\":\"\xff\"}", Fault::bad_json},  // not UTF-8
       {6, "{} {}", Fault::bad_json},
+      {4, std::string("{} \0garbage", 11), Fault::bad_json},  // a parser could stop at the NUL
+      {3, std::string(R"({"msg_id":"m","msg_type":"x"})") + std::string("\0}", 2), Fault::bad_json},
+      {6, R"({"a":)" + std::string(300, '[') + std::string(300, ']') + "}", Fault::bad_json},
+      {3, R"({"msg_id":"m","msg_type":"x","a":)" + std::string(300, '{') + "}", Fault::bad_json},
   };
   for (const auto& c : cases) {
     auto m = sample();
@@ -205,6 +210,20 @@ TEST(GatewayJupyterMessage, JsonPartsMustBeObjects) {
     *parts[c.part - 3] = c.text;
     EXPECT_EQ(refused(wire(m)).fault, c.fault) << c.text;
   }
+}
+
+TEST(GatewayJupyterMessage, NestingDepthIsBounded) {
+  auto nested = [](std::size_t n) {
+    return R"({"a":)" + std::string(n, '[') + std::string(n, ']') + "}";
+  };
+  EXPECT_TRUE(is_json_object(nested(kMaxJsonDepth - 1)));
+  EXPECT_FALSE(is_json_object(nested(kMaxJsonDepth)));
+  // Brackets inside strings do not count, escaped quotes do not end a string.
+  EXPECT_TRUE(json_depth_within(R"({"s":"[[[[\"[[[["})", 1));
+  EXPECT_FALSE(json_depth_within("[[", 1));
+  auto m = sample();
+  m.content = nested(200);
+  EXPECT_TRUE(std::holds_alternative<JupyterMessage>(parse(wire(m), signer())));
 }
 
 TEST(GatewayJupyterMessage, ReadHeader) {

@@ -41,9 +41,10 @@ TEST(GatewayKernelModel, KernelJsonExactly) {
   k.last_activity = kAt + microseconds(5);
   k.execution_state = ExecutionState::idle;
   k.connections = 2;
-  EXPECT_EQ(kernel_json(k).dump(),
-            R"({"connections":2,"execution_state":"idle","id":"0f4b3d2c-1a2b-4c3d-8e9f-0a1b2c3d4e5f",)"
-            R"("last_activity":"2024-01-02T03:04:05.000005Z","name":"juwels-gpu"})");
+  EXPECT_EQ(
+      kernel_json(k).dump(),
+      R"({"connections":2,"execution_state":"idle","id":"0f4b3d2c-1a2b-4c3d-8e9f-0a1b2c3d4e5f",)"
+      R"("last_activity":"2024-01-02T03:04:05.000005Z","name":"juwels-gpu"})");
   k.execution_state = ExecutionState::starting;
   k.reason = "job 4711 is queued";
   const auto j = kernel_json(k);
@@ -71,8 +72,10 @@ TEST(GatewayKernelModel, KernelIdsMatchJupyterServersRoute) {
 }
 
 TEST(GatewayKernelModel, KernelspecNamesMatchJupyterServersRoute) {
-  for (const char* n : {"python3", "juwels.gpu-4", "a%20b", "_"}) EXPECT_TRUE(valid_kernelspec_name(n));
-  for (const char* n : {"", "a/b", "a b", "a?b", "\xc3\xa9"}) EXPECT_FALSE(valid_kernelspec_name(n));
+  for (const char* n : {"python3", "juwels.gpu-4", "a%20b", "_"})
+    EXPECT_TRUE(valid_kernelspec_name(n));
+  for (const char* n : {"", "a/b", "a b", "a?b", "\xc3\xa9"})
+    EXPECT_FALSE(valid_kernelspec_name(n));
 }
 
 TEST(GatewayKernelModel, KernelspecJsonExactly) {

@@ -144,6 +144,9 @@ TEST(GatewayWsCodec, LegacyTextFrameErrors) {
       {"{" + h + ",\"buffers\":[\"AAEC\"]}", Fault::bad_message},
       {"{" + h + ",\"buffers\":{}}", Fault::bad_message},
       {"", Fault::bad_json},
+      {"{" + h + "}" + std::string("\0{", 2), Fault::bad_json},
+      {"{" + h + ",\"content\":{\"a\":" + std::string(300, '[') + std::string(300, ']') + "}}",
+       Fault::bad_json},
   };
   for (const auto& c : cases)
     EXPECT_EQ(refused(WsProtocol::legacy, FrameKind::text, c.frame).fault, c.fault) << c.frame;
