@@ -188,7 +188,8 @@ body("credentials_offset", {"token": "abc.def", "expires_at": "2030-02-28T23:59:
 body("expires_at", b"2031-12-31T23:59:59.999z")
 
 # gateway_codec_fuzz: the first byte is the mode (0 legacy text, 1 legacy binary, 2 v1, 3 ZeroMQ
-# parts separated by FF FE). Layouts: docs/gateway.md.
+# parts separated by FF FE, 4 a POST /api/kernels body, 5 a kernelspecs path?query). Layouts:
+# docs/gateway.md.
 GW_HEADER = {"msg_id": "m-1", "msg_type": "comm_msg", "session": "s-1", "username": "alice",
              "date": "2024-01-02T03:04:05.123456Z", "version": "5.3"}
 GW_MSG = {"header": GW_HEADER, "parent_header": {}, "metadata": {},
@@ -220,3 +221,10 @@ write("gateway_codec_fuzz", "v1_bad_offsets", b"\x02" + struct.pack("<3Q", 2, 24
 write("gateway_codec_fuzz", "multipart", b"\x03" + b"\xff\xfe".join([b"routing-id", b"<IDS|MSG>", b""] + GW_RAW + [b"buffer"]))
 write("gateway_codec_fuzz", "multipart_signed", b"\x03" + b"\xff\xfe".join(
     [b"<IDS|MSG>", b"0" * 64] + GW_RAW))
+write("gateway_codec_fuzz", "start_request", b"\x04" + json.dumps({"name": "juwels-gpu", "env": {
+    "KERNEL_USERNAME": "alice", "KERNEL_LAUNCH_TIMEOUT": "40", "KERNEL_NODES": "2", "KERNEL_GPUS": "4",
+    "KERNEL_RUNTIME": "2h30m", "KERNEL_PROJECT": "hpc-ai", "KERNEL_PARTITION": "booster",
+    "KERNEL_RESERVATION": "maint", "JUPYTERHUB_API_TOKEN": "x", "PATH": "/usr/bin"}}).encode())
+write("gateway_codec_fuzz", "start_request_null", b"\x04" + b'{"name": null, "env": {}}')
+write("gateway_codec_fuzz", "kernelspec_user_quirk", b"\x05/api/kernelspecs?user=alice/my.spec-1")
+write("gateway_codec_fuzz", "kernelspec_one", b"\x05/api/kernelspecs/a%2Eb/")
