@@ -67,7 +67,7 @@ class MessageSigner {
 
 // The signatures a receiving session has accepted, so a replayed message is refused
 // (jupyter_client keeps 2^16 and refuses "Duplicate Signature"). Forgets the oldest beyond
-// `capacity`; about 64 bytes per remembered signature. One owner at a time.
+// `capacity` (0: remembers nothing); about 80 bytes per remembered signature. One owner at a time.
 class SignatureHistory {
  public:
   using Digest = std::array<std::uint8_t, 32>;
@@ -101,8 +101,8 @@ struct HeaderFields {
   std::string msg_type;
   std::string session;  // "" if absent
 };
-// `header` must be a JSON object (within kMaxJsonDepth) with string msg_id and msg_type (session
-// optional, a string).
+// `header` must pass is_json_object and have string msg_id and msg_type (session optional, a
+// string).
 Result<HeaderFields> read_header(std::string_view header);
 // Whether `text` is one JSON object (RFC 8259, UTF-8, so no raw NUL byte) nested at most
 // kMaxJsonDepth deep, checked without building it.

@@ -200,6 +200,7 @@ TEST(GatewayJupyterMessage, JsonPartsMustBeObjects) {
       {6, "{\"a\":\"\xff\"}", Fault::bad_json},  // not UTF-8
       {6, "{} {}", Fault::bad_json},
       {4, std::string("{} \0garbage", 11), Fault::bad_json},  // a parser could stop at the NUL
+      {3, "\xef\xbb\xbf{\"msg_id\":\"m\",\"msg_type\":\"x\"}", Fault::bad_json},  // a BOM
       {3, std::string(R"({"msg_id":"m","msg_type":"x"})") + std::string("\0}", 2), Fault::bad_json},
       {6, R"({"a":)" + std::string(300, '[') + std::string(300, ']') + "}", Fault::bad_json},
       {3, R"({"msg_id":"m","msg_type":"x","a":)" + std::string(300, '{') + "}", Fault::bad_json},
