@@ -154,6 +154,7 @@ def vectors():
 
     # The same message relayed by jupyter_server 1.23's gateway client: a TEXT frame (H2).
     frame = capture_gateway_frame(layout)
+    assert frame["fin"] and frame["payload"] == layout, "the relay changed the bytes"
     out["h2_frame_opcode"] = frame["opcode"]
     out["h2_frame_payload"] = frame["payload"].hex()
 
