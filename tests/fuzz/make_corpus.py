@@ -186,3 +186,45 @@ body("credentials", {"token": "eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl", "expires_at"
 body("credentials_unix", {"token": "abc.def", "expires_at": 1924992000.5})
 body("credentials_offset", {"token": "abc.def", "expires_at": "2030-02-28T23:59:60.123456+05:30"})
 body("expires_at", b"2031-12-31T23:59:59.999z")
+
+# gateway_codec_fuzz: the first byte is the mode (0 legacy text, 1 legacy binary, 2 v1, 3 ZeroMQ
+# parts separated by FF FE, 4 a POST /api/kernels body, 5 a kernelspecs path?query). Layouts:
+# docs/gateway.md.
+GW_HEADER = {"msg_id": "m-1", "msg_type": "comm_msg", "session": "s-1", "username": "alice",
+             "date": "2024-01-02T03:04:05.123456Z", "version": "5.3"}
+GW_MSG = {"header": GW_HEADER, "parent_header": {}, "metadata": {},
+          "content": {"comm_id": "w-1", "data": {"method": "custom", "x": [1, 2.5, None]}}}
+
+
+def gw_legacy(msg, buffers):
+    parts = [json.dumps(msg).encode()] + buffers
+    offsets = [4 * (len(parts) + 1)]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + len(p))
+    return struct.pack(">%dI" % (len(parts) + 1), len(parts), *offsets) + b"".join(parts)
+
+
+def gw_v1(channel, parts):
+    offsets = [8 * (len(parts) + 3), 8 * (len(parts) + 3) + len(channel)]
+    for p in parts:
+        offsets.append(offsets[-1] + len(p))
+    return struct.pack("<%dQ" % (len(offsets) + 1), len(offsets), *offsets) + channel + b"".join(parts)
+
+
+GW_RAW = [json.dumps(GW_MSG[k]).encode() for k in ("header", "parent_header", "metadata", "content")]
+write("gateway_codec_fuzz", "legacy_text", b"\x00" + json.dumps(dict(GW_MSG, channel="shell", buffers=[])).encode())
+write("gateway_codec_fuzz", "legacy_text_stdin", b"\x00" + json.dumps(dict(GW_MSG, channel="stdin")).encode())
+write("gateway_codec_fuzz", "legacy_binary", b"\x01" + gw_legacy(dict(GW_MSG, channel="shell"), [b"\x00\x01\xff", b""]))
+write("gateway_codec_fuzz", "legacy_h2_text", b"\x00" + gw_legacy(dict(GW_MSG, channel="control"), [b"buf"]))
+write("gateway_codec_fuzz", "v1", b"\x02" + gw_v1(b"shell", GW_RAW + [b"\x10\x20"]))
+write("gateway_codec_fuzz", "v1_bad_offsets", b"\x02" + struct.pack("<3Q", 2, 24, 99))
+write("gateway_codec_fuzz", "multipart", b"\x03" + b"\xff\xfe".join([b"routing-id", b"<IDS|MSG>", b""] + GW_RAW + [b"buffer"]))
+write("gateway_codec_fuzz", "multipart_signed", b"\x03" + b"\xff\xfe".join(
+    [b"<IDS|MSG>", b"0" * 64] + GW_RAW))
+write("gateway_codec_fuzz", "start_request", b"\x04" + json.dumps({"name": "juwels-gpu", "env": {
+    "KERNEL_USERNAME": "alice", "KERNEL_LAUNCH_TIMEOUT": "40", "KERNEL_NODES": "2", "KERNEL_GPUS": "4",
+    "KERNEL_RUNTIME": "2h30m", "KERNEL_PROJECT": "hpc-ai", "KERNEL_PARTITION": "booster",
+    "KERNEL_RESERVATION": "maint", "JUPYTERHUB_API_TOKEN": "x", "PATH": "/usr/bin"}}).encode())
+write("gateway_codec_fuzz", "start_request_null", b"\x04" + b'{"name": null, "env": {}}')
+write("gateway_codec_fuzz", "kernelspec_user_quirk", b"\x05/api/kernelspecs?user=alice/my.spec-1")
+write("gateway_codec_fuzz", "kernelspec_one", b"\x05/api/kernelspecs/a%2Eb/")
