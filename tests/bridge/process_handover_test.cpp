@@ -91,8 +91,9 @@ TEST(ProcessHandover, DocumentsThatCannotBeTrustedAreRefusedWithAReason) {
   ASSERT_NE(at, std::string::npos);
   twice.replace(at, 6, "\"fd\":0");
   expect_refused(twice, fds, "named twice");
-  std::string four = R"({"format":"kernel-bridge-handover","version":1,"kernels":[{"allocation":"x",)"
-                     R"("listeners":[0,1,2,3],"link":{}}]})";
+  std::string four =
+      R"({"format":"kernel-bridge-handover","version":1,"kernels":[{"allocation":"x",)"
+      R"("listeners":[0,1,2,3],"link":{}}]})";
   expect_refused(four, fds, "not five listeners");
   expect_refused(R"({"format":"kernel-bridge-handover","version":1,"kernels":[{"allocation":1}]})",
                  fds, "malformed");
