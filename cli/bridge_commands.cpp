@@ -19,7 +19,11 @@ void add_serve_command(CLI::App& app) {
   CLI::App* serve = app.add_subcommand(
       "serve",
       "Run the bridge daemon: the control API, and for each kernel its UNICORE job, agent link and "
-      "hub-side endpoints (see docs/lifecycle.md).");
+      "hub-side endpoints (see docs/lifecycle.md). Signals: SIGTERM/SIGINT stop (bridge.on_stop "
+      "says whether kernels end or stay for the next start; under systemd their connections go "
+      "to its file-descriptor store); SIGUSR2 restarts in place, e.g. after an upgrade, handing "
+      "every kernel's connections to the new image with nothing lost; SIGHUP reloads "
+      "api.tokens_file (docs/state.md, docs/operations.md).");
   serve->add_option("--config", options->config_file, "the bridge's TOML configuration file")
       ->required();
   serve->add_flag("--start-empty", options->start_empty,
