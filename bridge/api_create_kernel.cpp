@@ -1,6 +1,7 @@
 // POST /v1/kernels, in three steps: read the request (site, kernel, resources, connection, name,
 // lease, tags; the first error found is the answer), validate it against the site's limits and the
 // caller's kernel count, then submit it to the KernelService and answer 201 with the kernel.
+#include <algorithm>
 #include <boost/beast/http/field.hpp>
 
 #include "bridge/control_api_impl.hpp"
@@ -196,6 +197,20 @@ std::optional<ApiError> ControlApi::Impl::validate_kernel_request(const Caller& 
   if (auto violation = validate_request(site, request)) {
     return ApiError{http::status::unprocessable_entity, violation->message, violation->field,
                     violation->limit};
+  }
+  // The site's own word on the projects, where the bridge has it fresh (GET …/options asks).
+  const auto& project = request.resources.project;
+  if (project) {
+    if (auto projects = kernels.known_projects(caller.user, site.name);
+        projects && !projects->empty() &&
+        std::find(projects->begin(), projects->end(), *project) == projects->end()) {
+      std::string list;
+      for (const auto& p : *projects) list += (list.empty() ? "" : ", ") + p;
+      return ApiError{http::status::unprocessable_entity,
+                      "project \"" + *project + "\" is not one user " + caller.user +
+                          " may charge on site " + site.name + " (the site says: " + list + ")",
+                      "resources.project", "projects"};
+    }
   }
   if (config.max_kernels_per_user > 0) {
     int running = 0;

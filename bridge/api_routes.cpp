@@ -182,6 +182,11 @@ void ControlApi::Impl::route(const Peer& peer, const HttpRequest& request, const
     return kernel_route(caller, request, target, reply);
   if (seg.size() == 4 && seg[0] == "v1" && seg[1] == "users" && seg[3] == "credentials")
     return credentials_route(caller, request, seg[2], reply);
+  if (seg.size() >= 2 && seg[0] == "v1" && seg[1] == "sites") {
+    if (request.method() != http::verb::get) return method_not_allowed(reply, request, "GET");
+    if (seg.size() == 2) return list_sites(reply);
+    if (seg.size() == 4 && seg[3] == "options") return site_options(caller, seg[2], reply);
+  }
   no_such_route(reply, request);
 }
 

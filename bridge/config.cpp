@@ -401,7 +401,7 @@ class ConfigReader {
         "login_hosts",   "known_hosts",     "ssh_user",    "ssh_identity",   "ssh_cipher",
         "ssh_keepalive", "connect_timeout", "agent",       "gpu_mode",       "job_template",
         "environment",   "job_tags",        "kernels",     "default_kernel", "defaults",
-        "limits"};
+        "limits",        "partitions",      "reservations"};
     site.name = *string_value(table, "name", "[[site]]", true);
     for (char c : site.name) {
       if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') {
@@ -523,6 +523,12 @@ class ConfigReader {
     if (const toml::table* limits = optional_table(table, "limits", where + ": limits")) {
       read_limits(*limits, where, site.limits);
     }
+    if (const toml::node* reservations = table.get("reservations")) {
+      site.reservations = string_list(*reservations, where + ": reservations", true);
+    }
+    if (const toml::node* partitions = table.get("partitions")) {
+      read_partitions(*partitions, where, site);
+    }
     if (const toml::table* defaults = optional_table(table, "defaults", where + ": defaults")) {
       read_defaults(*defaults, where, site.defaults);
       // Defaults must be requestable, or every kernel relying on them would be refused.
@@ -533,6 +539,16 @@ class ConfigReader {
         const toml::node* at = defaults->get(key);
         fail(at ? line_of(*at) : line_of(*defaults),
              where + ": defaults." + key + " is outside the site's limits: " + violation->message);
+      }
+    }
+    // So must every partition's (its own, and the site's it inherits).
+    for (const auto& p : site.partitions) {
+      KernelRequest probe;
+      probe.resources.queue = p.name;
+      apply_defaults(site, probe.resources);
+      if (auto violation = validate_request(site, probe)) {
+        fail(p.line, where + ": partition \"" + p.name +
+                         "\": its defaults are outside its limits: " + violation->message);
       }
     }
     return site;
@@ -610,6 +626,46 @@ class ConfigReader {
     d.reservation = string_value(table, "reservation", "defaults");
     d.qos = string_value(table, "qos", "defaults");
     d.memory = size_value(table, "memory", "defaults");
+  }
+
+  // [[site.partitions]]: name, description, max_* (limits) and default_* (defaults).
+  void read_partitions(const toml::node& node, const std::string& where, SiteConfig& site) {
+    const toml::array* list = node.as_array();
+    if (!list || list->empty()) {
+      fail(node, where + ": partitions must be a list of tables ([[site.partitions]] blocks)");
+    }
+    if (!site.limits.queues.empty()) {
+      fail(node, where +
+                     ": give the queues either as limits.queues or as [[site.partitions]], not "
+                     "both");
+    }
+    for (const toml::node& element : *list) {
+      const toml::table* t = element.as_table();
+      if (!t) fail(element, where + ": each partition must be a table");
+      const std::string w = where + ": partition";
+      check_keys(*t, w,
+                 {"name", "description", "max_nodes", "max_gpus", "max_runtime", "max_memory",
+                  "default_nodes", "default_gpus", "default_runtime", "default_memory"});
+      PartitionConfig p;
+      p.line = line_of(*t);
+      p.name = *string_value(*t, "name", w, true);
+      if (find_partition(site, p.name)) {
+        fail(*t->get("name"), where + ": partition \"" + p.name + "\" is listed twice");
+      }
+      const std::string pw = where + ": partition \"" + p.name + "\"";
+      p.description = string_value(*t, "description", pw).value_or("");
+      p.limits.max_nodes = int_value(*t, "max_nodes", pw, 1, 1000000);
+      p.limits.max_gpus = int_value(*t, "max_gpus", pw, 0, 1024);
+      p.limits.max_runtime = duration_value(*t, "max_runtime", pw);
+      p.limits.max_memory = size_value(*t, "max_memory", pw);
+      p.defaults.nodes = int_value(*t, "default_nodes", pw, 1, 1000000);
+      p.defaults.gpus = int_value(*t, "default_gpus", pw, 0, 1024);
+      p.defaults.runtime = duration_value(*t, "default_runtime", pw);
+      if (p.defaults.runtime && p.defaults.runtime->count() == 0)
+        fail(*t->get("default_runtime"), pw + ": default_runtime must be longer than 0s");
+      p.defaults.memory = size_value(*t, "default_memory", pw);
+      site.partitions.push_back(std::move(p));
+    }
   }
 
   void read_limits(const toml::table& table, const std::string& where, ResourceLimits& l) {
@@ -769,62 +825,6 @@ std::string format_size(std::uint64_t bytes) {
     if (bytes % size == 0) return std::to_string(bytes / size) + unit;
   }
   return std::to_string(bytes);
-}
-
-void apply_defaults(const SiteConfig& site, ResourceRequest& r) {
-  const ResourceDefaults& d = site.defaults;
-  if (!r.queue) r.queue = d.queue;
-  if (!r.nodes) r.nodes = d.nodes;
-  if (!r.gpus) r.gpus = d.gpus;
-  if (!r.runtime) r.runtime = d.runtime;
-  if (!r.project) r.project = d.project;
-  if (!r.reservation) r.reservation = d.reservation;
-  if (!r.qos) r.qos = d.qos;
-  if (!r.memory) r.memory = d.memory;
-}
-
-std::optional<LimitViolation> validate_request(const SiteConfig& site,
-                                               const KernelRequest& request) {
-  const ResourceLimits& l = site.limits;
-  const ResourceRequest& r = request.resources;
-  if (r.queue && !l.queues.empty() &&
-      std::find(l.queues.begin(), l.queues.end(), *r.queue) == l.queues.end()) {
-    std::string list;
-    for (const auto& q : l.queues) list += (list.empty() ? "" : ", ") + q;
-    return LimitViolation{"resources.queue", "queues",
-                          "queue \"" + *r.queue + "\" is not allowed on site " + site.name +
-                              " (allowed: " + list + ")"};
-  }
-  if (r.nodes && *r.nodes < 1) {
-    return LimitViolation{"resources.nodes", "min_nodes", "nodes must be at least 1"};
-  }
-  if (r.nodes && l.max_nodes && *r.nodes > *l.max_nodes) {
-    return LimitViolation{"resources.nodes", "max_nodes",
-                          "nodes " + std::to_string(*r.nodes) + " exceeds the site's max_nodes " +
-                              std::to_string(*l.max_nodes)};
-  }
-  if (r.gpus && *r.gpus < 0) {
-    return LimitViolation{"resources.gpus", "min_gpus", "gpus must not be negative"};
-  }
-  if (r.gpus && l.max_gpus && *r.gpus > *l.max_gpus) {
-    return LimitViolation{"resources.gpus", "max_gpus",
-                          "gpus " + std::to_string(*r.gpus) + " exceeds the site's max_gpus " +
-                              std::to_string(*l.max_gpus)};
-  }
-  if (r.runtime && r.runtime->count() <= 0) {
-    return LimitViolation{"resources.runtime", "min_runtime", "runtime must be longer than 0s"};
-  }
-  if (r.runtime && l.max_runtime && *r.runtime > *l.max_runtime) {
-    return LimitViolation{"resources.runtime", "max_runtime",
-                          "runtime " + format_duration(*r.runtime) +
-                              " exceeds the site's max_runtime " + format_duration(*l.max_runtime)};
-  }
-  if (r.memory && l.max_memory && *r.memory > *l.max_memory) {
-    return LimitViolation{"resources.memory", "max_memory",
-                          "memory " + format_size(*r.memory) + " exceeds the site's max_memory " +
-                              format_size(*l.max_memory)};
-  }
-  return std::nullopt;
 }
 
 BridgeConfig parse_config(std::string_view text, const std::string& file,

@@ -57,6 +57,16 @@ struct ResourceLimits {
   std::optional<std::uint64_t> max_memory;  // bytes per node
 };
 
+// One of the site's partitions (Slurm partition = UNICORE queue) and what a request on it may ask
+// for. A limit or default it leaves out is the site's ([site.limits], [site.defaults]).
+struct PartitionConfig {
+  std::string name;
+  std::string description;    // for people choosing one ("GPU nodes, 4 A100 each")
+  ResourceLimits limits;      // `queues` unused
+  ResourceDefaults defaults;  // nodes, gpus, runtime, memory
+  int line = 0;
+};
+
 struct SiteConfig {
   std::string name;
   std::string description;
@@ -82,6 +92,11 @@ struct SiteConfig {
   std::string default_kernel;  // used when a request names neither kernel nor argv
   ResourceDefaults defaults;
   ResourceLimits limits;
+  // [[site.partitions]]: when given, a request's queue must be one of them and each brings its
+  // own limits and defaults (docs/configuration.md).
+  std::vector<PartitionConfig> partitions;
+  // Reservations a request may name; empty: any (the site's scheduler decides).
+  std::vector<std::string> reservations;
   int line = 0;  // where the [[site]] table starts (for later messages)
 };
 
@@ -153,8 +168,15 @@ struct LimitViolation {
   std::string message;  // "runtime 48h exceeds the site's max_runtime 24h"
 };
 
-// Fills resources the request left out from the site's defaults.
+// Fills resources the request left out: the queue from the site's defaults, then the rest from its
+// partition's defaults, then from the site's.
 void apply_defaults(const SiteConfig& site, ResourceRequest& resources);
+// The partition of that name, or null.
+const PartitionConfig* find_partition(const SiteConfig& site, std::string_view name);
+// The queues a request may name: the partitions' names, else [site.limits] queues (empty: any).
+std::vector<std::string> allowed_queues(const SiteConfig& site);
+// What applies on `queue`: each limit of its partition where set, else the site's.
+ResourceLimits effective_limits(const SiteConfig& site, const std::optional<std::string>& queue);
 // The first limit the request's resources violate (check after apply_defaults), or nullopt.
 std::optional<LimitViolation> validate_request(const SiteConfig& site,
                                                const KernelRequest& request);

@@ -132,6 +132,10 @@ struct ControlApi::Impl : std::enable_shared_from_this<ControlApi::Impl> {
   void credentials_route(const Caller& caller, const HttpRequest& request, const std::string& user,
                          const Reply& reply);
 
+  // --- api_sites.cpp: GET /v1/sites, GET /v1/sites/{site}/options.
+  void list_sites(const Reply& reply) const;
+  void site_options(const Caller& caller, const std::string& site, Reply reply);
+
   // --- api_create_kernel.cpp: POST /v1/kernels, step by step.
   std::optional<ApiError> read_kernel_request(const nlohmann::json& body, KernelRequest& request,
                                               const SiteConfig*& site) const;

@@ -258,6 +258,18 @@ struct HealthCheck {
   std::string detail;  // what is wrong and what to do, when !ok
 };
 
+// What the site itself says a user may choose (GET /v1/sites/{site}/options adds the site's
+// configured partitions, limits and kernels): the projects (UNICORE's groups = budgets) and the
+// queues UNICORE publishes. Empty lists with a `note` when the site could not be asked.
+struct UserSiteChoices {
+  std::vector<std::string> projects;
+  std::string default_project;
+  std::vector<std::string> queues;  // empty when the site does not publish them
+  std::string note;                 // why projects are missing, for people
+  Clock::time_point fetched_at{};
+};
+using ChoicesCallback = std::function<void(UserSiteChoices)>;
+
 class KernelService {
  public:
   virtual ~KernelService() = default;
@@ -282,6 +294,22 @@ class KernelService {
   // The kernel's owner asked for it (GET /v1/kernels/{id}; also when a long poll ends): renews the
   // kernel's lease, if it has one. Unknown ids are ignored.
   virtual void watched(std::string_view id) { (void)id; }
+
+  // What site `site` says `caller.user` may choose, from a short-lived cache or asked now with the
+  // user's UNICORE token. Never fails: a missing token or an unreachable site is a `note`.
+  virtual void user_choices(const Caller& caller, const std::string& site, ChoicesCallback done) {
+    (void)caller;
+    (void)site;
+    done(UserSiteChoices{{}, {}, {}, "this bridge cannot ask sites for choices", Clock::now()});
+  }
+  // The projects of the last answer within the cache's lifetime, if any (a request naming another
+  // is refused before a job is submitted).
+  virtual std::optional<std::vector<std::string>> known_projects(const std::string& user,
+                                                                 const std::string& site) const {
+    (void)user;
+    (void)site;
+    return std::nullopt;
+  }
 
   // Components the service depends on (per site: UNICORE, SSH), for GET /v1/health.
   virtual std::vector<HealthCheck> health() const = 0;

@@ -108,6 +108,9 @@ class KernelLifecycle final : public KernelService {
   void remove(const Caller& caller, std::string_view id, ActionCallback done) override;
   void watched(std::string_view id) override;
   std::vector<HealthCheck> health() const override;
+  void user_choices(const Caller& caller, const std::string& site, ChoicesCallback done) override;
+  std::optional<std::vector<std::string>> known_projects(const std::string& user,
+                                                         const std::string& site) const override;
 
   // Bridge shutdown: refuses new kernels, ends every kernel (reason: the bridge stopped), asks
   // every agent to stop its kernel and aborts every job; `done` once all have answered or after
@@ -246,6 +249,8 @@ class KernelLifecycle final : public KernelService {
   kb::Clock& clock_;
   kb::ClockTimer tick_timer_;
   bool shutting_down_ = false;
+  // user_choices' answers by user + "\n" + site (lifecycle_choices.cpp).
+  std::map<std::string, UserSiteChoices> choices_;
   bool detached_ = false;    // detach(): events of the closing links are ignored
   bool store_ok_ = true;     // the last write to the store succeeded
   std::string store_error_;  // why it did not, for /v1/health

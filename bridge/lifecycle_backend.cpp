@@ -38,6 +38,9 @@ class UnicoreBackend final : public JobBackend {
   UnicoreBackend(boost::asio::io_context& io, const SiteConfig& site, BridgeMetrics* metrics)
       : site_(site.name), metrics_(metrics), client_(io, options_for(site)) {}
 
+  void get_core_info(const Credentials& creds, Callback<unicore::CoreInfo> done) override {
+    client_.get_core_info(creds, timed<unicore::CoreInfo>("core_info", std::move(done)));
+  }
   void submit(const Credentials& creds, const unicore::JobDescription& job,
               Callback<std::string> done) override {
     client_.submit(creds, job, timed<std::string>("submit", std::move(done)));

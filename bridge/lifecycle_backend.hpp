@@ -49,6 +49,8 @@ class JobBackend {
   using Credentials = unicore::Credentials;
 
   virtual ~JobBackend() = default;
+  // The site's user info: the caller's projects (groups), the queues it publishes.
+  virtual void get_core_info(const Credentials& creds, Callback<unicore::CoreInfo> done) = 0;
   virtual void submit(const Credentials& creds, const unicore::JobDescription& job,
                       Callback<std::string> done) = 0;
   virtual void start(const Credentials& creds, const std::string& job,

@@ -360,3 +360,117 @@ TEST(ClosestMatch, SuggestsOnlyNearNames) {
 
 }  // namespace
 }  // namespace kb::bridge
+
+// [[site.partitions]]: each brings its limits and defaults; what it leaves out is the site's.
+namespace kb::bridge {
+namespace {
+
+const char* kPartitions =
+    "reservations = [\"maint\"]\n"
+    "[site.defaults]\n"
+    "queue = \"batch\"\n"
+    "runtime = \"1h\"\n"
+    "[site.limits]\n"
+    "max_nodes = 8\n"
+    "max_runtime = \"24h\"\n"
+    "[[site.partitions]]\n"
+    "name = \"batch\"\n"
+    "max_gpus = 0\n"
+    "[[site.partitions]]\n"
+    "name = \"gpus\"\n"
+    "description = \"4 GPUs per node\"\n"
+    "max_nodes = 2\n"
+    "max_gpus = 4\n"
+    "max_runtime = \"6h\"\n"
+    "default_gpus = 1\n"
+    "default_runtime = \"2h\"\n";
+
+TEST(ConfigPartitions, EachPartitionHasItsLimitsAndDefaultsAndInheritsTheSites) {
+  kb::test::TempDir dir;
+  const BridgeConfig config = parse_config(minimal(dir, kPartitions), dir.file("kb.toml"));
+  const SiteConfig& site = config.sites.at(0);
+  ASSERT_EQ(site.partitions.size(), 2u);
+  EXPECT_EQ(site.partitions[1].description, "4 GPUs per node");
+  EXPECT_EQ(allowed_queues(site), (std::vector<std::string>{"batch", "gpus"}));
+  EXPECT_EQ(site.reservations, std::vector<std::string>{"maint"});
+
+  ResourceRequest gpu;
+  gpu.queue = "gpus";
+  apply_defaults(site, gpu);
+  EXPECT_EQ(gpu.gpus, 1);
+  EXPECT_EQ(gpu.runtime, std::chrono::hours(2));  // the partition's default, not the site's
+  ResourceRequest batch;
+  apply_defaults(site, batch);
+  EXPECT_EQ(batch.queue, "batch");
+  EXPECT_EQ(batch.runtime, std::chrono::hours(1));  // the site's
+
+  EXPECT_EQ(effective_limits(site, std::string("gpus")).max_nodes, 2);
+  EXPECT_EQ(effective_limits(site, std::string("batch")).max_nodes, 8);  // inherited
+
+  KernelRequest r;
+  r.resources = gpu;
+  EXPECT_FALSE(validate_request(site, r));
+  r.resources.nodes = 3;
+  auto v = validate_request(site, r);
+  ASSERT_TRUE(v);
+  EXPECT_EQ(v->field, "resources.nodes");
+  EXPECT_EQ(v->limit, "max_nodes");
+  EXPECT_EQ(v->message, "nodes 3 exceeds partition gpus's max_nodes 2");
+  r.resources = batch;
+  r.resources.nodes = 9;
+  EXPECT_EQ(validate_request(site, r)->message, "nodes 9 exceeds the site's max_nodes 8");
+  r.resources = batch;
+  r.resources.gpus = 1;
+  EXPECT_EQ(validate_request(site, r)->message, "gpus 1 exceeds partition batch's max_gpus 0");
+  r.resources = gpu;
+  r.resources.runtime = std::chrono::hours(7);
+  EXPECT_EQ(validate_request(site, r)->message,
+            "runtime 7h exceeds partition gpus's max_runtime 6h");
+  r.resources = batch;
+  r.resources.queue = "gpu";
+  v = validate_request(site, r);
+  EXPECT_EQ(v->limit, "partitions");
+  EXPECT_EQ(v->message, "queue \"gpu\" is not allowed on site demo (allowed: batch, gpus)");
+  r.resources = batch;
+  r.resources.reservation = "other";
+  v = validate_request(site, r);
+  EXPECT_EQ(v->limit, "reservations");
+  EXPECT_EQ(v->message, "reservation \"other\" is not offered on site demo (offered: maint)");
+  r.resources.reservation = "maint";
+  EXPECT_FALSE(validate_request(site, r));
+}
+
+TEST(ConfigPartitions, MistakesAreRefusedWithTheirLine) {
+  kb::test::TempDir dir;
+  const std::string file = dir.file("kb.toml");
+  // Both ways of listing queues.
+  EXPECT_THAT(error_of(minimal(dir,
+                               "[site.limits]\nqueues = [\"a\"]\n[[site.partitions]]\n"
+                               "name = \"a\"\n"),
+                       file),
+              HasSubstr("give the queues either as limits.queues or as [[site.partitions]]"));
+  // The same partition twice.
+  EXPECT_THAT(error_of(minimal(dir,
+                               "[[site.partitions]]\nname = \"a\"\n[[site.partitions]]\n"
+                               "name = \"a\"\n"),
+                       file),
+              HasSubstr("partition \"a\" is listed twice"));
+  // A default outside the partition's own limit.
+  EXPECT_THAT(error_of(minimal(dir,
+                               "[[site.partitions]]\nname = \"a\"\nmax_nodes = 1\n"
+                               "default_nodes = 2\n"),
+                       file),
+              HasSubstr("partition \"a\": its defaults are outside its limits: nodes 2 exceeds "
+                        "partition a's max_nodes 1"));
+  // An unknown key, and a site default queue that is no partition.
+  EXPECT_THAT(error_of(minimal(dir, "[[site.partitions]]\nname = \"a\"\nmax_node = 1\n"), file),
+              HasSubstr("max_node"));
+  EXPECT_THAT(error_of(minimal(dir,
+                               "[site.defaults]\nqueue = \"b\"\n[[site.partitions]]\n"
+                               "name = \"a\"\n"),
+                       file),
+              HasSubstr("queue \"b\" is not allowed on site demo (allowed: a)"));
+}
+
+}  // namespace
+}  // namespace kb::bridge

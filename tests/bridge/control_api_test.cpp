@@ -1027,3 +1027,73 @@ TEST_F(ControlApiTest, OneUserCannotTakeTheUnixSocket) {
 
 }  // namespace
 }  // namespace kb::bridge
+
+// GET /v1/sites and GET /v1/sites/{site}/options: the configured choices plus what the site says
+// of the caller (projects), and a request naming a project the site did not list is refused.
+namespace kb::bridge {
+namespace {
+
+TEST_F(ControlApiTest, SitesAndTheirOptionsForTheCaller) {
+  Reply sites = tcp(http::verb::get, "/v1/sites", kAliceToken);
+  EXPECT_EQ(sites.status, 200);
+  EXPECT_EQ(sites.body, (json{{"sites", {{{"name", "demo"}, {"description", ""}}}}}));
+
+  service_.choices.projects = {"proj1", "users"};
+  service_.choices.default_project = "users";
+  service_.choices.fetched_at = Clock::now();
+  Reply options = tcp(http::verb::get, "/v1/sites/demo/options", kAliceToken);
+  ASSERT_EQ(options.status, 200) << options.raw;
+  ASSERT_EQ(service_.choices_asked.size(), 1u);
+  EXPECT_EQ(service_.choices_asked[0], (std::pair<std::string, std::string>{"alice", "demo"}));
+  const json& o = options.body;
+  EXPECT_EQ(o["user"], "alice");
+  EXPECT_EQ(o["projects"], (json{"proj1", "users"}));
+  EXPECT_EQ(o["default_project"], "users");
+  EXPECT_EQ(o["default_partition"], "batch");
+  EXPECT_EQ(o["kernels"], (json{"python3"}));
+  ASSERT_EQ(o["partitions"].size(), 2u);
+  const json& batch = o["partitions"][0];
+  EXPECT_EQ(batch["name"], "batch");
+  EXPECT_EQ(batch["nodes"], (json{{"min", 1}, {"max", 4}, {"default", nullptr}}));
+  EXPECT_EQ(batch["gpus_per_node"]["max"], 4);
+  EXPECT_EQ(batch["runtime_seconds"], (json{{"min", 1}, {"max", 86400}, {"default", 3600}}));
+  EXPECT_FALSE(o.contains("projects_note"));
+
+  service_.choices = UserSiteChoices{};
+  service_.choices.note = "the bridge holds no UNICORE token of user alice";
+  Reply noted = tcp(http::verb::get, "/v1/sites/demo/options", kAliceToken);
+  EXPECT_EQ(noted.status, 200);
+  EXPECT_EQ(noted.body["projects"], json::array());
+  EXPECT_EQ(noted.body["projects_note"], "the bridge holds no UNICORE token of user alice");
+
+  Reply unknown = tcp(http::verb::get, "/v1/sites/nowhere/options", kAliceToken);
+  EXPECT_EQ(unknown.status, 404);
+  EXPECT_EQ(unknown.body["field"], "site");
+  EXPECT_EQ(tcp(http::verb::post, "/v1/sites/demo/options", kAliceToken).status, 405);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/sites/demo", kAliceToken).status, 404);
+  EXPECT_EQ(tcp(http::verb::get, "/v1/sites/demo/options", "wrong-token").status, 401);
+}
+
+TEST_F(ControlApiTest, AProjectTheSiteDidNotListIsRefusedNamingTheLimit) {
+  service_.projects_known = std::vector<std::string>{"proj1", "users"};
+  Reply refused = tcp(http::verb::post, "/v1/kernels", kAliceToken,
+                      kernel_request({{"project", "someone-elses"}}).dump());
+  EXPECT_EQ(refused.status, 422);
+  EXPECT_EQ(refused.body["field"], "resources.project");
+  EXPECT_EQ(refused.body["limit"], "projects");
+  EXPECT_EQ(refused.body["error"],
+            "project \"someone-elses\" is not one user alice may charge on site demo (the site "
+            "says: proj1, users)");
+  EXPECT_TRUE(service_.list().empty());
+  Reply ok = tcp(http::verb::post, "/v1/kernels", kAliceToken,
+                 kernel_request({{"project", "proj1"}}).dump());
+  EXPECT_EQ(ok.status, 201) << ok.raw;
+  // Without a fresh answer from the site the bridge does not guess: UNICORE decides.
+  service_.projects_known.reset();
+  Reply unknown = tcp(http::verb::post, "/v1/kernels", kAliceToken,
+                      kernel_request({{"project", "anything"}}).dump());
+  EXPECT_EQ(unknown.status, 201) << unknown.raw;
+}
+
+}  // namespace
+}  // namespace kb::bridge

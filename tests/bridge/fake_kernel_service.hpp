@@ -2,8 +2,10 @@
 // FakeKernelService: an in-memory KernelService for the control API's tests. It records what the
 // API asked for and lets a test move kernels through states. Test-only; io_context thread only.
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bridge/kernel_service.hpp"
@@ -56,6 +58,19 @@ class FakeKernelService : public KernelService {
   }
 
   void watched(std::string_view id) override { ++watches[std::string(id)]; }
+
+  // What the "site" says the user may choose; the last (user, site) asked.
+  UserSiteChoices choices;
+  std::vector<std::pair<std::string, std::string>> choices_asked;
+  std::optional<std::vector<std::string>> projects_known;
+  void user_choices(const Caller& caller, const std::string& site, ChoicesCallback done) override {
+    choices_asked.emplace_back(caller.user, site);
+    done(choices);
+  }
+  std::optional<std::vector<std::string>> known_projects(const std::string&,
+                                                         const std::string&) const override {
+    return projects_known;
+  }
 
   std::optional<KernelView> get(std::string_view id) const override {
     auto it = kernels_.find(std::string(id));

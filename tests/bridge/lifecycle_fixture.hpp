@@ -60,6 +60,16 @@ class FakeJobs final : public JobBackend {
 
   FakeJob& job(std::size_t i = 0) { return jobs.at(order.at(i)); }
 
+  // The site's user info (GET BASE): the caller's groups and the published queues.
+  unicore::CoreInfo core_info;
+  std::optional<unicore::UnicoreError> refuse_core_info;
+  std::vector<std::string> core_info_tokens_seen;
+  void get_core_info(const Credentials& c, Callback<unicore::CoreInfo> done) override {
+    core_info_tokens_seen.push_back(c.token);
+    if (refuse_core_info) return later(done, Result<unicore::CoreInfo>(*refuse_core_info));
+    later(done, Result<unicore::CoreInfo>(core_info));
+  }
+
   void submit(const Credentials& c, const unicore::JobDescription& d,
               Callback<std::string> done) override {
     tokens_seen.push_back(c.token);

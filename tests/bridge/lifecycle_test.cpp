@@ -470,3 +470,63 @@ TEST_F(LifecycleTest, MetricsCountKernelsByState) {
 
 }  // namespace
 }  // namespace kb::bridge
+
+// What the site says a user may choose: asked with the user's token, kept for five minutes; without
+// a token, or when the site fails, a note says why (and a failure is not kept).
+namespace kb::bridge {
+namespace {
+
+using namespace kb::bridge::test;
+
+TEST_F(LifecycleTest, UserChoicesComeFromTheSiteWithTheUsersTokenAndAreKeptBriefly) {
+  jobs.core_info.available_groups = {"proj1", "users"};
+  jobs.core_info.group = "users";
+  jobs.core_info.queues = {"batch", "gpus"};
+  std::optional<UserSiteChoices> got;
+  lifecycle->user_choices(alice(), "demo", [&](UserSiteChoices c) { got = c; });
+  run_until([&] { return got.has_value(); });
+  EXPECT_EQ(got->projects, (std::vector<std::string>{"proj1", "users"}));
+  EXPECT_EQ(got->default_project, "users");
+  EXPECT_EQ(got->queues, (std::vector<std::string>{"batch", "gpus"}));
+  EXPECT_TRUE(got->note.empty()) << got->note;
+  ASSERT_EQ(jobs.core_info_tokens_seen.size(), 1u);
+  EXPECT_EQ(jobs.core_info_tokens_seen[0], "tok-alice");
+  EXPECT_EQ(lifecycle->known_projects("alice", "demo"),
+            (std::vector<std::string>{"proj1", "users"}));
+  EXPECT_FALSE(lifecycle->known_projects("bob", "demo"));
+  // Asked again within the lifetime: from the cache.
+  got.reset();
+  lifecycle->user_choices(alice(), "demo", [&](UserSiteChoices c) { got = c; });
+  run_until([&] { return got.has_value(); });
+  EXPECT_EQ(jobs.core_info_tokens_seen.size(), 1u);
+
+  // Another user without a token: a note, nothing asked.
+  got.reset();
+  lifecycle->user_choices(Caller{"bob", false, false, "test bob"}, "demo",
+                          [&](UserSiteChoices c) { got = c; });
+  run_until([&] { return got.has_value(); });
+  EXPECT_TRUE(got->projects.empty());
+  EXPECT_NE(got->note.find("holds no UNICORE token of user bob"), std::string::npos) << got->note;
+  EXPECT_EQ(jobs.core_info_tokens_seen.size(), 1u);
+}
+
+TEST_F(LifecycleTest, ASiteThatFailsToSayIsANoteAndIsAskedAgainNextTime) {
+  jobs.refuse_core_info = unicore::UnicoreError{unicore::ErrorKind::server, 503,
+                                                "the site is down for maintenance", "", ""};
+  std::optional<UserSiteChoices> got;
+  lifecycle->user_choices(alice(), "demo", [&](UserSiteChoices c) { got = c; });
+  run_until([&] { return got.has_value(); });
+  EXPECT_TRUE(got->projects.empty());
+  EXPECT_NE(got->note.find("the site is down for maintenance"), std::string::npos) << got->note;
+  EXPECT_FALSE(lifecycle->known_projects("alice", "demo"));
+  jobs.refuse_core_info.reset();
+  jobs.core_info.available_groups = {"proj1"};
+  got.reset();
+  lifecycle->user_choices(alice(), "demo", [&](UserSiteChoices c) { got = c; });
+  run_until([&] { return got.has_value(); });
+  EXPECT_EQ(got->projects, std::vector<std::string>{"proj1"});
+  EXPECT_EQ(jobs.core_info_tokens_seen.size(), 2u);
+}
+
+}  // namespace
+}  // namespace kb::bridge

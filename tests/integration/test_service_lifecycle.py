@@ -368,6 +368,41 @@ class Failures(ServiceCase):
             fs.push_token(USER)
 
 
+class SiteChoices(ServiceCase):
+    """GET /v1/sites/{site}/options with the real test site: the projects are the site's user info
+    (the caller's UNICORE groups), the partitions and ranges the configuration's; a request outside
+    them is refused naming the limit, before any job is submitted."""
+
+    def test_options_come_from_the_site_and_the_config_and_bound_requests(self):
+        fs = self.fs
+        fs.push_token(USER)
+        status, sites = fs.api("GET", "/v1/sites")
+        self.assertEqual(status, 200, sites)
+        self.assertEqual([s["name"] for s in sites["sites"]], [fs.site_name])
+        status, o = fs.api("GET", f"/v1/sites/{fs.site_name}/options")
+        self.assertEqual(status, 200, o)
+        self.assertEqual(sorted(o["projects"]), ["proj1", "users"])  # the test site's groups
+        self.assertNotIn("projects_note", o)
+        self.assertEqual([p["name"] for p in o["partitions"]], ["batch", "gpus"])
+        self.assertEqual(o["partitions"][0]["nodes"], {"min": 1, "max": 2, "default": 1})
+        self.assertEqual(o["partitions"][0]["runtime_seconds"]["max"], 4 * 3600)
+        self.assertEqual(o["default_partition"], "batch")
+        self.assertEqual(o["kernels"], ["python3"])
+
+        jobs_before = len(fs.unicore_jobs())
+        status, e = self.create(hub_connection(), resources={"nodes": 3})
+        self.assertEqual(status, 422, e)
+        self.assertEqual((e["field"], e["limit"]), ("resources.nodes", "max_nodes"))
+        self.assertEqual(e["error"], "nodes 3 exceeds the site's max_nodes 2")
+        status, e = self.create(hub_connection(), resources={"project": "proj-of-others"})
+        self.assertEqual(status, 422, e)
+        self.assertEqual((e["field"], e["limit"]), ("resources.project", "projects"))
+        self.assertIn("the site says: users, proj1", e["error"])
+        self.assertEqual(len(fs.unicore_jobs()), jobs_before)  # nothing reached the site
+        status, e = fs.api("GET", "/v1/sites/nowhere/options")
+        self.assertEqual(status, 404, e)
+
+
 class UploadedAgent(ServiceCase):
     # The site has no kernel-bridge installed: the bridge stages its own binary into every job.
     site_args = {"queue_delay": 0.2, "agent_mode": "upload"}
