@@ -69,7 +69,7 @@ std::optional<LimitViolation> validate_request(const SiteConfig& site,
   // "the site's max_nodes 4", or "partition gpus's max_nodes 2" where the partition sets it.
   auto whose = [&](const auto& partition_limit) {
     return partition && partition_limit ? "partition " + partition->name + "'s"
-                                         : std::string("the site's");
+                                        : std::string("the site's");
   };
   if (r.queue && !l.queues.empty() &&
       std::find(l.queues.begin(), l.queues.end(), *r.queue) == l.queues.end()) {

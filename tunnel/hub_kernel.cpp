@@ -161,13 +161,17 @@ LinkSession::Options HubKernel::link_options() const {
 }
 
 const ConnectionInfo& HubKernel::adopt(const HubHandover& handover) {
-  auto close_all = [&handover] {
-    for (int fd : handover.listeners) {
-      if (fd >= 0) ::close(fd);
+  // On failure every descriptor is closed once: the adopted listeners by their acceptors, the
+  // rest here.
+  auto fail = [this, &handover](std::size_t adopted, const std::string& why) {
+    for (auto& a : acceptors_) a.reset();
+    for (std::size_t i = adopted; i < kChannelKinds; ++i) {
+      if (handover.listeners[i] >= 0) ::close(handover.listeners[i]);
     }
     for (const auto& st : handover.link.streams) {
       if (st.fd >= 0) ::close(st.fd);
     }
+    throw HubKernelError("kernel " + std::to_string(options_.index) + ": " + why);
   };
   ConnectionInfo& info = options_.connection;
   for (ChannelKind kind : kAllChannelKinds) {
@@ -180,21 +184,16 @@ const ConnectionInfo& HubKernel::adopt(const HubHandover& handover) {
     if (fd < 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
         (addr.ss_family != AF_INET && addr.ss_family != AF_INET6) ||
         ::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening) {
-      for (auto& a : acceptors_) a.reset();
-      close_all();
-      throw HubKernelError("kernel " + std::to_string(options_.index) + ": the handed-over " +
-                           to_string(kind) + " listener is not a listening TCP socket");
+      fail(i, std::string("the handed-over ") + to_string(kind) +
+                  " listener is not a listening TCP socket");
     }
     auto& acceptor = acceptors_[i].emplace(io_);
     error_code ec;
     acceptor.assign(addr.ss_family == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6(), fd, ec);
     if (ec) {
-      ::close(fd);
-      acceptors_[i].reset();
-      for (auto& a : acceptors_) a.reset();
-      close_all();
-      throw HubKernelError("kernel " + std::to_string(options_.index) + ": cannot take over the " +
-                           to_string(kind) + " listener: " + ec.message());
+      acceptors_[i].reset();  // it does not own fd: fail() closes it
+      fail(i,
+           std::string("cannot take over the ") + to_string(kind) + " listener: " + ec.message());
     }
     info.port(kind) = acceptor.local_endpoint().port();
   }

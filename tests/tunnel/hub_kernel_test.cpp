@@ -462,3 +462,48 @@ TEST_F(HubKernelTest, WrongSecretIsRefusedAndNoKernelStarts) {
 
 }  // namespace
 }  // namespace kb::tunnel
+
+// HubKernel::adopt refuses descriptors that are not listening TCP sockets, naming the channel, and
+// closes every descriptor of the handover (none is left open).
+namespace kb::tunnel {
+namespace {
+
+TEST(HubKernelAdopt, ARefusedHandoverClosesEveryDescriptorOnce) {
+  boost::asio::io_context io;
+  HubKernel::Options o;
+  o.secret = kb::auth::LinkSecret::generate();
+  auto kernel = HubKernel::create(
+      io, o, [](std::function<void(TransportResult)>) {}, [](const HubEvent&) {});
+  // Two real listeners, then a pipe where the stdin listener should be.
+  HubHandover h;
+  std::vector<boost::asio::ip::tcp::acceptor> owners;
+  for (int i = 0; i < 2; ++i) {
+    owners.emplace_back(
+        io, boost::asio::ip::tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+    h.listeners[i] = ::fcntl(owners.back().native_handle(), F_DUPFD_CLOEXEC, 3);
+  }
+  int p[2];
+  ASSERT_EQ(::pipe(p), 0);
+  h.listeners[2] = p[0];
+  h.listeners[3] = ::dup(p[0]);
+  h.listeners[4] = ::dup(p[0]);
+  int s[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, s), 0);
+  h.link.streams.push_back({1, ChannelKind::shell, 0, 0, false, false, false, s[0]});
+  const std::vector<int> given{h.listeners[0], h.listeners[1], h.listeners[2],
+                               h.listeners[3], h.listeners[4], s[0]};
+  try {
+    kernel->adopt(h);
+    ADD_FAILURE() << "adopted a pipe as a listener";
+  } catch (const HubKernelError& e) {
+    EXPECT_NE(std::string(e.what()).find("stdin listener is not a listening TCP socket"),
+              std::string::npos)
+        << e.what();
+  }
+  for (int fd : given) EXPECT_EQ(::fcntl(fd, F_GETFD), -1) << "descriptor " << fd << " left open";
+  ::close(p[1]);
+  ::close(s[1]);
+}
+
+}  // namespace
+}  // namespace kb::tunnel
