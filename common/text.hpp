@@ -16,5 +16,9 @@ std::string printable(std::string_view text, std::size_t max_bytes = 96);
 
 // Whether `text` is valid UTF-8 (no overlong forms, no surrogates, at most U+10FFFF).
 bool valid_utf8(std::string_view text);
+// Whether JSON `text` nests arrays and objects no deeper than `max_depth` (brackets outside
+// strings; not a validator). Checked before parsing: printing or freeing a parsed value recurses,
+// so a body of "[[[[…" must never reach the parser.
+bool json_depth_within(std::string_view text, std::size_t max_depth);
 
 }  // namespace kb

@@ -153,28 +153,6 @@ Result<std::vector<std::string>> serialize(const JupyterMessage& message,
   return parts;
 }
 
-bool json_depth_within(std::string_view text, std::size_t max_depth) {
-  std::size_t depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '{' || c == '[') {
-      if (++depth > max_depth) return false;
-    } else if ((c == '}' || c == ']') && depth > 0) {
-      --depth;
-    }
-  }
-  return true;
-}
-
 bool is_json_object(std::string_view text) {
   std::size_t i = 0;
   while (i < text.size() &&
@@ -183,7 +161,7 @@ bool is_json_object(std::string_view text) {
   // A valid JSON text whose first token is '{' is an object.
   // nlohmann's lexer takes a NUL byte for the end of input; JSON text never holds a raw one.
   return i < text.size() && text[i] == '{' && text.find('\0') == std::string_view::npos &&
-         json_depth_within(text) && nlohmann::json::accept(text);
+         json_depth_within(text, kMaxJsonDepth) && nlohmann::json::accept(text);
 }
 
 Result<HeaderFields> read_header(std::string_view header) {

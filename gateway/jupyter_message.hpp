@@ -111,7 +111,6 @@ bool is_json_object(std::string_view text);
 // Arrays and objects nest at most this deep in any part the gateway accepts: printing a parsed
 // value recurses, so a 16 MiB "[[[[…" must not reach it. Jupyter's own messages nest a few levels.
 inline constexpr std::size_t kMaxJsonDepth = 256;
-// Whether `text` nests no deeper than `max_depth` (brackets outside strings; not a validator).
-bool json_depth_within(std::string_view text, std::size_t max_depth = kMaxJsonDepth);
+// (kb::json_depth_within in common/text.hpp checks it.)
 
 }  // namespace kb::gateway

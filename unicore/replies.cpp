@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 
+#include "common/text.hpp"
 #include "unicore/hostlist.hpp"
 
 namespace kb::unicore {
@@ -69,30 +70,6 @@ std::string html_summary(const std::string& body) {
       text += c;
   }
   return printable_snippet(text);
-}
-
-bool depth_within(std::string_view body, int max_depth) {
-  int depth = 0;
-  bool in_string = false, escaped = false;
-  for (char c : body) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-      continue;
-    }
-    if (c == '"')
-      in_string = true;
-    else if (c == '[' || c == '{') {
-      if (++depth > max_depth) return false;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return true;
 }
 
 const json* member(const json& j, const char* key) {
@@ -218,7 +195,7 @@ Result<json> parse_json_reply(const HttpResponse& r, const std::string& url, int
     return with_status(
         bad_reply(url, "an HTML page instead of JSON (\"" + html_summary(r.body) + "\")"));
   }
-  if (!depth_within(r.body, max_depth)) {
+  if (!json_depth_within(r.body, static_cast<std::size_t>(max_depth))) {
     return with_status(
         bad_reply(url, "JSON nested deeper than " + std::to_string(max_depth) + " levels"));
   }
@@ -366,7 +343,7 @@ Result<JobListPage> parse_job_list(const json& j, const std::string& url) {
 
 bool is_unicore_error_body(const HttpResponse& r) {
   if (r.body.empty() || r.body.size() > (1u << 20) || r.body.front() != '{') return false;
-  if (!depth_within(r.body, 16)) return false;
+  if (!json_depth_within(r.body, 16)) return false;
   json j = json::parse(r.body, nullptr, false);
   const json* m = j.is_discarded() ? nullptr : member(j, "errorMessage");
   return m && m->is_string();

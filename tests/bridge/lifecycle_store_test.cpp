@@ -25,14 +25,15 @@ class LifecycleStoreTest : public LifecycleTest {
 
   // The bridge process ends without a word (SIGKILL): nothing more is written; the tokens, which
   // live in memory only, are gone. A new lifecycle restores from the same file.
-  RestoreSummary crash_and_restore() {
+  // `handed_over`: what a planned restart's previous process handed over (none after a crash).
+  RestoreSummary crash_and_restore(std::vector<HandedOver> handed_over = {}) {
     lifecycle.reset();
     credentials.erase("alice");
     opened.store.reset();
     opened = store::open_sqlite_store(dir.file("state.db"));
     store = opened.store.get();
     make(std::chrono::seconds(30));
-    return lifecycle->restore(store->load());
+    return lifecycle->restore(store->load(), std::move(handed_over));
   }
 
   kb::test::TempDir dir;
@@ -97,13 +98,7 @@ TEST_F(LifecycleStoreTest, AHandedOverLinkIsGivenToTheNextProcessAndReadyOnItsFi
   const std::string alloc_id = handed->front().allocation_id;
   EXPECT_EQ(handed->front().link.link.self_id, "fake-session-of-" + link(0).spec.kernel_id);
 
-  lifecycle.reset();
-  credentials.erase("alice");
-  opened.store.reset();
-  opened = store::open_sqlite_store(dir.file("state.db"));
-  store = opened.store.get();
-  make(std::chrono::seconds(30));
-  const RestoreSummary summary = lifecycle->restore(store->load(), std::move(*handed));
+  const RestoreSummary summary = crash_and_restore(std::move(*handed));
   EXPECT_EQ(summary.reattaching, 1);
   EXPECT_EQ(summary.handed_over, 1);
   ASSERT_EQ(links.links.size(), 2u);

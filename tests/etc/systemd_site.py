@@ -78,21 +78,8 @@ def main():
             loop_id = kc.execute("import time\nfor i in range(200):\n    print(i, flush=True)\n"
                                  "    time.sleep(0.02)\n")
 
-            def collect():
-                deadline = time.time() + 60
-                while time.time() < deadline:
-                    try:
-                        m = kc.get_iopub_msg(timeout=0.5)
-                    except Exception:  # noqa: BLE001 (queue.Empty)
-                        continue
-                    if m["parent_header"].get("msg_id") != loop_id:
-                        continue
-                    if m["msg_type"] == "stream":
-                        numbers.extend(int(n) for n in m["content"]["text"].split())
-                    if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
-                        return
-
-            collector = threading.Thread(target=collect, daemon=True)
+            collector = threading.Thread(target=kbtest.collect_printed_numbers,
+                                         args=(kc, loop_id, numbers), daemon=True)
             collector.start()
             time.sleep(1.5)
             t1 = time.time()

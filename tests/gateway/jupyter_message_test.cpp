@@ -2,6 +2,8 @@
 // jupyter_client itself are checked in golden_test.cpp.
 #include "gateway/jupyter_message.hpp"
 
+#include "common/text.hpp"
+
 #include <gtest/gtest.h>
 
 namespace kb::gateway {

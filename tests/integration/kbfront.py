@@ -175,6 +175,18 @@ def kernel_manager(name, stderr_path):
     return km
 
 
+def shut_down_all(kms, now=False):
+    """Test cleanup: shuts down every kernel manager's kernel that still runs and closes its
+    wrapper log; a failure is logged and the next one goes on."""
+    for km in kms:
+        try:
+            if km.has_kernel:
+                km.shutdown_kernel(now=now)
+        except Exception as e:  # noqa: BLE001 (cleanup must go on)
+            log("cleanup:", e)
+        km._kb_stderr.close()
+
+
 def start(km):
     km.start_kernel(stderr=km._kb_stderr, stdout=km._kb_stderr)
 

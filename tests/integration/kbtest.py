@@ -277,6 +277,23 @@ def wait_kernel_info(kc, timeout=60):
     return reply
 
 
+def collect_printed_numbers(kc, msg_id, numbers, seconds=60):
+    """Appends to `numbers` every integer the cell `msg_id` prints on iopub, until the kernel is
+    idle again or `seconds` pass (a numbered print loop across a restart)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            m = kc.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            continue
+        if m["parent_header"].get("msg_id") != msg_id:
+            continue
+        if m["msg_type"] == "stream":
+            numbers.extend(int(n) for n in m["content"]["text"].split())
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            return
+
+
 def run_cell(kc, code, timeout=60, stdin_hook=None):
     """Executes `code`; returns (reply, stdout text, list of iopub messages)."""
     out, msgs = [], []

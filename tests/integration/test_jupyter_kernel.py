@@ -14,7 +14,8 @@ import queue
 import time
 
 import kbtest
-from kbfront import FrontSiteCase, kernel_manager, log, nudge, ready_client, start, stderr_of, wrapper_process
+from kbfront import (FrontSiteCase, kernel_manager, log, nudge, ready_client, shut_down_all,
+                     start, stderr_of, wrapper_process)
 
 SRC = kbtest.SRC
 
@@ -36,13 +37,7 @@ class JupyterFrontDoor(FrontSiteCase):
         self.fs.push_token("root")
 
     def tearDown(self):
-        for km in getattr(self, "_kms", []):
-            try:
-                if km.has_kernel:
-                    km.shutdown_kernel()
-            except Exception as e:  # noqa: BLE001 (cleanup must go on)
-                log("cleanup:", e)
-            km._kb_stderr.close()
+        shut_down_all(getattr(self, "_kms", []))
         # A wrapper killed by Jupyter (SIGKILL) cannot tell the daemon; a failed test must not
         # leave its kernel to the next one.
         self.fs.stop_all()

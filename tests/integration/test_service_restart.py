@@ -25,7 +25,8 @@ import time
 
 import kbtest
 from fullsite import BIN
-from kbfront import FrontSiteCase, kernel_manager, log, ready_client, start, stderr_of
+from kbfront import (FrontSiteCase, kernel_manager, log, ready_client, shut_down_all, start,
+                     stderr_of)
 
 
 class BridgeRestart(FrontSiteCase):
@@ -46,13 +47,7 @@ class BridgeRestart(FrontSiteCase):
         self._kms = []
 
     def tearDown(self):
-        for km in self._kms:
-            try:
-                if km.has_kernel:
-                    km.shutdown_kernel(now=True)
-            except Exception as e:  # noqa: BLE001 (cleanup must go on)
-                log("cleanup:", e)
-            km._kb_stderr.close()
+        shut_down_all(self._kms, now=True)
         self.fs.stop_all()
 
     def new_km(self):
@@ -111,19 +106,6 @@ class BridgeRestart(FrontSiteCase):
         loop_id = kc.execute("import time\nfor i in range(300):\n    print(i, flush=True)\n"
                              "    time.sleep(0.05)\n")
 
-        def collect():
-            deadline = time.time() + 90
-            while time.time() < deadline:
-                try:
-                    m = kc.get_iopub_msg(timeout=0.5)
-                except Exception:  # noqa: BLE001 (queue.Empty)
-                    continue
-                if m["parent_header"].get("msg_id") != loop_id:
-                    continue
-                if m["msg_type"] == "stream":
-                    numbers.extend(int(n) for n in m["content"]["text"].split())
-                if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
-                    return
 
         def shell_replies():
             deadline = time.time() + 90
@@ -137,7 +119,8 @@ class BridgeRestart(FrontSiteCase):
                     # go on listening a little: a second reply would be a duplicate
                     deadline = min(deadline, time.time() + 3)
 
-        collector = threading.Thread(target=collect, daemon=True)
+        collector = threading.Thread(target=kbtest.collect_printed_numbers,
+                                     args=(kc, loop_id, numbers, 90), daemon=True)
         shell = threading.Thread(target=shell_replies, daemon=True)
         collector.start()
         shell.start()

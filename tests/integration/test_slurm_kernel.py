@@ -17,7 +17,8 @@ import sys
 import time
 
 import kbtest
-from kbfront import FrontSiteCase, kernel_manager, log, ready_client, start, stderr_of, wrapper_process
+from kbfront import (FrontSiteCase, kernel_manager, log, ready_client, shut_down_all, start,
+                     stderr_of, wrapper_process)
 
 
 
@@ -35,13 +36,7 @@ class SlurmKernel(FrontSiteCase):
         self.fs.push_token("root")
 
     def tearDown(self):
-        for km in getattr(self, "_kms", []):
-            try:
-                if km.has_kernel:
-                    km.shutdown_kernel(now=True)
-            except Exception as e:  # noqa: BLE001 (cleanup must go on)
-                log("cleanup:", e)
-            km._kb_stderr.close()
+        shut_down_all(getattr(self, "_kms", []), now=True)
         self.fs.stop_all()
         self.slurm("scancel", "--user=root")  # an operator's job a failed test left behind
 
